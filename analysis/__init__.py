@@ -1,0 +1,1 @@
+"""Analysis of dydiff-bench runs: rliable aggregates, rollout error, paper tables."""

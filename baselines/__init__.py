@@ -1,0 +1,1 @@
+"""Ensemble model-based baselines (MOPO, MBPO-style) for dydiff-bench."""

@@ -1,0 +1,1 @@
+"""Agents (SAC, TD3+BC, CQL), buffers and the one offline training loop."""

@@ -1,0 +1,14 @@
+"""Shared fixtures (small and additive: several test files use them)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+torch.set_num_threads(1)  # the test machine's cores are shared
+
+
+@pytest.fixture(scope="session")
+def hopper_random():
+    """3000 uniformly random Hopper-v5 transitions (D4RL layout with qpos/qvel), seed 0."""
+    from dydiff.data.generate import random_dataset
+    return random_dataset("hopper", 3000, seed=0)

@@ -24,7 +24,9 @@ demo: install
 	@$(BIN)/dydiff-bench where --configfile $(CONFIG)
 
 test: install
-	$(BIN)/python -m pytest
+	# pytest exits 5 when it collects no test: that is a failure here, not a pass.
+	$(BIN)/python -m pytest; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; fi; exit $$rc
 
 bench: install
 	$(BIN)/python -m pytest tests/benchmarks --benchmark-enable --benchmark-only

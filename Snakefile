@@ -1,0 +1,47 @@
+# dydiff-bench: datasets -> models -> policies -> evaluation -> analysis, for a grid of
+# tasks x methods x seeds. Thin on purpose: every rule calls `dydiff-bench <step>`; the job
+# specs (and so what reruns when a value changes) come from dydiff/jobs.py.
+#   snakemake --cores all                                   # config/smoke.yaml (default)
+#   snakemake --cores all --configfile config/paper.yaml    # the paper grid
+#   snakemake --cores all --profile slurm                   # on a SLURM cluster
+import os
+import sys
+import uuid
+
+from snakemake.utils import min_version, validate
+
+min_version("9.0")
+
+# The smoke config is the default; a --configfile on the command line replaces it (not merged).
+if not workflow.overwrite_configfiles:
+    configfile: "config/smoke.yaml"
+
+validate(config, "workflow/schemas/config.schema.yaml")
+
+from dydiff import jobs
+from dydiff.config import ConfigError
+
+try:
+    jobs.validate(config)
+except ConfigError as err:
+    sys.exit(f"Invalid config: {err}")
+
+# Groups every job of one `snakemake` invocation in MLflow (tag dag_run); inherited by jobs,
+# also on SLURM where each job re-reads this file.
+DAG_RUN = os.environ.setdefault("DYDIFF_DAG_RUN", uuid.uuid4().hex[:12])
+ROOT = str(jobs.results_root(config))
+LOGS = "results/logs"
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/data.smk"
+include: "workflow/rules/models.smk"
+include: "workflow/rules/policies.smk"
+include: "workflow/rules/rollout_error.smk"
+include: "workflow/rules/analysis.smk"
+
+
+rule all:
+    input:
+        final_outputs(),
+    default_target: True

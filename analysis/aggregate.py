@@ -1,0 +1,308 @@
+"""rliable aggregates (Agarwal et al. 2021) of the policies' final D4RL normalised scores.
+
+Scale: scores stay on D4RL's 0-100 scale everywhere (100 = D4RL expert), so IQM/mean/median
+read like the numbers in the papers' tables; the optimality gap therefore uses gamma = 100
+(rliable's gamma = 1 on its 0-1 scale) and performance-profile thresholds tau are in the same
+units.
+
+Statistics: stratified bootstrap over runs (seeds) within each task, percentile 95 % CIs,
+`reps` replications (2,000 for smoke runs, 50,000 as in the rliable paper). rliable draws its
+resampling indices from numpy's global RNG, so every estimate re-seeds it from `seed`: the same
+inputs and seed give the same CIs.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from rliable import library as rly
+from rliable import metrics, plot_utils
+
+from analysis import plotting
+from dydiff.utils import atomic_write_text
+
+log = logging.getLogger("dydiff.analysis")
+
+SCORE_KEYS = ("method", "task", "seed", "normalized_score")
+BASE_OF = {"dydiff-td3bc": "td3bc", "dydiff-cql": "cql"}  # DyDiff-X is compared with X
+METRIC_NAMES = ("IQM", "Mean", "Median", "Optimality Gap")
+OPTIMALITY_GAMMA = 100.0  # 0-100 scale: the gap below a D4RL expert
+
+
+class ScoreError(ValueError):
+    """A score file is missing or malformed; the message names the file and key."""
+
+
+# ---- inputs ------------------------------------------------------------------------------
+
+def collect_scores(paths) -> pd.DataFrame:
+    """Read the policies' `final.json` files into one row per run: method, task, seed,
+    normalized_score (0-100). A directory is searched recursively for final.json."""
+    files: list[Path] = []
+    for p in map(Path, paths):
+        files.extend(sorted(p.rglob("final.json")) if p.is_dir() else [p])
+    if not files:
+        raise ScoreError(f"no score files found in {[str(p) for p in paths]}")
+    rows = []
+    for f in files:
+        try:
+            data = json.loads(Path(f).read_text())
+        except FileNotFoundError:
+            raise ScoreError(f"score file {f} does not exist") from None
+        except json.JSONDecodeError as err:
+            raise ScoreError(f"score file {f} is not valid JSON: {err}") from None
+        missing = [k for k in SCORE_KEYS if k not in data]
+        if missing:
+            raise ScoreError(f"score file {f} lacks key(s) {missing}")
+        score = data["normalized_score"]
+        if not isinstance(score, (int, float)) or not np.isfinite(score):
+            raise ScoreError(f"score file {f}: 'normalized_score' must be a finite number, "
+                             f"got {score!r}")
+        rows.append({"method": str(data["method"]), "task": str(data["task"]),
+                     "seed": int(data["seed"]), "normalized_score": float(score),
+                     "source": str(f)})
+    df = pd.DataFrame(rows)
+    dup = df.duplicated(["method", "task", "seed"], keep=False)
+    if dup.any():
+        raise ScoreError("several score files for the same (method, task, seed): "
+                         + ", ".join(df.loc[dup, "source"]))
+    return df.sort_values(["method", "task", "seed"]).reset_index(drop=True)
+
+
+def common_tasks(df: pd.DataFrame, methods=None) -> list[str]:
+    """Tasks every one of `methods` (default: all in df) has at least one run on."""
+    methods = sorted(df.method.unique()) if methods is None else list(methods)
+    sets = [set(df.loc[df.method == m, "task"]) for m in methods]
+    return sorted(set.intersection(*sets)) if sets else []
+
+
+def score_matrices(df: pd.DataFrame, tasks: list[str] | None = None,
+                   notes: list[str] | None = None) -> dict[str, np.ndarray]:
+    """{method: (runs x tasks) array} on the 0-100 scale, as rliable expects.
+
+    Tasks default to those every method has (aggregates over different task sets are not
+    comparable). rliable needs a rectangle, so a method with unequal seed counts across tasks
+    keeps its lowest `min count` seeds on every task; each such drop is logged and appended to
+    `notes`."""
+    notes = [] if notes is None else notes
+    tasks = common_tasks(df) if tasks is None else list(tasks)
+    if not tasks:
+        raise ScoreError("no task is shared by all methods: "
+                         + "; ".join(f"{m}: {sorted(g.task.unique())}"
+                                     for m, g in df.groupby("method")))
+    dropped = sorted(set(df.task) - set(tasks))
+    if dropped:
+        notes.append(f"tasks not run by every method were left out of the aggregates: {dropped}")
+    out = {}
+    for method, g in df[df.task.isin(tasks)].groupby("method"):
+        per_task = {t: g[g.task == t].sort_values("seed").normalized_score.to_numpy()
+                    for t in tasks}
+        n = min(len(v) for v in per_task.values())
+        if n == 0:
+            notes.append(f"{method} has no run on some shared task; left out")
+            continue
+        if any(len(v) != n for v in per_task.values()):
+            notes.append(f"{method}: unequal seed counts per task "
+                         f"({ {t: len(v) for t, v in per_task.items()} }); kept the first {n} "
+                         f"seeds of each task")
+        out[method] = np.stack([per_task[t][:n] for t in tasks], axis=1)
+    for note in notes:
+        log.warning(note)
+    return out
+
+
+# ---- statistics --------------------------------------------------------------------------
+
+def _all_metrics(scores: np.ndarray) -> np.ndarray:
+    return np.array([metrics.aggregate_iqm(scores), metrics.aggregate_mean(scores),
+                     metrics.aggregate_median(scores),
+                     metrics.aggregate_optimality_gap(scores, gamma=OPTIMALITY_GAMMA)])
+
+
+def aggregate(df: pd.DataFrame, reps: int = 2000, seed: int = 0,
+              notes: list[str] | None = None) -> pd.DataFrame:
+    """IQM, mean, median and optimality gap per method with stratified-bootstrap 95 % CIs.
+
+    Columns: method, metric, estimate, ci_low, ci_high, n_runs, n_tasks (0-100 scale). With
+    one run per task the bootstrap has nothing to resample and the CI collapses to the point."""
+    mats = score_matrices(df, notes=notes)
+    rows = []
+    for method, scores in mats.items():
+        np.random.seed(seed)  # rliable resamples with np.random.choice
+        point, ci = rly.get_interval_estimates({method: scores}, _all_metrics, reps=reps)
+        for i, name in enumerate(METRIC_NAMES):
+            rows.append({"method": method, "metric": name, "estimate": float(point[method][i]),
+                         "ci_low": float(ci[method][0, i]), "ci_high": float(ci[method][1, i]),
+                         "n_runs": scores.shape[0], "n_tasks": scores.shape[1]})
+    return pd.DataFrame(rows)
+
+
+def default_taus(mats: dict[str, np.ndarray], n: int = 101) -> np.ndarray:
+    top = max(100.0, max(float(m.max()) for m in mats.values()))
+    return np.linspace(0.0, np.ceil(top / 10) * 10, n)
+
+
+def performance_profiles(df: pd.DataFrame, reps: int = 2000, seed: int = 0,
+                         taus: np.ndarray | None = None):
+    """Score distributions P(score > tau) over runs and tasks, with 95 % CIs.
+
+    Returns (taus, {method: (T,)}, {method: (2, T)})."""
+    mats = score_matrices(df)
+    taus = default_taus(mats) if taus is None else np.asarray(taus, dtype=float)
+
+    def profile(scores, tau_list):  # vectorised over thresholds (rliable's default is a loop)
+        return (scores[..., None] > np.asarray(tau_list)).mean(axis=(0, 1))
+
+    np.random.seed(seed)
+    profiles, cis = rly.create_performance_profile(mats, taus, custom_profile_func=profile,
+                                                   reps=reps)
+    return taus, profiles, cis
+
+
+def probability_of_improvement(x: np.ndarray, y: np.ndarray) -> float:
+    """P(X > Y) averaged over tasks: per task the Mann-Whitney U / (n_x n_y), ties count 1/2
+    (equal to rliable's `metrics.probability_of_improvement`, vectorised over run pairs)."""
+    gt = (x[:, None, :] > y[None, :, :]).mean(axis=(0, 1))
+    eq = (x[:, None, :] == y[None, :, :]).mean(axis=(0, 1))
+    return float((gt + 0.5 * eq).mean())
+
+
+def improvement_probabilities(df: pd.DataFrame, reps: int = 2000, seed: int = 0,
+                              notes: list[str] | None = None) -> pd.DataFrame:
+    """P(DyDiff-X > X) for every base algorithm X present, on the tasks both ran, with
+    stratified independent bootstrap 95 % CIs. Pairs with a missing member are skipped and
+    the reason appended to `notes`."""
+    notes = [] if notes is None else notes
+    rows = []
+    present = set(df.method)
+    for x, y in BASE_OF.items():
+        if x not in present or y not in present:
+            missing = [m for m in (x, y) if m not in present]
+            notes.append(f"P({x} > {y}) skipped: no runs of {missing}")
+            continue
+        tasks = common_tasks(df, [x, y])
+        if not tasks:
+            notes.append(f"P({x} > {y}) skipped: no task run by both")
+            continue
+        mats = score_matrices(df[df.method.isin([x, y])], tasks=tasks, notes=notes)
+        np.random.seed(seed)
+        point, ci = rly.get_interval_estimates({"pair": [mats[x], mats[y]]},
+                                               lambda a, b: np.array(
+                                                   [probability_of_improvement(a, b)]),
+                                               reps=reps)
+        rows.append({"x": x, "y": y, "probability": float(point["pair"][0]),
+                     "ci_low": float(ci["pair"][0, 0]), "ci_high": float(ci["pair"][1, 0]),
+                     "n_runs_x": mats[x].shape[0], "n_runs_y": mats[y].shape[0],
+                     "n_tasks": len(tasks)})
+    for note in notes:
+        log.warning(note)
+    return pd.DataFrame(rows, columns=["x", "y", "probability", "ci_low", "ci_high",
+                                       "n_runs_x", "n_runs_y", "n_tasks"])
+
+
+# ---- figures -----------------------------------------------------------------------------
+
+def _ordered(methods) -> list[str]:
+    order = list(plotting.METHOD_LABELS)
+    return sorted(methods, key=lambda m: (order.index(m) if m in order else len(order), m))
+
+
+def plot_aggregates(agg: pd.DataFrame):
+    """One panel per metric: point estimate and 95 % CI per method."""
+    methods = _ordered(agg.method.unique())
+    fig, axes = plotting.new_figure(width=3.0 * len(METRIC_NAMES),
+                                    height=1.0 + 0.45 * len(methods), ncols=len(METRIC_NAMES))
+    for ax, name in zip(np.atleast_1d(axes).flat, METRIC_NAMES):
+        sub = agg[agg.metric == name].set_index("method")
+        for i, m in enumerate(methods):
+            r = sub.loc[m]
+            c = plotting.color(m, i)
+            ax.barh(i, r.ci_high - r.ci_low, left=r.ci_low, height=0.6, color=c, alpha=0.35)
+            ax.plot([r.estimate, r.estimate], [i - 0.3, i + 0.3], color=c, lw=2.5)
+        ax.set_yticks(range(len(methods)))
+        ax.set_yticklabels([plotting.label(m) for m in methods] if name == METRIC_NAMES[0]
+                           else [])
+        ax.set_ylim(-0.6, len(methods) - 0.4)
+        ax.set_title(name + (" (lower is better)" if name == "Optimality Gap" else ""))
+        ax.set_xlabel("D4RL normalised score")
+        ax.set_ylabel("method" if name == METRIC_NAMES[0] else "")
+    n_runs = agg.groupby("method").n_runs.first()
+    fig.suptitle(f"Aggregate scores, 95 % stratified-bootstrap CIs "
+                 f"({agg.n_tasks.iloc[0]} tasks, {n_runs.min()}-{n_runs.max()} seeds/task)"
+                 if n_runs.min() != n_runs.max() else
+                 f"Aggregate scores, 95 % stratified-bootstrap CIs "
+                 f"({agg.n_tasks.iloc[0]} tasks, {n_runs.min()} seeds/task)")
+    return fig
+
+
+def plot_profiles(taus, profiles, cis):
+    methods = _ordered(profiles)
+    fig, ax = plotting.new_figure(6.0, 4.0)
+    plot_utils.plot_performance_profiles(
+        {m: profiles[m] for m in methods}, taus,
+        performance_profile_cis={m: cis[m] for m in methods}, ax=ax,
+        colors={m: plotting.color(m, i) for i, m in enumerate(methods)},
+        xlabel=r"D4RL normalised score $\tau$", ylabel=r"fraction of runs with score $> \tau$",
+        labelsize=10, ticklabelsize=9)
+    for line, m in zip(ax.get_lines(), methods):
+        line.set_label(plotting.label(m))
+    ax.legend(loc="upper right", frameon=False)
+    ax.set_title("Performance profiles (score distributions, 95 % CIs)")
+    return fig
+
+
+def plot_improvement(poi: pd.DataFrame):
+    fig, ax = plotting.new_figure(6.0, 1.2 + 0.6 * max(len(poi), 1))
+    for i, r in enumerate(poi.itertuples()):
+        c = plotting.color(r.x, i)
+        ax.barh(i, r.ci_high - r.ci_low, left=r.ci_low, height=0.5, color=c, alpha=0.35)
+        ax.plot([r.probability] * 2, [i - 0.25, i + 0.25], color=c, lw=2.5)
+    ax.axvline(0.5, color="grey", ls="--", lw=1)
+    ax.set_yticks(range(len(poi)))
+    ax.set_yticklabels([f"{plotting.label(r.x)} > {plotting.label(r.y)}" for r in poi.itertuples()])
+    ax.set_xlim(0, 1)
+    ax.set_ylim(-0.6, max(len(poi), 1) - 0.4)
+    ax.set_xlabel("probability of improvement P(X > Y)")
+    ax.set_ylabel("pair X > Y")
+    ax.set_title("Probability of improvement, 95 % CIs (0.5 = no difference)")
+    return fig
+
+
+# ---- the step the CLI calls --------------------------------------------------------------
+
+def run_aggregate(score_files: list[Path], out_dir: Path, reps: int = 2000,
+                  seed: int = 0) -> dict:
+    """Aggregates, profiles and P(improvement) -> CSVs + PNG/PDF figures in `out_dir`.
+
+    Returns {"aggregates": DataFrame, "improvement": DataFrame, "profiles": DataFrame,
+    "scores": DataFrame, "notes": [str], "reps": int, "files": [Path]}."""
+    if reps < 1:
+        raise ValueError(f"reps must be >= 1, got {reps}")
+    out_dir = Path(out_dir)
+    df = collect_scores(score_files)
+    notes: list[str] = []
+    agg = aggregate(df, reps=reps, seed=seed, notes=notes)
+    poi = improvement_probabilities(df, reps=reps, seed=seed, notes=notes)
+    taus, profiles, cis = performance_profiles(df, reps=reps, seed=seed)
+    prof = pd.DataFrame([{"method": m, "tau": t, "fraction": profiles[m][j],
+                          "ci_low": cis[m][0, j], "ci_high": cis[m][1, j]}
+                         for m in profiles for j, t in enumerate(taus)])
+    notes = list(dict.fromkeys(notes))  # de-duplicate, keep order
+    files = []
+    for name, table in (("aggregates", agg), ("improvement", poi), ("profiles", prof),
+                        ("scores", df.drop(columns="source"))):
+        path = out_dir / f"{name}.csv"
+        atomic_write_text(path, table.to_csv(index=False, float_format="%.6g"))
+        files.append(path)
+    files += plotting.save_figure(plot_aggregates(agg), out_dir / "aggregate_intervals")
+    files += plotting.save_figure(plot_profiles(taus, profiles, cis),
+                                  out_dir / "performance_profiles")
+    if len(poi):
+        files += plotting.save_figure(plot_improvement(poi), out_dir / "improvement_probability")
+    atomic_write_text(out_dir / "notes.json", json.dumps({"reps": reps, "seed": seed,
+                                                          "notes": notes}, indent=2))
+    return {"aggregates": agg, "improvement": poi, "profiles": prof, "scores": df,
+            "notes": notes, "reps": reps, "files": files}

@@ -1,0 +1,217 @@
+"""Paper tables: the harness's own runs next to published numbers, Markdown + LaTeX (booktabs).
+
+One table per base algorithm (TD3+BC family: TD3+BC, DyDiff-TD3BC; CQL family) plus an overall
+table of every method run. Cells are mean ± std over seeds (sample std, ddof = 1; a single
+seed prints the bare score) of the D4RL normalised score; the last row is each own method's
+IQM over all runs x tasks (rliable's 25 % trimmed mean) and, for published columns, the mean
+over tasks when every row has a published number. Published numbers come only from
+`published.yaml` (each with its source); an unknown one prints "n/a", a method not run prints
+"–". The best own-run mean per row is bold.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import yaml
+from rliable import metrics
+
+from analysis.aggregate import collect_scores
+from analysis.plotting import label
+from dydiff.utils import atomic_write_text
+
+DEFAULT_PUBLISHED = Path(__file__).with_name("published.yaml")
+FAMILIES = {"td3bc": ["td3bc", "dydiff-td3bc"], "cql": ["cql", "dydiff-cql"]}
+OVERALL = ["td3bc", "dydiff-td3bc", "cql", "dydiff-cql", "mopo", "mbpo"]
+KIND_ORDER = ["random", "medium", "medium-replay", "medium-expert", "expert"]
+NA, NOT_RUN = "n/a", "–"
+
+
+class PublishedError(ValueError):
+    """published.yaml is malformed; the message names the key."""
+
+
+@dataclass(frozen=True)
+class Published:
+    key: str                 # source id in published.yaml
+    label: str               # short column label
+    source: str              # full citation
+    seeds: int | None
+    scores: dict             # {method: {task: (mean, std)}}
+
+
+def load_published(path: Path | None = None) -> list[Published]:
+    """Read and validate published.yaml (default: the one shipped next to this module)."""
+    path = DEFAULT_PUBLISHED if path is None else Path(path)
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except FileNotFoundError:
+        raise PublishedError(f"published scores file {path} does not exist") from None
+    if not isinstance(data, dict):
+        raise PublishedError(f"{path}: expected a mapping of source ids")
+    out = []
+    for key, block in data.items():
+        where = f"{path}: {key}"
+        if not isinstance(block, dict):
+            raise PublishedError(f"{where}: expected a mapping")
+        for field in ("label", "source", "scores"):
+            if field not in block:
+                raise PublishedError(f"{where}: missing key '{field}'")
+        unknown = set(block) - {"label", "source", "seeds", "dataset_version", "scores"}
+        if unknown:
+            raise PublishedError(f"{where}: unknown key(s) {sorted(unknown)}")
+        scores = {}
+        for method, cells in (block["scores"] or {}).items():
+            scores[method] = {}
+            for task, cell in (cells or {}).items():
+                ok = (isinstance(cell, list) and len(cell) == 2
+                      and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                              for v in cell))
+                if not ok:
+                    raise PublishedError(f"{where}.scores.{method}.{task}: expected "
+                                         f"[mean, std], got {cell!r}")
+                scores[method][task] = (float(cell[0]), float(cell[1]))
+        out.append(Published(key, str(block["label"]), " ".join(str(block["source"]).split()),
+                             block.get("seeds"), scores))
+    return out
+
+
+# ---- table model --------------------------------------------------------------------------
+
+def _task_key(task: str):
+    family, _, kind = task.partition("-")
+    return (family, KIND_ORDER.index(kind) if kind in KIND_ORDER else len(KIND_ORDER), kind)
+
+
+def _fmt(mean: float, std: float | None, digits: int = 1) -> str:
+    if std is None or math.isnan(std):
+        return f"{mean:.{digits}f}"
+    return f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def build_table(df: pd.DataFrame, methods: list[str], published: list[Published],
+                published_methods: list[str] | None = None) -> dict:
+    """The cells of one table. `published_methods` (default `methods`) picks which published
+    columns to add: one per (source, method) that the source reports or, for DyDiff methods,
+    the DyDiff paper (n/a). Returns {"columns", "rows", "bold", "caption_seeds", "sources"}."""
+    published_methods = methods if published_methods is None else published_methods
+    own = [m for m in methods if m in set(df.method)]
+    tasks = sorted(df[df.method.isin(own)].task.unique(), key=_task_key)
+    pub_cols = [(p, m) for m in published_methods for p in published if m in p.scores]
+    columns = [f"{label(m)} (ours)" for m in own] + [f"{label(m)} ({p.label})"
+                                                     for p, m in pub_cols]
+    rows, bold = [], []
+    for task in tasks:
+        cells, means = [], []
+        for m in own:
+            s = df[(df.method == m) & (df.task == task)].normalized_score.to_numpy()
+            if len(s) == 0:
+                cells.append(NOT_RUN)
+                means.append(-np.inf)
+            else:
+                cells.append(_fmt(s.mean(), s.std(ddof=1) if len(s) > 1 else None))
+                means.append(s.mean())
+        best = int(np.argmax(means)) if own and np.isfinite(max(means)) else None
+        for p, m in pub_cols:
+            cell = p.scores[m].get(task)
+            cells.append(NA if cell is None else _fmt(*cell))
+        rows.append((task, cells))
+        bold.append(best)
+    # Summary row: IQM of own runs (all seeds x tasks), mean over tasks of published cells.
+    summary = []
+    for m in own:
+        s = df[(df.method == m) & df.task.isin(tasks)].normalized_score.to_numpy()
+        summary.append(f"{metrics.aggregate_iqm(s):.1f}")
+    for p, m in pub_cols:
+        vals = [p.scores[m].get(t) for t in tasks]
+        summary.append(NA if not vals or any(v is None for v in vals)
+                       else f"{np.mean([v[0] for v in vals]):.1f}")
+    seeds = {}
+    for m in own:
+        counts = df[df.method == m].groupby("task").seed.nunique()
+        seeds[m] = (int(counts.min()), int(counts.max()))
+    return {"columns": columns, "rows": rows, "bold": bold, "summary": summary,
+            "caption_seeds": seeds, "sources": sorted({p.key: p for p, _ in pub_cols}.values(),
+                                                      key=lambda p: p.key)}
+
+
+def _caption(title: str, table: dict) -> str:
+    seeds = ", ".join(f"{label(m)} {lo} seed{'s' if hi > 1 else ''}" if lo == hi
+                      else f"{label(m)} {lo}-{hi} seeds"
+                      for m, (lo, hi) in table["caption_seeds"].items())
+    text = (f"{title}: D4RL normalised score, mean ± std over seeds ({seeds}); "
+            f"bold = best own run per task; last row: IQM of own runs over all seeds and "
+            f"tasks, mean over tasks for published columns.")
+    if table["sources"]:
+        text += " Published: " + "; ".join(
+            f"{p.label}: {p.source}" + (f" ({p.seeds} seeds)" if p.seeds else "")
+            for p in table["sources"]) + f" (rounded to one decimal). {NA} = not published/unknown."
+    return text
+
+
+def to_markdown(title: str, table: dict) -> str:
+    head = ["task"] + table["columns"]
+    lines = [f"**{_caption(title, table)}**", "", "| " + " | ".join(head) + " |",
+             "|" + "|".join(["---"] + [":---:"] * len(table["columns"])) + "|"]
+    for (task, cells), best in zip(table["rows"], table["bold"]):
+        cells = [f"**{c}**" if i == best else c for i, c in enumerate(cells)]
+        lines.append("| " + " | ".join([task] + cells) + " |")
+    lines.append("| " + " | ".join(["IQM / mean"] + table["summary"]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _tex(text: str) -> str:
+    for a, b in (("\\", r"\textbackslash{}"), ("&", r"\&"), ("%", r"\%"), ("_", r"\_"),
+                 ("#", r"\#"), ("±", r"$\pm$"), ("–", "--")):
+        text = text.replace(a, b)
+    return text
+
+
+def to_latex(title: str, table: dict, tag: str) -> str:
+    ncol = len(table["columns"])
+    lines = [r"\begin{table}[t]", r"\centering", r"\small",
+             rf"\caption{{{_tex(_caption(title, table))}}}", rf"\label{{tab:{tag}}}",
+             r"\begin{tabular}{l" + "c" * ncol + "}", r"\toprule",
+             " & ".join(["Task"] + [_tex(c) for c in table["columns"]]) + r" \\", r"\midrule"]
+    for (task, cells), best in zip(table["rows"], table["bold"]):
+        cells = [rf"\textbf{{{_tex(c)}}}" if i == best else _tex(c) for i, c in enumerate(cells)]
+        lines.append(" & ".join([_tex(task)] + cells) + r" \\")
+    lines += [r"\midrule", " & ".join(["IQM / mean"] + [_tex(c) for c in table["summary"]])
+              + r" \\", r"\bottomrule", r"\end{tabular}", r"\end{table}"]
+    return "\n".join(lines) + "\n"
+
+
+def make_tables(df: pd.DataFrame, published: list[Published]) -> dict[str, dict]:
+    """{name: {"title", "table", "markdown", "latex"}} for each family present + 'overall'."""
+    out = {}
+    present = set(df.method)
+    for base, methods in FAMILIES.items():
+        if not present & set(methods):
+            continue
+        title = f"{label(base)} family"
+        table = build_table(df, methods, published)
+        out[base] = {"title": title, "table": table, "markdown": to_markdown(title, table),
+                     "latex": to_latex(title, table, f"dydiff-{base}")}
+    methods = [m for m in OVERALL if m in present] + sorted(present - set(OVERALL))
+    title = "All methods"
+    table = build_table(df, methods, published, published_methods=[])
+    out["overall"] = {"title": title, "table": table, "markdown": to_markdown(title, table),
+                      "latex": to_latex(title, table, "dydiff-overall")}
+    return out
+
+
+def run_tables(score_files: list[Path], out_dir: Path, published: Path | None = None) -> dict:
+    """Write table_<name>.md / .tex (and tables.md with all of them) into `out_dir`.
+
+    `published` is a published.yaml (default: analysis/published.yaml)."""
+    df = collect_scores(score_files)
+    tables = make_tables(df, load_published(published))
+    out_dir = Path(out_dir)
+    for name, t in tables.items():
+        atomic_write_text(out_dir / f"table_{name}.md", t["markdown"])
+        atomic_write_text(out_dir / f"table_{name}.tex", t["latex"])
+    atomic_write_text(out_dir / "tables.md", "\n".join(t["markdown"] for t in tables.values()))
+    return tables

@@ -1,0 +1,78 @@
+"""Paper tables: golden Markdown/LaTeX for a fixed input, published numbers, n/a handling."""
+import os
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from analysis import tables
+
+GOLDEN = Path(__file__).parent / "golden"
+
+
+def _fixed_scores() -> pd.DataFrame:
+    rows = []
+    own = {"td3bc": {"hopper-medium": [55.0, 61.0, 58.0], "walker2d-medium-replay": [80.0, 70.0, 75.0]},
+           "dydiff-td3bc": {"hopper-medium": [65.0, 59.0, 62.0], "walker2d-medium-replay": [72.0, 74.0, 73.0]},
+           "cql": {"hopper-medium": [50.0, 52.0], "walker2d-medium-replay": [60.0, 64.0]},
+           "mopo": {"hopper-medium": [40.0]}}
+    for method, per_task in own.items():
+        for task, vals in per_task.items():
+            rows += [(method, task, seed, v) for seed, v in enumerate(vals)]
+    return pd.DataFrame(rows, columns=["method", "task", "seed", "normalized_score"])
+
+
+def test_published_yaml_holds_only_reference_numbers():
+    pub = {p.key: p for p in tables.load_published()}
+    assert pub["offlinerl-kit"].scores["td3bc"]["hopper-medium-replay"] == (67.3, 13.2)
+    assert pub["corl"].scores["cql"]["walker2d-medium-replay"] == (73.09, 13.22)
+    assert pub["mopo-paper"].scores == {"mopo": {"halfcheetah-random": (35.4, 2.5)},
+                                        "mbpo": {"halfcheetah-random": (30.7, 3.9)}}
+    assert all(not cells for cells in pub["dydiff-paper"].scores.values())
+    assert all(p.source for p in pub.values())
+
+
+def test_tables_match_golden_files():
+    out = tables.make_tables(_fixed_scores(), tables.load_published())
+    assert set(out) == {"td3bc", "cql", "overall"}
+    for name, t in out.items():
+        for kind, ext in (("markdown", "md"), ("latex", "tex")):
+            path = GOLDEN / f"table_{name}.{ext}"
+            if os.environ.get("UPDATE_GOLDEN"):
+                path.write_text(t[kind])
+            assert t[kind] == path.read_text(), f"{path} differs (UPDATE_GOLDEN=1 to refresh)"
+
+
+def test_table_content():
+    t = tables.make_tables(_fixed_scores(), tables.load_published())
+    md = t["td3bc"]["markdown"]
+    # own runs: mean ± sample std; the best own run per row is bold
+    assert "| hopper-medium | 58.0 ± 3.0 | **62.0 ± 3.0** | 60.8 ± 3.4 | 60.4 ± 3.5 | n/a |" in md
+    assert "| walker2d-medium-replay | **75.0 ± 5.0** | 73.0 ± 1.0 |" in md
+    assert "TD3+BC 3 seeds" in md and "n/a" in md
+    cql = t["cql"]["markdown"]
+    assert "| hopper-medium | **51.0 ± 1.4** | 59.1 ± 4.1 | 59.1 ± 3.8 | n/a |" in cql
+    overall = t["overall"]["markdown"]
+    assert "| walker2d-medium-replay |" in overall and "| – |" in overall  # MOPO not run there
+    assert "MOPO 1 seed" in overall
+    latex = t["td3bc"]["latex"]
+    assert r"\toprule" in latex and r"\textbf{62.0 $\pm$ 3.0}" in latex
+
+
+def test_bad_published_file_names_the_key(tmp_path):
+    bad = tmp_path / "p.yaml"
+    bad.write_text("x:\n  label: X\n  source: s\n  scores:\n    td3bc:\n      hopper-medium: 50\n")
+    with pytest.raises(tables.PublishedError, match="x.scores.td3bc.hopper-medium"):
+        tables.load_published(bad)
+
+
+def test_run_tables_writes_files(tmp_path):
+    import json
+    d = tmp_path / "runs" / "td3bc" / "seed0"
+    d.mkdir(parents=True)
+    (d / "final.json").write_text(json.dumps({"method": "td3bc", "task": "hopper-medium",
+                                              "seed": 0, "normalized_score": 50.0}))
+    tables.run_tables([tmp_path / "runs"], tmp_path / "out")
+    assert "| hopper-medium | **50.0** |" in (tmp_path / "out" / "table_td3bc.md").read_text()
+    assert (tmp_path / "out" / "table_overall.tex").exists()
+    assert not (tmp_path / "out" / "table_cql.md").exists()

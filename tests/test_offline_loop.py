@@ -14,10 +14,10 @@ from dydiff.config import ConfigError, from_dict
 from dydiff.rl.buffers import RealBuffer, RingBuffer
 from dydiff.rl.cql import CQL, CQLConfig
 from dydiff.rl.evaluation import evaluate
-from dydiff.rl.offline_loop import OfflineConfig, offline_loop
+from dydiff.rl.offline_loop import OfflineConfig, eval_seed, offline_loop
 from dydiff.rl.sac import SAC, SACConfig
 from dydiff.rl.td3bc import TD3BC, TD3BCConfig
-from dydiff.rl.train import METHODS, PolicyConfig, train_policy
+from dydiff.rl.train import METHODS, PolicyConfig, load_policy, train_policy
 
 TINY = [32, 32]
 
@@ -160,7 +160,7 @@ def test_resume_in_a_fresh_process_equals_uninterrupted_cql(hopper_random, tmp_p
         torch.set_num_threads(1)
         from dydiff.data.generate import random_dataset
         from dydiff.rl.cql import CQL, CQLConfig
-        from dydiff.rl.offline_loop import OfflineConfig, offline_loop
+        from dydiff.rl.offline_loop import OfflineConfig, eval_seed, offline_loop
         ds = random_dataset("hopper", 3000, seed=0)
         torch.manual_seed(0)
         agent = CQL(ds.obs_dim, ds.act_dim, CQLConfig(hidden={TINY}))
@@ -234,5 +234,9 @@ def test_train_policy_writes_final_json(hopper_random, tmp_path):
             "eval_episodes", "steps", "wall_time_s", "git_sha", "config_hash"} <= set(out)
     assert out["steps"] == 6 and out["task"] == "hopper-random" and out["eval_episodes"] == 2
     assert isinstance(out["normalized_score"], float)
+    agent, method = load_policy(tmp_path / "policy.pt")
+    assert method == "td3bc" and isinstance(agent, TD3BC)
+    res = evaluate(agent, "hopper-random", episodes=2, seed=eval_seed(1, 6))
+    assert res["return_mean"] == pytest.approx(out["return_mean"])
     again = train_policy("td3bc", hopper_random, pc, tmp_path, seed=1, progress=False)
     assert again["normalized_score"] == out["normalized_score"]  # resumed from the final ckpt

@@ -44,7 +44,7 @@ class OfflineConfig:
     rollout_freq: int = 1000         # generator call every this many gradient steps
     rollout_batch_size: int = 50_000  # start states per generator call
     model_retain_epochs: int = 5     # model buffer holds this many generator calls
-    eval_every: int = 10_000
+    eval_every: int = 5000           # CORL's eval_freq
     eval_episodes: int = 10
     log_every: int = 1000
     checkpoint_every: int = 10_000
@@ -60,6 +60,11 @@ class OfflineConfig:
     @property
     def n_real(self) -> int:
         return int(round(self.real_ratio * self.batch_size))
+
+
+def eval_seed(seed: int, step: int) -> int:
+    """Env seed of the evaluation at `step`: fresh start states at each evaluation."""
+    return seed * 100_003 + step
 
 
 def _device_of(agent) -> torch.device:
@@ -127,6 +132,8 @@ def offline_loop(agent, dataset: Dataset, cfg: OfflineConfig, out_dir, seed: int
                                  f"`max_transitions_per_call` (sizes the model buffer)")
         model = RingBuffer(cfg.model_retain_epochs * int(per_call), dataset.obs_dim,
                            dataset.act_dim, seed=seed + 1, device=dev)
+    elif generator is not None:
+        log.warning("offline.real_ratio is 1.0: the rollout generator is never used")
     n_real = cfg.n_real if model is not None else cfg.batch_size
 
     rows: list[dict] = []
@@ -198,7 +205,7 @@ def offline_loop(agent, dataset: Dataset, cfg: OfflineConfig, out_dir, seed: int
             sums.clear()
             counts.clear()
         if step % cfg.eval_every == 0 or step == cfg.total_steps:
-            res = evaluate(agent, dataset.name, cfg.eval_episodes, seed=seed * 100_003 + step)
+            res = evaluate(agent, dataset.name, cfg.eval_episodes, seed=eval_seed(seed, step))
             row.update(return_mean=res["return_mean"], return_std=res["return_std"],
                        normalized_score=res["normalized_score"],
                        normalized_score_std=res["normalized_score_std"])

@@ -17,13 +17,14 @@ from typing import Callable
 import numpy as np
 import torch
 
-from dydiff.config import config_hash
+from dydiff.config import config_hash, from_dict
 from dydiff.data.dataset import Dataset
 from dydiff.rl.cql import CQL, CQLConfig
 from dydiff.rl.offline_loop import OfflineConfig, offline_loop
 from dydiff.rl.sac import SAC, SACConfig
 from dydiff.rl.td3bc import TD3BC, TD3BCConfig
-from dydiff.utils import atomic_write_text, device as default_device, git_sha, seed_everything
+from dydiff.utils import atomic_write_text, device as default_device, git_sha, load_checkpoint, \
+    save_checkpoint, seed_everything
 
 METHODS: dict[str, tuple[str, str | None]] = {
     "td3bc": ("td3bc", None),
@@ -60,6 +61,29 @@ def make_agent(kind: str, dataset: Dataset, cfg: PolicyConfig) -> torch.nn.Modul
     raise ValueError(f"unknown agent kind {kind!r}")
 
 
+AGENT_CONFIGS = {"td3bc": (TD3BC, TD3BCConfig), "cql": (CQL, CQLConfig), "sac": (SAC, SACConfig)}
+
+
+def save_policy(agent, method: str, path) -> None:
+    """The trained agent alone (weights + its config), for later evaluation: `load_policy`."""
+    kind, _ = check_method(method)
+    save_checkpoint(path, {"method": method, "kind": kind, "obs_dim": agent.obs_dim,
+                           "act_dim": agent.act_dim, "config": dataclasses.asdict(agent.cfg),
+                           "state_dict": agent.state_dict()})
+
+
+def load_policy(path, device: str | torch.device = "cpu"):
+    """Rebuild the agent saved by `save_policy` (returns agent, method)."""
+    blob = load_checkpoint(path)
+    if blob is None:
+        raise FileNotFoundError(f"no policy file at {path}")
+    cls, cfg_cls = AGENT_CONFIGS[blob["kind"]]
+    agent = cls(blob["obs_dim"], blob["act_dim"], from_dict(cfg_cls, blob["config"],
+                                                            where=f"{path}:config"))
+    agent.load_state_dict(blob["state_dict"])
+    return agent.to(device).eval(), blob["method"]
+
+
 def load_generator_factory(spec: str) -> Callable:
     module, _, func = spec.partition(":")
     try:
@@ -75,6 +99,7 @@ def train_policy(method: str, dataset: Dataset, cfg: PolicyConfig, out_dir, seed
     """Train `method` on `dataset`; write and return out_dir/final.json's content.
 
     Resumes from out_dir/checkpoint.pt if a previous run of the same job was interrupted.
+    Also writes out_dir/policy.pt (the final agent; `load_policy` rebuilds it).
     """
     kind, gen_spec = check_method(method)  # fail before any work
     out_dir = Path(out_dir)
@@ -89,6 +114,7 @@ def train_policy(method: str, dataset: Dataset, cfg: PolicyConfig, out_dir, seed
     t0 = time.perf_counter()
     metrics = offline_loop(agent, dataset, cfg.offline, out_dir, seed, generator=generator,
                            log_fn=log_fn, progress=progress)
+    save_policy(agent, method, out_dir / "policy.pt")
     evals = metrics.dropna(subset=["normalized_score"])
     last = evals.iloc[-1] if len(evals) else None
     value = lambda key: float(last[key]) if last is not None else float("nan")  # noqa: E731

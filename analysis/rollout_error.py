@@ -32,6 +32,7 @@ serves all starts and the policy still acts on all N states in one batched call 
 from __future__ import annotations
 
 import logging
+import warnings
 import zlib
 from pathlib import Path
 from typing import Callable
@@ -162,7 +163,11 @@ def bootstrap_masked_mean(values: np.ndarray, mask: np.ndarray, reps: int,
         w = rng.multinomial(n, np.full(n, 1.0 / n), size=reps).astype(np.float64)  # (B, N)
         boots = (w @ v) / (w @ m)
     alpha = (1 - ci) / 2
-    lo, hi = np.nanquantile(boots, [alpha, 1 - alpha], axis=0) if reps else (point, point)
+    if not reps:
+        return point, point, point
+    with warnings.catch_warnings():  # steps where no start is alive anymore are NaN
+        warnings.simplefilter("ignore", RuntimeWarning)
+        lo, hi = np.nanquantile(boots, [alpha, 1 - alpha], axis=0)
     return point, lo, hi
 
 
@@ -299,6 +304,10 @@ def plot_rollout_error(df: pd.DataFrame, out_dir: Path, task: str = "") -> list[
             axes[1, j].set_ylabel("|predicted - true return| (reward units)")
             if axes[1, j].has_data():
                 axes[1, j].legend(frameon=False)
+            else:
+                axes[1, j].text(0.5, 0.5, "no predicted rewards\n(no reward model given)",
+                                ha="center", va="center", transform=axes[1, j].transAxes,
+                                color="grey")
     return plotting.save_figure(fig, Path(out_dir) / "rollout_error")
 
 

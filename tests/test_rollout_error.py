@@ -153,3 +153,13 @@ def test_plot_rollout_error(data, tmp_path, monkeypatch):
         assert ax.get_xlabel() and ax.get_ylabel() and ax.get_title()
     png = tmp_path / "rollout_error.png"
     assert png in paths and png.read_bytes()[:4] == b"\x89PNG" and png.stat().st_size > 10_000
+
+
+def test_run_rollout_error_writes_outputs(data, tmp_path):
+    out = re.run_rollout_error(data, {}, tmp_path, horizon=5, n_starts=4, reps=20,
+                               include_simulator=True, progress=False)
+    csv = pd.read_csv(tmp_path / "rollout_error.csv")
+    assert (csv.model == "simulator").all() and (csv.state_mse == 0).all()
+    assert (tmp_path / "rollout_error.pdf").exists() and out["task"] == "hopper-random"
+    with pytest.raises(KeyError, match="no loader for model kind 'nope'"):
+        re.run_rollout_error(data, {"nope": tmp_path}, tmp_path, horizon=5, n_starts=2)

@@ -76,3 +76,25 @@ def test_run_tables_writes_files(tmp_path):
     assert "| hopper-medium | **50.0** |" in (tmp_path / "out" / "table_td3bc.md").read_text()
     assert (tmp_path / "out" / "table_overall.tex").exists()
     assert not (tmp_path / "out" / "table_cql.md").exists()
+
+
+def test_summary_is_generated_from_the_data(tmp_path):
+    import json
+    from analysis.aggregate import run_aggregate
+    from analysis.summary import write_summary
+    for m, vals in (("td3bc", [50.0, 52.0]), ("dydiff-td3bc", [70.0, 72.0])):
+        for task in ("hopper-medium", "walker2d-medium"):
+            for seed, v in enumerate(vals):
+                d = tmp_path / "runs" / m / task / f"seed{seed}"
+                d.mkdir(parents=True)
+                (d / "final.json").write_text(json.dumps(
+                    {"method": m, "task": task, "seed": seed, "normalized_score": v}))
+    agg = run_aggregate([tmp_path / "runs"], tmp_path / "agg", reps=100, seed=0)
+    tab = tables.run_tables([tmp_path / "runs"], tmp_path / "tab")
+    text = write_summary(agg, tab, None, tmp_path / "summary.md", budget="smoke")
+    assert (tmp_path / "summary.md").read_text() == text
+    assert "DyDiff-TD3BC's IQM is 71.0 [70.0, 72.0] vs TD3+BC's 51.0 [50.0, 52.0]" in text
+    assert "P(DyDiff-TD3BC > TD3+BC) = 1.00" in text and "CI excludes 0.5" in text
+    assert "Only 2 run(s) per task" in text and "'smoke'" in text
+    assert "DyDiff-TD3BC has the higher mean on 2 of 2" in text
+    assert "No rollout-error study" in text

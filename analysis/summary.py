@@ -1,0 +1,180 @@
+"""summary.md: what the numbers show, in words, generated from the analysis outputs.
+
+Every sentence is built from the data handed in (aggregates, tables, rollout-error curves); no
+number is typed in here. Caveats (seed counts, bootstrap reps, budget, dataset provenance) are
+stated next to the claims they qualify.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from analysis.plotting import label
+from analysis.tables import NA, NOT_RUN
+from dydiff.utils import atomic_write_text
+
+FEW_SEEDS = 5  # below this, rliable's paper calls CIs unreliable and we say so
+
+
+def _ci(row) -> str:
+    return f"{row.estimate:.1f} [{row.ci_low:.1f}, {row.ci_high:.1f}]"
+
+
+def _aggregate_section(res: dict) -> list[str]:
+    agg: pd.DataFrame = res["aggregates"]
+    poi: pd.DataFrame = res["improvement"]
+    iqm = agg[agg.metric == "IQM"].set_index("method")
+    lines = ["## Aggregate performance (rliable)", ""]
+    n_tasks = int(iqm.n_tasks.iloc[0])
+    runs = iqm.n_runs
+    lines.append(f"Scores are D4RL normalised (0-100) over {n_tasks} task(s) shared by all "
+                 f"methods, {runs.min()}{'' if runs.min() == runs.max() else f'-{runs.max()}'} "
+                 f"run(s) per task; intervals are 95 % stratified-bootstrap CIs with "
+                 f"{res['reps']} resamples.")
+    lines.append("")
+    ranked = iqm.sort_values("estimate", ascending=False)
+    lines.append("IQM ranking: " + "; ".join(f"{label(m)} {_ci(r)}"
+                                             for m, r in ranked.iterrows()) + ".")
+    if len(ranked) > 1:
+        top, second = ranked.iloc[0], ranked.iloc[1]
+        overlap = top.ci_low <= second.ci_high
+        lines.append(f"The highest IQM is {label(ranked.index[0])}'s; its CI "
+                     + ("overlaps" if overlap else "does not overlap")
+                     + f" that of the runner-up ({label(ranked.index[1])}), so the ranking of "
+                     + ("these two is not resolved by these runs." if overlap
+                        else "these two is clear at this confidence level."))
+    lines.append("")
+    for r in poi.itertuples():
+        x, y = iqm.loc[r.x], iqm.loc[r.y]
+        verdict = ("the CI excludes 0.5, so the improvement is statistically distinguishable"
+                   if r.ci_low > 0.5 else
+                   "the CI excludes 0.5 on the low side: the base algorithm is better"
+                   if r.ci_high < 0.5 else
+                   "the CI contains 0.5: no evidence of a difference with these runs")
+        lines.append(f"- {label(r.x)}'s IQM is {_ci(x)} vs {label(r.y)}'s {_ci(y)}; "
+                     f"P({label(r.x)} > {label(r.y)}) = {r.probability:.2f} "
+                     f"[{r.ci_low:.2f}, {r.ci_high:.2f}] over {r.n_tasks} task(s) — {verdict}.")
+    for note in res.get("notes", []):
+        lines.append(f"- Note: {note}.")
+    lines.append("")
+    return lines
+
+
+def _cell_mean(cell: str) -> float | None:
+    if cell in (NA, NOT_RUN):
+        return None
+    return float(cell.split("±")[0])
+
+
+def _tables_section(tables: dict) -> list[str]:
+    lines = ["## Per-task comparison and published numbers", ""]
+    for name, t in tables.items():
+        if name == "overall":
+            continue
+        table = t["table"]
+        cols = table["columns"]
+        own = [i for i, c in enumerate(cols) if c.endswith("(ours)")]
+        if len(own) == 2:
+            a, b = (cols[i].removesuffix(" (ours)") for i in own)
+            wins = sum(1 for _, cells in table["rows"]
+                       if None not in (_cell_mean(cells[own[0]]), _cell_mean(cells[own[1]]))
+                       and _cell_mean(cells[own[1]]) > _cell_mean(cells[own[0]]))
+            both = sum(1 for _, cells in table["rows"]
+                       if None not in (_cell_mean(cells[own[0]]), _cell_mean(cells[own[1]])))
+            lines.append(f"- {t['title']}: {b} has the higher mean on {wins} of {both} task(s) "
+                         f"run by both.")
+        for j, c in enumerate(cols):
+            if c.endswith("(ours)"):
+                continue
+            method = c.split(" (")[0]
+            mine = next((i for i in own if cols[i].split(" (")[0] == method), None)
+            pairs = [(_cell_mean(cells[mine]), _cell_mean(cells[j]))
+                     for _, cells in table["rows"] if mine is not None]
+            pairs = [(o, p) for o, p in pairs if o is not None and p is not None]
+            if not pairs:
+                if all(cells[j] == NA for _, cells in table["rows"]):
+                    lines.append(f"  - {c}: no published number for these tasks ({NA}).")
+                continue
+            diff = np.mean([o - p for o, p in pairs])
+            lines.append(f"  - Our {method} is on average {abs(diff):.1f} points "
+                         f"{'above' if diff >= 0 else 'below'} {c} on {len(pairs)} task(s).")
+    lines += ["", "Published numbers were obtained on D4RL -v2 (mujoco-py) datasets with "
+              "their authors' budgets; if this run used locally generated gymnasium-v5 data or "
+              "a reduced budget, differences to them are expected and are not a verdict on "
+              "the implementation.", ""]
+    return lines
+
+
+def _rollout_section(results) -> list[str]:
+    if isinstance(results, (dict, pd.DataFrame)):
+        results = [results]
+    lines = ["## Rollout error vs the MuJoCo simulator", ""]
+    for res in results:
+        df = res["rollout_error"] if isinstance(res, dict) else res
+        task = res.get("task", "") if isinstance(res, dict) else ""
+        H = int(df.horizon.max())
+        for mode, g in df.groupby("mode", sort=False):
+            at = {}
+            for model, gm in g.groupby("model", sort=False):
+                alive = gm[gm.n_valid > 0]
+                last = alive.iloc[-1] if len(alive) else gm.iloc[-1]
+                at[model] = (gm.iloc[0], last)
+            what = "dataset actions, open loop" if mode == "behaviour" else "policy actions"
+            parts = [f"{m} {first.state_mse:.3g} at h=1 -> {last.state_mse:.3g} "
+                     f"[{last.state_mse_lo:.3g}, {last.state_mse_hi:.3g}] at "
+                     f"h={int(last.horizon)} (n={int(last.n_valid)} starts)"
+                     for m, (first, last) in at.items()]
+            lines.append(f"- {task} ({what}), normalised state MSE: " + "; ".join(parts) + ".")
+            if len(at) > 1:
+                best = min(at, key=lambda m: at[m][1].state_mse)
+                lines.append(f"  Lowest long-horizon error: {best}.")
+            rets = {m: last.return_err for m, (_, last) in at.items()
+                    if np.isfinite(last.return_err)}
+            if rets:
+                lines.append("  Return error over the horizon: " + "; ".join(
+                    f"{m} {v:.3g}" for m, v in rets.items()) + " (reward units).")
+        if (df.n_valid < df.groupby(["mode", "model"]).n_valid.transform("max")).any():
+            lines.append(f"  Some simulated episodes terminate before h={H}; later steps are "
+                         f"masked, so long-horizon averages use fewer starts.")
+    lines.append("")
+    return lines
+
+
+def write_summary(aggregates: dict | None, tables: dict | None, rollout_error, out_path: Path,
+                  budget: str | None = None) -> str:
+    """Write the summary markdown to `out_path` and return it. Any input may be None (that
+    section is then omitted and the omission stated). `budget` names the config (e.g.
+    'smoke') for the caveats."""
+    lines = ["# dydiff-bench summary", ""]
+    caveats = []
+    if budget:
+        caveats.append(f"Budget: '{budget}' config." + (
+            " Smoke runs train for minutes on CPU; their scores test the pipeline, not the "
+            "methods, and must not be compared with published numbers." if budget == "smoke"
+            else ""))
+    if aggregates is not None:
+        runs = aggregates["aggregates"].n_runs
+        if runs.min() < FEW_SEEDS:
+            caveats.append(f"Only {runs.min()} run(s) per task for some methods (fewer than "
+                           f"{FEW_SEEDS}): bootstrap CIs are wide and themselves uncertain; "
+                           f"with one run per task they collapse to a point and mean nothing.")
+        if aggregates["reps"] < 50_000:
+            caveats.append(f"{aggregates['reps']} bootstrap resamples (rliable's paper uses "
+                           f"50,000): CI end-points carry Monte-Carlo noise.")
+    if caveats:
+        lines += ["**Caveats.** " + " ".join(caveats), ""]
+    if aggregates is not None:
+        lines += _aggregate_section(aggregates)
+    else:
+        lines += ["(No aggregate statistics were computed.)", ""]
+    if tables is not None:
+        lines += _tables_section(tables)
+    if rollout_error is not None:
+        lines += _rollout_section(rollout_error)
+    else:
+        lines += ["(No rollout-error study was run.)", ""]
+    text = "\n".join(lines).rstrip() + "\n"
+    atomic_write_text(out_path, text)
+    return text

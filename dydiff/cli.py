@@ -111,9 +111,59 @@ def train_policy(spec: dict, log_fn) -> dict:
 
 @step("evaluate")
 def evaluate(spec: dict, log_fn) -> dict:
-    from dydiff.rl.train import evaluate_policy
-    return evaluate_policy(Path(spec["policy_dir"]), Path(spec["out"]),
-                           episodes=spec["config"]["episodes"], seed=spec["config"]["seed"])
+    """Final evaluation of a trained policy on fresh simulator episodes (writes eval.json)."""
+    from dydiff.rl.evaluation import evaluate as run_episodes
+    from dydiff.rl.train import load_policy
+    from dydiff.utils import atomic_write_text, git_sha
+    pdir = Path(spec["policy_dir"])
+    agent, method = load_policy(pdir / "policy.pt")
+    final = json.loads((pdir / "final.json").read_text())
+    start = time.perf_counter()
+    result = run_episodes(agent, spec["task"], episodes=spec["config"]["episodes"],
+                          seed=spec["config"]["seed"])
+    out = {"method": method, "task": spec["task"], "seed": spec["seed"],
+           "normalized_score": result["normalized_score"],
+           "normalized_score_std": result["normalized_score_std"],
+           "return_mean": result["return_mean"], "return_std": result["return_std"],
+           "eval_episodes": spec["config"]["episodes"], "episode_lengths": result["lengths"],
+           "steps": final["steps"], "train_wall_time_s": final["wall_time_s"],
+           "wall_time_s": time.perf_counter() - start, "git_sha": git_sha(),
+           "config_hash": final["config_hash"]}
+    atomic_write_text(spec["out"], json.dumps(out, indent=2) + "\n")
+    return out
+
+
+@step("rollout-error")
+def rollout_error(spec: dict, log_fn) -> dict:
+    """Generated vs simulated trajectories over the horizon (diffusion vs ensemble)."""
+    from analysis.rollout_error import run_rollout_error
+    cfg = spec["config"]
+    result = run_rollout_error(spec["dataset"], {k: Path(v) for k, v in spec["model_dirs"].items()},
+                               Path(spec["out"]), policy=Path(spec["policy_dir"]) / "policy.pt",
+                               agent_loader="dydiff.rl.train:load_agent",
+                               horizon=cfg["horizon"], n_starts=cfg["n_starts"], seed=cfg["seed"])
+    df = result["rollout_error"]
+    last = df[df["horizon"] == df["horizon"].max()]
+    return {f"{r['mode']}/{r['model']}/state_mse_at_H": float(r["state_mse"])
+            for _, r in last.iterrows()}
+
+
+@step("analyze")
+def analyze(spec: dict, log_fn) -> dict:
+    """rliable aggregates, paper tables and the summary from the evaluation files."""
+    import pandas as pd
+    from analysis.aggregate import run_aggregate
+    from analysis.summary import write_summary
+    from analysis.tables import run_tables
+    out, cfg = Path(spec["out"]), spec["config"]
+    scores = [Path(p) for p in spec["scores"]]
+    aggregates = run_aggregate(scores, out, reps=cfg["reps"], seed=cfg["seed"])
+    tables = run_tables(scores, out / "tables")
+    rerr = (pd.concat([pd.read_csv(p).assign(task=Path(p).parent.name)
+                       for p in spec["rollout_error"]]) if spec["rollout_error"] else None)
+    write_summary(aggregates, tables, rerr, out / "summary.md", budget=cfg["name"])
+    return {f"{r['method']}/{r['metric']}": float(r["estimate"])
+            for _, r in aggregates["aggregates"].iterrows()}
 
 
 # ---- plumbing ------------------------------------------------------------------------------

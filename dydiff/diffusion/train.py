@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from dydiff.config import from_dict, require
 from dydiff.data.dataset import Dataset
-from dydiff.data.segments import Normalizer, make_segments
+from dydiff.data.segments import Normalizer, Segments, make_segments
 from dydiff.diffusion.edm import EDMDenoiser, edm_loss
 from dydiff.diffusion.sampler import DiffusionDynamics, SamplerConfig
 from dydiff.nets import TemporalUnet
@@ -107,6 +107,28 @@ def ema_update(ema: torch.nn.Module, net: torch.nn.Module, beta: float) -> None:
         b_ema.copy_(b)
 
 
+def train_step(denoiser: EDMDenoiser, ema: EDMDenoiser, opt: torch.optim.Optimizer,
+               segments: Segments, step: int, cfg: DiffusionConfig,
+               device: torch.device | str = "cpu") -> float:
+    """One optimiser step (0-based `step`) on a random batch of segments; returns the loss."""
+    index = torch.randint(len(segments), (cfg.batch_size,))
+    x0, mask = segments.batch(index)
+    for group in opt.param_groups:
+        group["lr"] = lr_at(step, cfg)
+    loss = edm_loss(denoiser, x0.to(device), mask.to(device), segments.obs_dim, cfg.P_mean,
+                    cfg.P_std, cfg.action_cond_prob)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    for p in denoiser.parameters():  # EDM zeroes non-finite gradients rather than clipping
+        if p.grad is not None:
+            torch.nan_to_num(p.grad, nan=0.0, posinf=1e5, neginf=-1e5, out=p.grad)
+    if cfg.grad_clip is not None:
+        torch.nn.utils.clip_grad_norm_(denoiser.parameters(), cfg.grad_clip)
+    opt.step()
+    ema_update(ema, denoiser, ema_beta(step, cfg))
+    return loss.item()
+
+
 def train_diffusion(dataset: Dataset, cfg: DiffusionConfig | dict, out_dir: str | Path,
                     seed: int = 0, log_fn: Callable[[dict, int], None] | None = None,
                     progress: bool = True, device: torch.device | str | None = None) -> dict:
@@ -148,24 +170,9 @@ def train_diffusion(dataset: Dataset, cfg: DiffusionConfig | dict, out_dir: str 
     bar = tqdm(total=cfg.train_steps, initial=step, disable=not progress, desc="diffusion")
     denoiser.train()
     while step < cfg.train_steps:
-        index = torch.randint(n, (cfg.batch_size,))
-        x0, mask = segments.batch(index)
         lr = lr_at(step, cfg)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        loss = edm_loss(denoiser, x0.to(device), mask.to(device), o, cfg.P_mean, cfg.P_std,
-                        cfg.action_cond_prob)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        for p in denoiser.parameters():
-            if p.grad is not None:
-                torch.nan_to_num(p.grad, nan=0.0, posinf=1e5, neginf=-1e5, out=p.grad)
-        if cfg.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(denoiser.parameters(), cfg.grad_clip)
-        opt.step()
-        ema_update(ema, denoiser, ema_beta(step, cfg))
+        losses.append(train_step(denoiser, ema, opt, segments, step, cfg, device))
         step += 1
-        losses.append(loss.item())
         bar.update(1)
         if step % cfg.log_every == 0 or step == cfg.train_steps:
             row = {"step": step, "loss": sum(losses) / len(losses), "lr": lr,

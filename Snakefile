@@ -8,7 +8,7 @@ import os
 import sys
 import uuid
 
-from snakemake.utils import min_version, validate
+from snakemake.utils import min_version, update_config, validate
 
 min_version("9.0")
 
@@ -16,10 +16,12 @@ min_version("9.0")
 if not workflow.overwrite_configfiles:
     configfile: "config/smoke.yaml"
 
-validate(config, "workflow/schemas/config.schema.yaml")
-
 from dydiff import jobs
 from dydiff.config import ConfigError
+
+# `--config key=value` values arrive as strings ('0', 'false'): give them their YAML types.
+update_config(config, jobs.typed_overrides(workflow.config_settings.overwrite_config))
+validate(config, "workflow/schemas/config.schema.yaml")
 
 try:
     jobs.validate(config)
@@ -28,9 +30,12 @@ except ConfigError as err:
 
 # Groups every job of one `snakemake` invocation in MLflow (tag dag_run); inherited by jobs,
 # also on SLURM where each job re-reads this file.
+# Rules call `dydiff-bench`, installed next to the Python running Snakemake (e.g. .venv/bin):
+# put it on PATH so `.venv/bin/snakemake` works without activating the environment.
+os.environ["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), os.environ["PATH"]])
 DAG_RUN = os.environ.setdefault("DYDIFF_DAG_RUN", uuid.uuid4().hex[:12])
 ROOT = str(jobs.results_root(config))
-LOGS = "results/logs"
+LOGS = f"{ROOT}/logs"  # results/<name>/logs/<rule>/...
 
 
 include: "workflow/rules/common.smk"

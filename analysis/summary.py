@@ -37,7 +37,11 @@ def _aggregate_section(res: dict) -> list[str]:
     ranked = iqm.sort_values("estimate", ascending=False)
     lines.append("IQM ranking: " + "; ".join(f"{label(m)} {_ci(r)}"
                                              for m, r in ranked.iterrows()) + ".")
-    if len(ranked) > 1:
+    if len(ranked) > 1 and runs.min() < 2:
+        lines.append(f"With a single run per task the CIs are points: the order of "
+                     f"{label(ranked.index[0])} and {label(ranked.index[1])} is not resolved "
+                     f"by these runs.")
+    elif len(ranked) > 1:
         top, second = ranked.iloc[0], ranked.iloc[1]
         overlap = top.ci_low <= second.ci_high
         lines.append(f"The highest IQM is {label(ranked.index[0])}'s; its CI "

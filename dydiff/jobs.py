@@ -55,6 +55,24 @@ def deep_merge(base: dict, override: dict) -> dict:
     return out
 
 
+def typed_overrides(value: Any) -> Any:
+    """Re-type `snakemake --config` values: Snakemake parses nested values with YAML's
+    BaseLoader, so `seeds=[0,1]` arrives as ['0', '1'] and `enabled: false` as 'false'."""
+    if isinstance(value, dict):
+        return {k: typed_overrides(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [typed_overrides(v) for v in value]
+    if isinstance(value, str):
+        parsed = yaml.safe_load(value) if value.strip() else value
+        if isinstance(parsed, str):
+            try:  # YAML 1.1 reads '1e-3' as a string
+                return float(parsed)
+            except ValueError:
+                return parsed
+        return parsed
+    return value
+
+
 def load_config(path: str | Path, overrides: dict | None = None) -> dict:
     """Read a YAML experiment config, apply overrides and validate it (ConfigError if bad)."""
     path = Path(path)

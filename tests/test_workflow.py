@@ -78,3 +78,136 @@ def test_bad_config_stops_before_any_job(override, message, tmp_path):
     assert res.returncode != 0
     assert message in res.stderr + res.stdout
     assert not any(tmp_path.iterdir())  # nothing was run or written
+
+
+# ---- the tiny grid, run for real ---------------------------------------------------------
+
+def _tail(res, n: int = 4000) -> str:
+    return (res.stdout + res.stderr)[-n:]
+
+
+def _logs(results: Path, n: int = 3000) -> str:
+    """The end of every job log, for a readable failure message."""
+    return "\n".join(f"== {p}\n{p.read_text()[-n:]}"
+                     for p in sorted((results / "tiny" / "logs").rglob("*.log")))
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    results = tmp_path_factory.mktemp("tiny_results")
+    res = snakemake("--cores", "2", "--configfile", str(TINY),
+                    "--config", f"results_dir={results}")
+    assert res.returncode == 0, _tail(res) + _logs(results)
+    return results, jobs.load_config(TINY, {"results_dir": str(results)})
+
+
+def test_tiny_dag_runs_end_to_end(tiny_run):
+    results, cfg = tiny_run
+    for path in jobs.eval_paths(cfg):
+        result = json.loads(Path(path).read_text())
+        assert result["normalized_score"] == result["normalized_score"]  # not NaN
+        assert len(result["git_sha"]) >= 7 and result["config_hash"]
+    analysis = jobs.analysis_dir(cfg)
+    for name in ("aggregates.csv", "summary.md", "tables/tables.md",
+                 "aggregate_intervals.png", "performance_profiles.png",
+                 "improvement_probability.png"):
+        assert (analysis / name).stat().st_size > 0, name
+    aggregates = __import__("pandas").read_csv(analysis / "aggregates.csv")
+    assert set(cfg["methods"]) <= set(aggregates["method"])
+    rerr = __import__("pandas").read_csv(
+        jobs.results_root(cfg) / "rollout_error" / cfg["tasks"][0] / "rollout_error.csv")
+    assert {"diffusion", "ensemble"} <= set(rerr["model"])
+    # A finished DAG has nothing left to do.
+    res = snakemake("-n", "--cores", "1", "--configfile", str(TINY),
+                    "--config", f"results_dir={results}")
+    assert res.returncode == 0 and "Nothing to be done" in res.stdout + res.stderr, _tail(res)
+
+
+def test_tiny_run_is_in_mlflow_with_params_metrics_tags(tiny_run):
+    from mlflow.tracking import MlflowClient
+    from dydiff.tracking import default_uri
+    results, cfg = tiny_run
+    client = MlflowClient(default_uri(results))
+    exp = client.get_experiment_by_name(cfg["name"])
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    by_name = {r.info.run_name: r for r in runs}
+    n_jobs = len(jobs.all_jobs(cfg)) + len(cfg["tasks"]) + 1  # + rollout error + analysis
+    assert len(runs) == n_jobs and all(r.info.status == "FINISHED" for r in runs)
+    assert len({r.data.tags["dag_run"] for r in runs}) == 1  # one DAG invocation groups them
+    task = cfg["tasks"][0]
+    for method in cfg["methods"]:
+        run = by_name[f"train-policy/{method}/{task}/seed0"]
+        assert {k: run.data.tags[k] for k in ("method", "task", "seed")} == \
+            {"method": method, "task": task, "seed": "0"}
+        assert len(run.data.tags["git_sha"]) >= 7 and run.data.tags["config_hash"]
+        assert run.data.params["policy.offline.total_steps"] == "300"
+        curve = client.get_metric_history(run.info.run_id, "normalized_score")
+        assert [m.step for m in curve] == [150, 300]
+        assert "metrics.parquet" in {a.path for a in client.list_artifacts(run.info.run_id)}
+    diffusion = by_name[f"train-diffusion/{task}"]
+    assert len(client.get_metric_history(diffusion.info.run_id, "diffusion_loss")) == 3
+
+
+def test_changing_one_method_reruns_only_its_jobs(tiny_run):
+    results, _ = tiny_run
+    res = snakemake("-n", "--cores", "1", "--configfile", str(TINY), "--config",
+                    f"results_dir={results}", "policy={'methods': {'cql': {'cql': "
+                    "{'cql_weight': 1.0}}}}")
+    assert res.returncode == 0, _tail(res)
+    assert job_counts(res.stdout) == {"train_policy": 1, "evaluate": 1, "analyze": 1}
+
+
+def _pids_running(fragment: str) -> list[int]:
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except OSError:
+                continue
+            if "dydiff-bench train-policy" in cmd and fragment in cmd:
+                pids.append(int(proc.name))
+    return pids
+
+
+def test_killed_job_resumes_to_the_same_result(tiny_run, tmp_path):
+    """kill -9 of a training job (as SLURM pre-emption or the OOM killer do): the next
+    `snakemake` call resumes it from its checkpoint and ends with the same numbers."""
+    import pandas as pd
+    import torch
+    results, cfg = tiny_run
+    task = cfg["tasks"][0]
+    longer = ("policy={'offline': {'total_steps': 3000, 'checkpoint_every': 250, "
+              "'eval_every': 1000}}")
+    runs = {}
+    for name in ("reference", "killed"):
+        root = tmp_path / name
+        shutil.copytree(jobs.results_root(cfg) / "datasets", root / "tiny" / "datasets")
+        target = f"{root}/tiny/policies/td3bc/{task}/seed0/final.json"
+        args = ("--cores", "1", "--configfile", str(TINY), "--config", f"results_dir={root}",
+                longer, "--", target)
+        if name == "killed":
+            cmd = [str(BIN / "snakemake"), *args]
+            env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+            proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.DEVNULL)
+            ckpt = Path(target).parent / "checkpoint.pt"
+            deadline = time.time() + 300
+            while not ckpt.exists() and time.time() < deadline:
+                time.sleep(0.05)
+            assert ckpt.exists(), "the job never wrote a checkpoint"
+            for pid in _pids_running(str(root)):
+                os.kill(pid, signal.SIGKILL)
+            assert proc.wait(timeout=120) != 0  # the job failed, so did that snakemake call
+            assert not Path(target).exists()
+        res = snakemake(*args)
+        assert res.returncode == 0, _tail(res)
+        out = Path(target).parent
+        runs[name] = (pd.read_parquet(out / "metrics.parquet").drop(columns="wall_time_s"),
+                      torch.load(out / "policy.pt", weights_only=False)["state_dict"],
+                      json.loads(Path(target).read_text()))
+    (m_ref, w_ref, f_ref), (m_kill, w_kill, f_kill) = runs["reference"], runs["killed"]
+    pd.testing.assert_frame_equal(m_ref, m_kill)
+    assert w_ref.keys() == w_kill.keys()
+    assert all(torch.equal(w_ref[k], w_kill[k]) for k in w_ref)
+    assert f_ref["normalized_score"] == f_kill["normalized_score"]

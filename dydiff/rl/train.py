@@ -84,6 +84,11 @@ def load_policy(path, device: str | torch.device = "cpu"):
     return agent.to(device).eval(), blob["method"]
 
 
+def load_agent(path, device: str | torch.device = "cpu"):
+    """The agent alone (the `agent_loader` signature the rollout-error study expects)."""
+    return load_policy(path, device)[0]
+
+
 def load_generator_factory(spec: str) -> Callable:
     module, _, func = spec.partition(":")
     try:

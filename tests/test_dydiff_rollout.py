@@ -187,3 +187,24 @@ def test_make_generator_errors(hopper_random, hopper_diffusion, tmp_path):
         make_generator(hopper_random, {"threshold": 0.0}, {}, "cpu")
     with pytest.raises(FileNotFoundError, match="train-diffusion"):
         load_diffusion(tmp_path)
+
+
+def test_make_generator_with_trained_reward_model_end_to_end(hopper_random, hopper_diffusion,
+                                                             tmp_path):
+    from dydiff.reward_model import load_reward_model, train_reward_model
+    train_reward_model(hopper_random, {"hidden": [32, 32], "lr": 1e-3, "eval_every": 10,
+                                       "train_steps": 30}, tmp_path, seed=0, progress=False,
+                       device="cpu")
+    gen = make_generator(hopper_random, {"rollout_batch_size": 16, "sampler_steps": 3},
+                         {"diffusion": hopper_diffusion, "reward": tmp_path}, "cpu")
+    assert gen.dynamics.sampler.num_steps == 3 and gen.length == 7
+    torch.manual_seed(0)
+    agent = SAC(11, 3)
+    out = gen.generate(agent, torch.as_tensor(hopper_random.observations[:16]))
+    m = len(out["obs"])
+    assert n_kept(16, 0.6) <= m <= gen.max_transitions_per_call
+    assert out["next_obs"].shape == (m, 11) and out["rewards"].shape == (m,)
+    assert torch.isfinite(out["rewards"]).all() and torch.isfinite(out["next_obs"]).all()
+    # Rewards are the trained model's r(s, a) on the generated transitions, in raw units.
+    reward = load_reward_model(tmp_path)
+    assert torch.allclose(out["rewards"], reward(out["obs"], out["actions"]))

@@ -12,7 +12,7 @@ $(BIN)/dydiff-bench: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --upgrade --quiet pip
 	# CPU torch first: an unpinned torch pulls several GB of CUDA wheels (README: GPU install).
-	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install --quiet $(TORCH_SPEC)
 	$(BIN)/python -m pip install --quiet -e ".[test,slurm]"
 	touch $@
 

@@ -1,0 +1,459 @@
+"""Probabilistic ensemble dynamics + reward model (PETS / MBPO / MOPO), vectorised over members.
+
+Each of E members is a Gaussian MLP  [obs, act] -> N(mean, diag(exp(logvar)))  over the target
+[next_obs - obs, reward]. All members live in the same tensors: an `EnsembleLinear` layer holds
+weight (E, in, out) and bias (E, 1, out) and runs every member in one `torch.baddbmm` on
+(E, B, in), so one optimiser step trains the whole ensemble.
+
+Defaults are MBPO's / MOPO's (Janner et al. 2019; Yu et al. 2020; as in OfflineRL-Kit): 7 members,
+5 elites, 4 x 200 swish layers, per-layer weight decay (2.5e-5, 5e-5, 7.5e-5, 7.5e-5, 1e-4) added
+to the loss as wd * ||W||^2 / 2, Adam lr 1e-3, batch 256, a holdout of 20 % of the data (at most
+5000 rows), early stopping once no member improved its holdout MSE by more than 1 % for 5 epochs,
+per-member best-epoch snapshots, elites = the members with the lowest holdout MSE.
+
+Choices worth knowing:
+* Inputs are standardised with statistics of the training split (stored in the model).
+  Targets are NOT standardised, as in MBPO / MOPO / OfflineRL-Kit: the holdout MSE, the
+  early-stopping rule and the learned variances are all in raw units (delta obs, reward), so
+  the MOPO penalty ||std|| has the scale the published lambda values were tuned for.
+* logvar is soft-bounded by learned max_logvar / min_logvar (PETS): logvar = max - softplus(
+  max - logvar), then min + softplus(logvar - min); both bounds are shared by the members and
+  pulled together by 0.01 * (sum max_logvar - sum min_logvar) in the loss.
+* Loss per step: sum over members of the Gaussian NLL (without constants, mean over batch and
+  dims) + weight decay + the logvar-bound term. Each member sees its own random permutation of
+  the training rows every epoch (MBPO shuffles per member rather than bootstrapping).
+* Snapshots cover the member-indexed parameters (layer weights/biases); the shared logvar
+  bounds keep their final values (as in OfflineRL-Kit).
+
+Outputs of `train_ensemble` in out_dir: checkpoint.pt (exact resume: weights, optimiser, best
+snapshots, RNG streams, epoch, early-stopping state, metrics), metrics.parquet (one row per
+epoch) and model.pt (best snapshots, elites, normaliser; `load_ensemble` reads it).
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from dydiff.config import from_dict, require
+from dydiff.data.dataset import Dataset
+from dydiff.nets import Standardizer
+from dydiff.utils import atomic_path, load_checkpoint, rng_state, save_checkpoint, \
+    seed_everything, set_rng_state
+from dydiff.utils import device as default_device
+
+log = logging.getLogger(__name__)
+
+MODEL, CHECKPOINT, METRICS = "model.pt", "checkpoint.pt", "metrics.parquet"
+METRIC_COLUMNS = ["epoch", "train_loss", "holdout_mse", "holdout_mse_elites", "wall_time"]
+
+
+@dataclass
+class EnsembleConfig:
+    num_members: int = 7
+    num_elites: int = 5
+    hidden: list[int] = field(default_factory=lambda: [200, 200, 200, 200])
+    # One value per linear layer (len(hidden) + 1), applied as wd * ||W||^2 / 2 (biases free).
+    weight_decay: list[float] = field(
+        default_factory=lambda: [2.5e-5, 5e-5, 7.5e-5, 7.5e-5, 1e-4])
+    lr: float = 1e-3
+    batch_size: int = 256
+    holdout_ratio: float = 0.2
+    max_holdout: int = 5000
+    patience: int = 5                # epochs without any member improving before stopping
+    min_improvement: float = 0.01    # relative holdout-MSE improvement that counts (1 %)
+    max_epochs: int | None = None    # None = until early stopping
+    logvar_loss_coef: float = 0.01
+    max_logvar_init: float = 0.5
+    min_logvar_init: float = -10.0
+    log_every: int = 1               # epochs between log_fn calls / progress-bar updates
+    checkpoint_every: int = 1        # epochs between checkpoints
+
+    def validate(self) -> None:
+        require(self.num_members >= 1, "num_members", f"must be >= 1, got {self.num_members}")
+        require(1 <= self.num_elites <= self.num_members, "num_elites",
+                f"must be in [1, num_members={self.num_members}], got {self.num_elites}")
+        require(len(self.hidden) >= 1 and all(h >= 1 for h in self.hidden), "hidden",
+                f"must be a non-empty list of positive widths, got {self.hidden}")
+        require(len(self.weight_decay) == len(self.hidden) + 1, "weight_decay",
+                f"needs one value per linear layer (len(hidden) + 1 = {len(self.hidden) + 1}),"
+                f" got {len(self.weight_decay)}")
+        require(all(w >= 0 for w in self.weight_decay), "weight_decay",
+                f"values must be >= 0, got {self.weight_decay}")
+        require(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
+        require(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
+        require(0.0 < self.holdout_ratio < 1.0, "holdout_ratio",
+                f"must be in (0, 1), got {self.holdout_ratio}")
+        require(self.max_holdout >= 1, "max_holdout", f"must be >= 1, got {self.max_holdout}")
+        require(self.patience >= 1, "patience", f"must be >= 1, got {self.patience}")
+        require(0.0 <= self.min_improvement < 1.0, "min_improvement",
+                f"must be in [0, 1), got {self.min_improvement}")
+        require(self.max_epochs is None or self.max_epochs >= 1, "max_epochs",
+                f"must be >= 1 or null, got {self.max_epochs}")
+        require(self.logvar_loss_coef >= 0, "logvar_loss_coef",
+                f"must be >= 0, got {self.logvar_loss_coef}")
+        require(self.min_logvar_init < self.max_logvar_init, "min_logvar_init",
+                f"must be < max_logvar_init ({self.max_logvar_init}), got {self.min_logvar_init}")
+        require(self.log_every >= 1, "log_every", f"must be >= 1, got {self.log_every}")
+        require(self.checkpoint_every >= 1, "checkpoint_every",
+                f"must be >= 1, got {self.checkpoint_every}")
+
+
+def holdout_size(n: int, cfg: EnsembleConfig) -> int:
+    """Rows held out for validation: int(n * holdout_ratio), at most max_holdout (MBPO)."""
+    return min(int(n * cfg.holdout_ratio), cfg.max_holdout)
+
+
+# ---- the vectorised network -----------------------------------------------------------------
+
+class EnsembleLinear(nn.Module):
+    """E independent linear maps in one op: (E, B, in) -> (E, B, out)."""
+
+    def __init__(self, members: int, in_dim: int, out_dim: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(members, in_dim, out_dim))
+        self.bias = nn.Parameter(torch.zeros(members, 1, out_dim))
+        # MBPO's initialiser: truncated normal, std 1 / (2 sqrt(fan_in)), cut at 2 std.
+        std = 1.0 / (2.0 * math.sqrt(in_dim))
+        nn.init.trunc_normal_(self.weight, std=std, a=-2 * std, b=2 * std)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.baddbmm(self.bias, x, self.weight)
+
+
+class EnsembleNet(nn.Module):
+    """Input standardiser + E Gaussian MLPs with swish activations and soft logvar bounds."""
+
+    def __init__(self, in_dim: int, out_dim: int, cfg: EnsembleConfig):
+        super().__init__()
+        self.members, self.out_dim = cfg.num_members, out_dim
+        dims = [in_dim, *cfg.hidden, 2 * out_dim]
+        self.layers = nn.ModuleList(EnsembleLinear(cfg.num_members, a, b)
+                                    for a, b in zip(dims[:-1], dims[1:]))
+        self.max_logvar = nn.Parameter(torch.full((1, 1, out_dim), cfg.max_logvar_init))
+        self.min_logvar = nn.Parameter(torch.full((1, 1, out_dim), cfg.min_logvar_init))
+        self.register_buffer("weight_decay", torch.tensor(cfg.weight_decay, dtype=torch.float32))
+        self.input_norm = Standardizer(in_dim)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x raw inputs (B, in) shared by all members or (E, B, in) one batch per member ->
+        mean, logvar each (E, B, out)."""
+        h = self.input_norm(x)
+        if h.dim() == 2:
+            h = h.expand(self.members, *h.shape)
+        for layer in self.layers[:-1]:
+            h = F.silu(layer(h))
+        mean, logvar = self.layers[-1](h).chunk(2, dim=-1)
+        logvar = self.max_logvar - F.softplus(self.max_logvar - logvar)
+        logvar = self.min_logvar + F.softplus(logvar - self.min_logvar)
+        return mean, logvar
+
+    def decay_loss(self) -> torch.Tensor:
+        sq = torch.stack([layer.weight.square().sum() for layer in self.layers])
+        return 0.5 * (self.weight_decay * sq).sum()
+
+    def member_parameters(self) -> dict[str, torch.Tensor]:
+        """Parameters indexed by member on dim 0 (what per-member snapshots cover)."""
+        return {name: p for name, p in self.named_parameters() if name.startswith("layers.")}
+
+
+def nll_loss(mean: torch.Tensor, logvar: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Gaussian NLL without constants, mean over batch and dims: (E,B,D) x3 -> (E,)."""
+    return ((mean - target).square() * torch.exp(-logvar) + logvar).mean(dim=(1, 2))
+
+
+def ensemble_loss(net: EnsembleNet, x: torch.Tensor, y: torch.Tensor,
+                  logvar_loss_coef: float) -> torch.Tensor:
+    """The training objective for one batch per member: x (E,B,in), y (E,B,out)."""
+    mean, logvar = net(x)
+    return (nll_loss(mean, logvar, y).sum() + net.decay_loss()
+            + logvar_loss_coef * (net.max_logvar.sum() - net.min_logvar.sum()))
+
+
+@torch.no_grad()
+def member_mse(net: EnsembleNet, x: torch.Tensor, y: torch.Tensor,
+               chunk: int = 16384) -> torch.Tensor:
+    """Per-member MSE of the predicted means on (x, y): (E,)."""
+    total = torch.zeros(net.members, device=x.device)
+    for lo in range(0, len(x), chunk):
+        mean, _ = net(x[lo:lo + chunk])
+        total += (mean - y[lo:lo + chunk]).square().sum(dim=(1, 2))
+    return total / y.numel()
+
+
+def dataset_tensors(dataset: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
+    """inputs [obs, act] (N, o+a) and targets [next_obs - obs, reward] (N, o+1), float32."""
+    obs = torch.as_tensor(dataset.observations, dtype=torch.float32)
+    act = torch.as_tensor(dataset.actions, dtype=torch.float32)
+    nxt = torch.as_tensor(dataset.next_observations, dtype=torch.float32)
+    rew = torch.as_tensor(dataset.rewards, dtype=torch.float32)[:, None]
+    return torch.cat([obs, act], 1), torch.cat([nxt - obs, rew], 1)
+
+
+def split_indices(n: int, cfg: EnsembleConfig, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train, holdout) row indices: a seeded permutation, the first holdout_size held out."""
+    n_hold = holdout_size(n, cfg)
+    if n_hold < 1 or n - n_hold < 1:
+        raise ValueError(f"dataset of {n} transitions is too small for a holdout split "
+                         f"(holdout_ratio {cfg.holdout_ratio} gives {n_hold} holdout rows)")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return perm[n_hold:], perm[:n_hold]
+
+
+# ---- training ---------------------------------------------------------------------------------
+
+def train_ensemble(dataset: Dataset, cfg: EnsembleConfig | dict, out_dir: str | Path,
+                   seed: int = 0, log_fn: Callable[[dict, int], None] | None = None,
+                   progress: bool = True, device: torch.device | str | None = None,
+                   stop_at_epoch: int | None = None) -> dict:
+    """Train (or resume) the ensemble on `dataset`; returns a summary dict (also in model.pt).
+
+    Summary: epochs, holdout_mse (per member, best snapshot), elites, holdout_mse_elites (mean
+    over elites), holdout_mse_trivial (next = current state, reward = training mean, same
+    targets and units), the same two restricted to the state dims (holdout_obs_mse_elites,
+    holdout_obs_mse_trivial), train/holdout sizes, wall_time.
+    stop_at_epoch: checkpoint after that epoch and return early (simulates pre-emption; tests).
+    """
+    if not isinstance(cfg, EnsembleConfig):
+        cfg = from_dict(EnsembleConfig, cfg, where="models.ensemble")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    device = default_device() if device is None else torch.device(device)
+    seed_everything(seed)
+    inputs, targets = dataset_tensors(dataset)
+    train_idx, hold_idx = split_indices(len(inputs), cfg, seed)
+    o = dataset.obs_dim
+    net = EnsembleNet(inputs.shape[1], targets.shape[1], cfg)
+    net.input_norm.fit(inputs[train_idx])
+    net.to(device)
+    opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
+    x_train, y_train = inputs[train_idx].to(device), targets[train_idx].to(device)
+    x_hold, y_hold = inputs[hold_idx].to(device), targets[hold_idx].to(device)
+    order_gen = torch.Generator().manual_seed(seed + 1)  # per-member batch orders
+    E, n_train = cfg.num_members, len(train_idx)
+
+    epoch, since_update, finished = 0, 0, False
+    best = torch.full((E,), float("inf"))
+    snapshot = {k: p.detach().clone() for k, p in net.member_parameters().items()}
+    rows: list[dict] = []
+    ckpt = load_checkpoint(out_dir / CHECKPOINT)
+    if ckpt is not None:
+        if ckpt["config"] != dataclasses.asdict(cfg) or ckpt["seed"] != seed \
+                or ckpt["n"] != len(inputs):
+            raise ValueError(f"{out_dir / CHECKPOINT} was written with a different config, "
+                             f"seed or dataset; remove it or use another out_dir")
+        net.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        order_gen.set_state(ckpt["order_gen"])
+        set_rng_state(ckpt["rng"])
+        epoch, since_update, finished = ckpt["epoch"], ckpt["since_update"], ckpt["finished"]
+        best = ckpt["best"].clone()
+        snapshot = {k: v.to(device) for k, v in ckpt["snapshot"].items()}
+        rows = ckpt["metrics"]
+        log.info("resuming ensemble training after epoch %d", epoch)
+
+    def checkpoint() -> None:
+        save_checkpoint(out_dir / CHECKPOINT, {
+            "model": net.state_dict(), "optimizer": opt.state_dict(),
+            "order_gen": order_gen.get_state(), "rng": rng_state(), "epoch": epoch,
+            "since_update": since_update, "finished": finished, "best": best,
+            "snapshot": snapshot, "metrics": rows, "config": dataclasses.asdict(cfg),
+            "seed": seed, "n": len(inputs)})
+        with atomic_path(out_dir / METRICS) as tmp:
+            pd.DataFrame(rows, columns=METRIC_COLUMNS).to_parquet(tmp, index=False)
+
+    t0 = time.perf_counter() - (rows[-1]["wall_time"] if rows else 0.0)
+    bar = tqdm(total=cfg.max_epochs, initial=epoch, disable=not progress, desc="ensemble",
+               dynamic_ncols=True)
+    while not finished:
+        net.train()
+        # Every member gets its own permutation of the training rows: (E, n_train).
+        order = torch.argsort(torch.rand(E, n_train, generator=order_gen), dim=1).to(device)
+        losses = []
+        for lo in range(0, n_train, cfg.batch_size):
+            idx = order[:, lo:lo + cfg.batch_size]
+            loss = ensemble_loss(net, x_train[idx], y_train[idx], cfg.logvar_loss_coef)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses.append(loss.detach())
+        epoch += 1
+        mse = member_mse(net, x_hold, y_hold).cpu()
+        improved = mse < best * (1.0 - cfg.min_improvement)
+        if improved.any():
+            keep = improved.to(device)
+            with torch.no_grad():
+                for k, p in net.member_parameters().items():
+                    snapshot[k][keep] = p.detach()[keep]
+            best = torch.where(improved, mse, best)
+            since_update = 0
+        else:
+            since_update += 1
+        finished = since_update >= cfg.patience or (
+            cfg.max_epochs is not None and epoch >= cfg.max_epochs)
+        row = {"epoch": epoch, "train_loss": torch.stack(losses).mean().item(),
+               "holdout_mse": mse.mean().item(),
+               "holdout_mse_elites": mse.sort().values[:cfg.num_elites].mean().item(),
+               "wall_time": time.perf_counter() - t0}
+        rows.append(row)
+        bar.update(1)
+        if epoch % cfg.log_every == 0 or finished:
+            bar.set_postfix(holdout=f"{row['holdout_mse_elites']:.4g}", stale=since_update)
+            if log_fn is not None:
+                log_fn({f"ensemble_{k}": v for k, v in row.items() if k != "epoch"}, epoch)
+        if epoch % cfg.checkpoint_every == 0 or finished or epoch == stop_at_epoch:
+            checkpoint()
+            if epoch == stop_at_epoch and not finished:
+                bar.close()
+                return {"epochs": epoch, "stopped_at_epoch": epoch}
+    bar.close()
+    if ckpt is not None and ckpt["finished"]:
+        checkpoint()  # resumed a finished run: make sure metrics.parquet exists
+
+    # The final model: every member at its best holdout epoch.
+    with torch.no_grad():
+        for k, p in net.member_parameters().items():
+            p.copy_(snapshot[k])
+    net.eval()
+    mse = member_mse(net, x_hold, y_hold).cpu()
+    elites = sorted(mse.argsort()[:cfg.num_elites].tolist())
+    trivial = torch.zeros_like(y_hold)
+    trivial[:, o] = y_train[:, o].mean()  # next = current state, reward = training mean
+    with torch.no_grad():  # state dims only: the error of the predicted next state
+        mean, _ = net(x_hold)
+        obs_mse = (mean[..., :o] - y_hold[:, :o]).square().mean(dim=(1, 2)).cpu()
+    summary = {
+        "epochs": epoch, "n_train": n_train, "n_holdout": len(hold_idx),
+        "holdout_mse": mse.tolist(), "elites": elites,
+        "holdout_mse_elites": float(mse[elites].mean()),
+        "holdout_mse_trivial": float((trivial - y_hold).square().mean()),
+        "holdout_obs_mse_elites": float(obs_mse[elites].mean()),
+        "holdout_obs_mse_trivial": float(y_hold[:, :o].square().mean()),
+        "wall_time": rows[-1]["wall_time"] if rows else 0.0}
+    save_checkpoint(out_dir / MODEL, {
+        "model": net.state_dict(), "config": dataclasses.asdict(cfg), "elites": elites,
+        "obs_dim": o, "act_dim": dataset.act_dim, "name": dataset.name, "summary": summary})
+    return summary
+
+
+# ---- the trained model ------------------------------------------------------------------------
+
+class EnsembleDynamics:
+    """A trained ensemble as a dynamics model (rollout generators, rollout-error study).
+
+    predict(obs, act) -> (mean, std) each (E, N, o+1): next state (obs included) and reward.
+    step(...)        -> MBPO-style sample: one random elite per sample, Gaussian draw from it.
+    open_loop / policy_rollout use the mean over the elites' means: deterministic, so the
+    rollout-error study measures model bias rather than sampling noise.
+    """
+
+    def __init__(self, net: EnsembleNet, elites: list[int], obs_dim: int, act_dim: int,
+                 name: str, device: torch.device | str = "cpu", chunk: int = 16384):
+        self.net = net.to(device).eval().requires_grad_(False)
+        self.device = torch.device(device)
+        self.elites = torch.as_tensor(elites, dtype=torch.long, device=self.device)
+        self.obs_dim, self.act_dim, self.name = obs_dim, act_dim, name
+        self.num_members = net.members
+        self.chunk = chunk  # samples per network call (bounds (E, chunk, 200) activations)
+
+    def _inputs(self, obs, act) -> tuple[torch.Tensor, torch.Tensor]:
+        obs = torch.as_tensor(obs, dtype=torch.float32, device=self.device)
+        act = torch.as_tensor(act, dtype=torch.float32, device=self.device)
+        if obs.shape[-1] != self.obs_dim or act.shape[-1] != self.act_dim:
+            raise ValueError(f"ensemble {self.name!r} takes obs/act dims {self.obs_dim}/"
+                             f"{self.act_dim}, got {obs.shape[-1]}/{act.shape[-1]}")
+        return obs, act
+
+    @torch.no_grad()
+    def predict(self, obs, act) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N, o), (N, a) -> mean, std each (E, N, o+1) in raw units: [next_obs, reward]."""
+        obs, act = self._inputs(obs, act)
+        means, stds = [], []
+        for lo in range(0, len(obs), self.chunk):
+            o_, a_ = obs[lo:lo + self.chunk], act[lo:lo + self.chunk]
+            mean, logvar = self.net(torch.cat([o_, a_], -1))
+            mean = torch.cat([mean[..., :self.obs_dim] + o_, mean[..., self.obs_dim:]], -1)
+            means.append(mean)
+            stds.append(torch.exp(0.5 * logvar))
+        return torch.cat(means, 1), torch.cat(stds, 1)
+
+    @torch.no_grad()
+    def step(self, obs, act, generator: torch.Generator | None = None,
+             deterministic: bool = False) -> dict[str, torch.Tensor]:
+        """One model step for N samples: each sample uses one uniformly drawn elite member and
+        (unless deterministic) a Gaussian draw from it. Returns next_obs (N, o), rewards (N,),
+        and every member's means / stds (E, N, o+1) for uncertainty penalties."""
+        means, stds = self.predict(obs, act)
+        n = means.shape[1]
+        pick = self.elites[torch.randint(len(self.elites), (n,), generator=generator,
+                                         device=self.device)]
+        rows = torch.arange(n, device=self.device)
+        out = means[pick, rows]
+        if not deterministic:
+            noise = torch.randn(out.shape, generator=generator, device=self.device)
+            out = out + stds[pick, rows] * noise
+        return {"next_obs": out[:, :self.obs_dim], "rewards": out[:, self.obs_dim],
+                "means": means, "stds": stds}
+
+    @torch.no_grad()
+    def mean_step(self, obs, act) -> tuple[torch.Tensor, torch.Tensor]:
+        """Deterministic step: mean over the elites' means -> next_obs (N, o), rewards (N,)."""
+        means, _ = self.predict(obs, act)
+        m = means[self.elites].mean(0)
+        return m[:, :self.obs_dim], m[:, self.obs_dim]
+
+    @torch.no_grad()
+    def open_loop(self, start_obs, actions, with_rewards: bool = False):
+        """States after each given action, (N, o), (N, H, a) -> (N, H, o), autoregressive on
+        the elite-mean prediction (deterministic). with_rewards: dict(next_obs, rewards)."""
+        obs, actions = self._inputs(start_obs, actions)
+        nxt, rew = [], []
+        for t in range(actions.shape[1]):  # sequential in time; batched over the N starts
+            obs, r = self.mean_step(obs, actions[:, t])
+            nxt.append(obs)
+            rew.append(r)
+        next_obs = torch.stack(nxt, 1)
+        return {"next_obs": next_obs, "rewards": torch.stack(rew, 1)} if with_rewards \
+            else next_obs
+
+    @torch.no_grad()
+    def policy_rollout(self, start_obs, agent, H: int) -> dict[str, torch.Tensor]:
+        """H steps of agent.act(obs, deterministic=True) on the elite-mean model:
+        dict(obs, actions, next_obs, rewards) each (N, H, .) (rewards (N, H))."""
+        obs = torch.as_tensor(start_obs, dtype=torch.float32, device=self.device)
+        out = {k: [] for k in ("obs", "actions", "next_obs", "rewards")}
+        for _ in range(H):
+            act = torch.as_tensor(agent.act(obs, deterministic=True), dtype=torch.float32,
+                                  device=self.device)
+            nxt, r = self.mean_step(obs, act)
+            for k, v in zip(out, (obs, act, nxt, r)):
+                out[k].append(v)
+            obs = nxt
+        return {k: torch.stack(v, 1) for k, v in out.items()}
+
+
+def load_ensemble(out_dir: str | Path, device: torch.device | str = "cpu") -> EnsembleDynamics:
+    """The trained ensemble in out_dir/model.pt (written by `train_ensemble`)."""
+    path = Path(out_dir) / MODEL
+    state = load_checkpoint(path)
+    if state is None:
+        raise FileNotFoundError(f"no ensemble model at {path} (run train-ensemble first)")
+    cfg = from_dict(EnsembleConfig, state["config"], where=f"{path}:config")
+    o, a = state["obs_dim"], state["act_dim"]
+    net = EnsembleNet(o + a, o + 1, cfg)
+    net.load_state_dict(state["model"])
+    return EnsembleDynamics(net, state["elites"], o, a, state["name"], device)
+
+
+__all__ = ["EnsembleConfig", "EnsembleLinear", "EnsembleNet", "EnsembleDynamics",
+           "train_ensemble", "load_ensemble", "holdout_size", "nll_loss", "ensemble_loss"]

@@ -378,6 +378,9 @@ class EnsembleDynamics:
     def predict(self, obs, act) -> tuple[torch.Tensor, torch.Tensor]:
         """(N, o), (N, a) -> mean, std each (E, N, o+1) in raw units: [next_obs, reward]."""
         obs, act = self._inputs(obs, act)
+        if len(obs) == 0:
+            empty = torch.zeros(self.num_members, 0, self.obs_dim + 1, device=self.device)
+            return empty, empty.clone()
         means, stds = [], []
         for lo in range(0, len(obs), self.chunk):
             o_, a_ = obs[lo:lo + self.chunk], act[lo:lo + self.chunk]

@@ -240,6 +240,8 @@ def test_load_roundtrip_and_predict_units(toy_model):
     assert (mean[model.elites, :, :2] - truth).abs().mean() < NOISE
     with pytest.raises(ValueError, match="obs/act dims 2/1"):
         model.predict(torch.zeros(4, 3), torch.zeros(4, 1))
+    empty = model.step(torch.zeros(0, 2), torch.zeros(0, 1))
+    assert empty["next_obs"].shape == (0, 2) and empty["stds"].shape == (3, 0, 3)
     with pytest.raises(FileNotFoundError, match="train-ensemble"):
         load_ensemble(out / "missing")
 

@@ -125,6 +125,10 @@ def test_generate_layout_and_termination(hopper_random, ensemble_dir, agent):
     assert torch.equal(out["obs"][150:150 + alive], out["next_obs"][:150][~done1])
     assert out["terminal_frac"] == pytest.approx(float(out["terminals"].sum()) / 150)
     assert out["mean_length"] == pytest.approx(m / 150)
+    # every start fallen: one step each, then the rollout ends early
+    fallen = half_fallen(hopper_random)[100:]
+    out = gen.generate(agent, fallen)
+    assert len(out["obs"]) == 100 and out["terminals"].all() and out["mean_length"] == 1.0
 
 
 def test_mopo_reward_is_penalised_mbpo_reward(hopper_random, ensemble_dir, agent):

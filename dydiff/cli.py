@@ -225,15 +225,20 @@ def run_step(spec: dict) -> dict:
                         if x)
     out = Path(spec["out"])
     out_dir = out if not out.suffix else out.parent
+    # A step writing one file (evaluate -> eval.json) shares its folder with another job's run:
+    # its own run id sits next to its file.
+    id_name = "mlflow_run_id" if not out.suffix else f"{out.stem}.mlflow_run_id"
     start = time.time()
     if os.environ.get("DYDIFF_MLFLOW", "1") == "0":
         result = fn(spec, None)
     else:
-        artifacts = lambda: sorted(p for p in out_dir.glob("*")  # noqa: E731
-                                   if p.suffix in (".parquet", ".json", ".png", ".pdf", ".csv"))
+        artifacts = lambda: [out] if out.suffix else sorted(  # noqa: E731
+            p for p in out_dir.glob("*") if p.suffix in (".parquet", ".json", ".png", ".pdf",
+                                                         ".csv"))
         with tracking.job_run(experiment=spec["experiment"], run_name=run_name,
                               params=spec.get("config", {}), tags=tags, out_dir=out_dir,
                               uri=tracking.default_uri(spec.get("results_dir", "results")),
+                              id_name=id_name,
                               artifacts=artifacts) as log_fn:
             result = fn(spec, log_fn)
             finals = {f"final/{k}": v for k, v in (result or {}).items()

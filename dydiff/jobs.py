@@ -230,6 +230,12 @@ def policy_job(cfg: dict, method: str, task: str, seed: int) -> dict:
         raise ConfigError(f"policy.methods.{method}: unknown key(s) {unknown}")
     merged = deep_merge({k: v for k, v in policy.items() if k != "methods"}, per_method)
     rollout = merged.pop("rollout", {}) or {}
+    if method == "mbpo":  # MBPO-style = MOPO's generator without the uncertainty penalty
+        given = sorted({"penalty", "penalty_coef"} & set(rollout))
+        if given:
+            raise ConfigError(f"policy.methods.mbpo.rollout: {given} not allowed: MBPO has no "
+                              f"reward penalty (use method mopo)")
+        rollout = {**rollout, "penalty": "none", "penalty_coef": 0.0}
     if method in ROLLOUT_CONFIGS:
         rollout = _validated(f"policy.methods.{method}.rollout", ROLLOUT_CONFIGS[method], rollout)
     elif rollout:

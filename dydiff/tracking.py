@@ -122,11 +122,11 @@ class BatchedLogger:
 
 @contextmanager
 def job_run(*, experiment: str, run_name: str, params: dict, tags: dict[str, str],
-            out_dir: str | os.PathLike, uri: str | None = None,
+            out_dir: str | os.PathLike, uri: str | None = None, id_name: str = "mlflow_run_id",
             artifacts: Callable[[], list[Path]] | None = None) -> Iterator[BatchedLogger]:
     """One MLflow run per job. Yields the batched `log_fn`.
 
-    The run id is kept in out_dir/mlflow_run_id, so a job resumed after a kill keeps logging into
+    The run id is kept in out_dir/<id_name>, so a job resumed after a kill keeps logging into
     the same run. On success the run is FINISHED and `artifacts()` files are uploaded; on error
     it is marked FAILED (a later resume re-opens it).
     """
@@ -135,7 +135,7 @@ def job_run(*, experiment: str, run_name: str, params: dict, tags: dict[str, str
     uri = uri or default_uri()
     client = _client(uri)
     exp_id = get_or_create_experiment(client, experiment)
-    id_file = Path(out_dir) / "mlflow_run_id"
+    id_file = Path(out_dir) / id_name
     run_id = id_file.read_text().strip() if id_file.exists() else None
     if run_id:
         try:

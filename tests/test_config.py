@@ -75,3 +75,20 @@ def test_cli_overrides_parse_yaml_values():
         "seeds": [0, 1, 2], "policy": {"offline": {"total_steps": 500}}}
     with pytest.raises(ConfigError, match="KEY=VALUE"):
         _overrides(["seeds"])
+
+
+def test_paper_config_uses_mopo_published_settings_per_task():
+    from baselines.mopo import PAPER_SETTINGS
+    cfg = jobs.load_config("config/paper.yaml")
+    for task in cfg["tasks"]:
+        mopo = jobs.policy_job(cfg, "mopo", task, 0)["config"]["policy"]["rollout"]
+        mbpo = jobs.policy_job(cfg, "mbpo", task, 0)["config"]["policy"]["rollout"]
+        assert {k: mopo[k] for k in PAPER_SETTINGS[task]} == PAPER_SETTINGS[task], task
+        assert mbpo["rollout_length"] == PAPER_SETTINGS[task]["rollout_length"]
+        assert (mbpo["penalty"], mbpo["penalty_coef"]) == ("none", 0.0)
+
+
+def test_mbpo_rejects_a_penalty():
+    with pytest.raises(ConfigError, match="policy.methods.mbpo.rollout.*penalty_coef"):
+        jobs.load_config(SMOKE, {"policy": {"methods": {"mbpo": {"rollout": {
+            "penalty_coef": 2.0}}}}})

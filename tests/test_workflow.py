@@ -144,6 +144,9 @@ def test_tiny_run_is_in_mlflow_with_params_metrics_tags(tiny_run):
         curve = client.get_metric_history(run.info.run_id, "normalized_score")
         assert [m.step for m in curve] == [150, 300]
         assert "metrics.parquet" in {a.path for a in client.list_artifacts(run.info.run_id)}
+        evaluation = by_name[f"evaluate/{method}/{task}/seed0"]
+        assert evaluation.data.metrics["final/normalized_score"] == json.loads(
+            (jobs.policy_dir(cfg, method, task, 0) / "eval.json").read_text())["normalized_score"]
     diffusion = by_name[f"train-diffusion/{task}"]
     assert len(client.get_metric_history(diffusion.info.run_id, "diffusion_loss")) == 3
 
@@ -154,7 +157,7 @@ def test_changing_one_method_reruns_only_its_jobs(tiny_run):
                     f"results_dir={results}", "policy={'methods': {'cql': {'cql': "
                     "{'cql_weight': 1.0}}}}")
     assert res.returncode == 0, _tail(res)
-    assert job_counts(res.stdout) == {"train_policy": 1, "evaluate": 1, "analyze": 1}
+    assert job_counts(res.stdout) == {"train_policy": 1, "evaluate": 1, "analyze": 1, "all": 1}
 
 
 def _pids_running(fragment: str) -> list[int]:

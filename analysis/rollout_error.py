@@ -31,6 +31,7 @@ serves all starts and the policy still acts on all N states in one batched call 
 """
 from __future__ import annotations
 
+import inspect
 import logging
 import warnings
 import zlib
@@ -246,7 +247,10 @@ def rollout_error_study(dataset: Dataset, models: dict, agent=None, horizon: int
     truth = sim.simulate(qpos, qvel, actions=acts)
     for name, model in tqdm(models.items(), desc="open-loop models", disable=not progress):
         with torch.no_grad():
-            out = model.open_loop(start_obs, torch.as_tensor(acts))
+            # Models that predict rewards themselves (the ensemble) return them on request.
+            extra = ({"with_rewards": True} if "with_rewards" in
+                     inspect.signature(model.open_loop).parameters else {})
+            out = model.open_loop(start_obs, torch.as_tensor(acts), **extra)
         nxt = _to_np(out["next_obs"] if isinstance(out, dict) else out)
         _check_shape(name, "open_loop", nxt, (len(starts), horizon, dataset.obs_dim))
         obs = np.concatenate([_to_np(start_obs)[:, None], nxt[:, :-1]], 1)
@@ -320,12 +324,15 @@ def run_rollout_error(dataset: str | Path | Dataset, model_dirs: dict[str, Path]
                       policy: Path | None = None, agent_loader: str | None = None,
                       horizon: int = 100, n_starts: int = 256, seed: int = 0,
                       loaders: dict[str, str] | None = None, include_simulator: bool = False,
-                      reps: int = 1000, device: str = "cpu", progress: bool = True) -> dict:
+                      reps: int = 1000, device: str = "cpu", progress: bool = True,
+                      reward_dir: Path | None = None) -> dict:
     """The CLI step: load the dataset (path/name, see dydiff.data.sources.load_dataset) and
     each model (`model_dirs` {kind: dir}; `loaders` {kind: "module:function"} default
     DEFAULT_LOADERS, called as fn(dir, device)), optionally the policy (`agent_loader(policy,
     device)`), run the study, write rollout_error.csv + rollout_error.png/.pdf in out_dir.
-    `include_simulator` adds the SimulatorModel as a zero-error reference curve."""
+    `include_simulator` adds the SimulatorModel as a zero-error reference curve.
+    `reward_dir`: a trained reward model (dydiff.reward_model) that scores the returns of
+    models without their own reward prediction (the diffusion model)."""
     if not isinstance(dataset, Dataset):
         from dydiff.data.sources import load_dataset
         dataset = load_dataset(str(dataset))
@@ -344,8 +351,16 @@ def run_rollout_error(dataset: str | Path | Dataset, model_dirs: dict[str, Path]
             raise ValueError("rollout_error: a policy was given without agent_loader "
                              "('module:function(path, device) -> agent')")
         agent = _import(agent_loader)(Path(policy), device)
+    reward_fn = None
+    if reward_dir is not None:
+        from dydiff.reward_model import load_reward_model
+        reward_model = load_reward_model(Path(reward_dir), device)
+
+        def reward_fn(obs, act, _next_obs):  # r(s, a) over (N, H, .) arrays
+            n, h = obs.shape[:2]
+            return reward_model(obs.reshape(n * h, -1), act.reshape(n * h, -1)).reshape(n, h)
     df = rollout_error_study(dataset, models, agent=agent, horizon=horizon, n_starts=n_starts,
-                             seed=seed, reps=reps, progress=progress)
+                             seed=seed, reward_fn=reward_fn, reps=reps, progress=progress)
     out_dir = Path(out_dir)
     atomic_write_text(out_dir / "rollout_error.csv", df.to_csv(index=False, float_format="%.6g"))
     files = [out_dir / "rollout_error.csv"] + plot_rollout_error(df, out_dir, dataset.name)

@@ -112,6 +112,9 @@ def _tables_section(tables: dict) -> list[str]:
 
 
 def _rollout_section(results) -> list[str]:
+    if isinstance(results, pd.DataFrame) and "task" in results:
+        results = [{"task": task, "rollout_error": g}
+                   for task, g in results.groupby("task", sort=False)]
     if isinstance(results, (dict, pd.DataFrame)):
         results = [results]
     lines = ["## Rollout error vs the MuJoCo simulator", ""]

@@ -141,7 +141,8 @@ def rollout_error(spec: dict, log_fn) -> dict:
     result = run_rollout_error(spec["dataset"], {k: Path(v) for k, v in spec["model_dirs"].items()},
                                Path(spec["out"]), policy=Path(spec["policy_dir"]) / "policy.pt",
                                agent_loader="dydiff.rl.train:load_agent",
-                               horizon=cfg["horizon"], n_starts=cfg["n_starts"], seed=cfg["seed"])
+                               horizon=cfg["horizon"], n_starts=cfg["n_starts"], seed=cfg["seed"],
+                               reward_dir=Path(spec["reward_dir"]))
     df = result["rollout_error"]
     last = df[df["horizon"] == df["horizon"].max()]
     return {f"{r['mode']}/{r['model']}/state_mse_at_H": float(r["state_mse"])

@@ -143,7 +143,7 @@ def results_root(cfg: dict) -> Path:
 def needed_models(cfg: dict) -> list[str]:
     need = {m for method in cfg["methods"] for m in MODELS_FOR_METHOD[method]}
     if rollout_error_enabled(cfg):
-        need |= {"ensemble", "diffusion"}
+        need |= {"ensemble", "diffusion", "reward"}
     return [m for m in ("ensemble", "reward", "diffusion") if m in need]
 
 
@@ -318,6 +318,7 @@ def rollout_error_job(cfg: dict, task: str) -> dict:
     method = rcfg.get("policy_method", "td3bc")
     return {"step": "rollout-error", "task": task, "dataset": str(dataset_path(cfg, task)),
             "model_dirs": {m: str(model_dir(cfg, m, task)) for m in ("ensemble", "diffusion")},
+            "reward_dir": str(model_dir(cfg, "reward", task)),
             "policy_dir": str(policy_dir(cfg, method, task, cfg["seeds"][0])),
             "out": str(results_root(cfg) / "rollout_error" / task),
             "config": {"horizon": rcfg.get("horizon", 100), "n_starts": rcfg.get("n_starts", 64),

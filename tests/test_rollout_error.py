@@ -163,3 +163,16 @@ def test_run_rollout_error_writes_outputs(data, tmp_path):
     assert (tmp_path / "rollout_error.pdf").exists() and out["task"] == "hopper-random"
     with pytest.raises(KeyError, match="no loader for model kind 'nope'"):
         re.run_rollout_error(data, {"nope": tmp_path}, tmp_path, horizon=5, n_starts=2)
+
+
+def test_summary_reports_rollout_error_per_task():
+    import pandas as pd
+    from analysis.summary import _rollout_section
+    rows = [{"mode": "behaviour", "model": m, "horizon": h, "state_mse": s * h,
+             "state_mse_lo": 0.0, "state_mse_hi": 1.0, "n_valid": 4, "return_err": float("nan"),
+             "return_err_lo": float("nan"), "return_err_hi": float("nan"), "task": t}
+            for t in ("hopper-medium-replay", "halfcheetah-random")
+            for m, s in (("diffusion", 1.0), ("ensemble", 2.0)) for h in (1, 2)]
+    lines = [l for l in _rollout_section(pd.DataFrame(rows)) if l.startswith("- ")]
+    assert [l.split(" (")[0] for l in lines] == ["- hopper-medium-replay", "- halfcheetah-random"]
+    assert all("diffusion 1 at h=1 -> 2" in l for l in lines)

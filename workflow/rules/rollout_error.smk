@@ -5,7 +5,7 @@
 def rollout_error_inputs(w):
     spec = jobs.rollout_error_job(config, w.task)
     return ([spec["dataset"], f"{spec['policy_dir']}/policy.pt"]
-            + [f"{d}/model.pt" for d in spec["model_dirs"].values()])
+            + [f"{d}/model.pt" for d in [*spec["model_dirs"].values(), spec["reward_dir"]]])
 
 
 rule rollout_error:

@@ -246,12 +246,9 @@ def train_ensemble(dataset: Dataset, cfg: EnsembleConfig | dict, out_dir: str | 
     best = torch.full((E,), float("inf"))
     snapshot = {k: p.detach().clone() for k, p in net.member_parameters().items()}
     rows: list[dict] = []
-    ckpt = load_checkpoint(out_dir / CHECKPOINT)
+    ckpt = load_checkpoint(out_dir / CHECKPOINT, expect={
+        "config": dataclasses.asdict(cfg), "seed": seed, "n": len(inputs)})
     if ckpt is not None:
-        if ckpt["config"] != dataclasses.asdict(cfg) or ckpt["seed"] != seed \
-                or ckpt["n"] != len(inputs):
-            raise ValueError(f"{out_dir / CHECKPOINT} was written with a different config, "
-                             f"seed or dataset; remove it or use another out_dir")
         net.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         order_gen.set_state(ckpt["order_gen"])

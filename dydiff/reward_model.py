@@ -149,11 +149,9 @@ def train_reward_model(dataset: Dataset, cfg: RewardModelConfig | dict, out_dir:
     step, rows, pending = 0, [], []
     best = {"mse": math.inf, "step": 0, "state": copy.deepcopy(model.state_dict()), "bad": 0}
     perm, done = None, False
-    ckpt = load_checkpoint(out_dir / CHECKPOINT)
+    ckpt = load_checkpoint(out_dir / CHECKPOINT, what="reward",
+                           expect={"config": dataclasses.asdict(cfg), "seed": seed})
     if ckpt is not None:
-        if ckpt["config"] != dataclasses.asdict(cfg) or ckpt["seed"] != seed:
-            raise ValueError(f"{out_dir / CHECKPOINT} was written with a different reward "
-                             f"config or seed; remove it or use another out_dir")
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         set_rng_state(ckpt["rng"])

@@ -61,12 +61,21 @@ def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
         torch.save(state, tmp)
 
 
-def load_checkpoint(path: str | os.PathLike) -> dict[str, Any] | None:
-    """Load a checkpoint written by `save_checkpoint`, or None if there is none."""
+def load_checkpoint(path: str | os.PathLike, expect: dict[str, Any] | None = None,
+                    what: str = "") -> dict[str, Any] | None:
+    """Load a checkpoint written by `save_checkpoint`, or None if there is none.
+
+    expect: entries the checkpoint must hold unchanged to be resumed (config, seed, ...);
+    a mismatch is an error rather than a silent resume of a different job."""
     path = Path(path)
     if not path.exists():
         return None
-    return torch.load(path, map_location="cpu", weights_only=False)
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    changed = [k for k, v in (expect or {}).items() if state.get(k) != v]
+    if changed:
+        raise ValueError(f"{path} was written with a different {what + ' ' if what else ''}"
+                         f"{' / '.join(changed)}; remove it or use another out_dir")
+    return state
 
 
 def rng_state() -> dict[str, Any]:

@@ -140,11 +140,9 @@ def offline_loop(agent, dataset: Dataset, cfg: OfflineConfig, out_dir, seed: int
     sums: dict[str, float] = defaultdict(float)   # losses since the last log row
     counts: dict[str, int] = defaultdict(int)
     start, wall_before = 0, 0.0
-    ckpt = load_checkpoint(out_dir / CHECKPOINT)
+    ckpt = load_checkpoint(out_dir / CHECKPOINT, what="offline",
+                           expect={"config": dataclasses.asdict(cfg), "seed": seed})
     if ckpt is not None:
-        if ckpt["config"] != dataclasses.asdict(cfg) or ckpt["seed"] != seed:
-            raise ValueError(f"{out_dir / CHECKPOINT} was written with a different offline "
-                             f"config or seed; remove it or use another out_dir")
         agent.load_training_state(ckpt["agent"])
         real.load_state_dict(ckpt["real_buffer"])
         if model is not None:

@@ -141,8 +141,11 @@ def aggregate(df: pd.DataFrame, reps: int = 2000, seed: int = 0,
 
 
 def default_taus(mats: dict[str, np.ndarray], n: int = 101) -> np.ndarray:
-    top = max(100.0, max(float(m.max()) for m in mats.values()))
-    return np.linspace(0.0, np.ceil(top / 10) * 10, n)
+    """Thresholds over the range the scores span (rounded out to tens), so low-budget runs
+    are not squeezed into the left edge of a fixed 0-100 axis."""
+    low = min(0.0, min(float(m.min()) for m in mats.values()))
+    top = max(10.0, max(float(m.max()) for m in mats.values()))
+    return np.linspace(np.floor(low / 10) * 10, np.ceil(top / 10) * 10, n)
 
 
 def performance_profiles(df: pd.DataFrame, reps: int = 2000, seed: int = 0,

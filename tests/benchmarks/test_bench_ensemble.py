@@ -121,5 +121,7 @@ def test_rollout_throughput(benchmark, penalty):
     start = torch.randn(n, o)
     out = benchmark.pedantic(gen.generate, args=(agent, start), rounds=3, iterations=1,
                              warmup_rounds=1)
+    assert len(out["obs"]) == n * h  # halfcheetah never terminates: every step is kept
     benchmark.extra_info["transitions_per_call"] = len(out["obs"])
-    benchmark.extra_info["transitions_per_s"] = len(out["obs"]) / benchmark.stats.stats.mean
+    if benchmark.stats is not None:  # None under --benchmark-disable (plain `make test`)
+        benchmark.extra_info["transitions_per_s"] = len(out["obs"]) / benchmark.stats.stats.mean

@@ -16,8 +16,11 @@ min_version("9.0")
 if not workflow.overwrite_configfiles:
     configfile: "config/smoke.yaml"
 
-from dydiff import jobs
+from dydiff import jobs, slurm_compat
 from dydiff.config import ConfigError
+
+# `scancel`led jobs must be retried, not waited on forever (see dydiff/slurm_compat.py).
+slurm_compat.patch_cancelled_state()
 
 # `--config key=value` values arrive as strings ('0', 'false'): give them their YAML types.
 update_config(config, jobs.typed_overrides(workflow.config_settings.overwrite_config))

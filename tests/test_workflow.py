@@ -7,24 +7,14 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
+from dag_helpers import (BIN, LONGER_POLICY, ROOT, TINY, assert_same_training, env_with_bin,
+                         snakemake, tail)
 from dydiff import jobs
-
-ROOT = Path(__file__).resolve().parent.parent
-BIN = Path(sys.executable).parent
-TINY = ROOT / "tests" / "configs" / "tiny.yaml"
-
-
-def snakemake(*args: str, cwd: Path = ROOT, env: dict | None = None, timeout: int = 1200):
-    cmd = [str(BIN / "snakemake"), *args]
-    full_env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", **(env or {})}
-    return subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True,
-                          timeout=timeout)
 
 
 def job_counts(output: str) -> dict[str, int]:
@@ -82,10 +72,6 @@ def test_bad_config_stops_before_any_job(override, message, tmp_path):
 
 # ---- the tiny grid, run for real ---------------------------------------------------------
 
-def _tail(res, n: int = 4000) -> str:
-    return (res.stdout + res.stderr)[-n:]
-
-
 def _logs(results: Path, n: int = 3000) -> str:
     """The end of every job log, for a readable failure message."""
     return "\n".join(f"== {p}\n{p.read_text()[-n:]}"
@@ -97,7 +83,7 @@ def tiny_run(tmp_path_factory):
     results = tmp_path_factory.mktemp("tiny_results")
     res = snakemake("--cores", "2", "--configfile", str(TINY),
                     "--config", f"results_dir={results}")
-    assert res.returncode == 0, _tail(res) + _logs(results)
+    assert res.returncode == 0, tail(res) + _logs(results)
     return results, jobs.load_config(TINY, {"results_dir": str(results)})
 
 
@@ -120,7 +106,7 @@ def test_tiny_dag_runs_end_to_end(tiny_run):
     # A finished DAG has nothing left to do.
     res = snakemake("-n", "--cores", "1", "--configfile", str(TINY),
                     "--config", f"results_dir={results}")
-    assert res.returncode == 0 and "Nothing to be done" in res.stdout + res.stderr, _tail(res)
+    assert res.returncode == 0 and "Nothing to be done" in res.stdout + res.stderr, tail(res)
 
 
 def test_tiny_run_is_in_mlflow_with_params_metrics_tags(tiny_run):
@@ -156,7 +142,7 @@ def test_changing_one_method_reruns_only_its_jobs(tiny_run):
     res = snakemake("-n", "--cores", "1", "--configfile", str(TINY), "--config",
                     f"results_dir={results}", "policy={'methods': {'cql': {'cql': "
                     "{'cql_weight': 1.0}}}}")
-    assert res.returncode == 0, _tail(res)
+    assert res.returncode == 0, tail(res)
     assert job_counts(res.stdout) == {"train_policy": 1, "evaluate": 1, "analyze": 1, "all": 1}
 
 
@@ -176,23 +162,18 @@ def _pids_running(fragment: str) -> list[int]:
 def test_killed_job_resumes_to_the_same_result(tiny_run, tmp_path):
     """kill -9 of a training job (as SLURM pre-emption or the OOM killer do): the next
     `snakemake` call resumes it from its checkpoint and ends with the same numbers."""
-    import pandas as pd
-    import torch
     results, cfg = tiny_run
     task = cfg["tasks"][0]
-    longer = ("policy={'offline': {'total_steps': 3000, 'checkpoint_every': 250, "
-              "'eval_every': 1000}}")
-    runs = {}
+    out = {}
     for name in ("reference", "killed"):
         root = tmp_path / name
         shutil.copytree(jobs.results_root(cfg) / "datasets", root / "tiny" / "datasets")
         target = f"{root}/tiny/policies/td3bc/{task}/seed0/final.json"
         args = ("--cores", "1", "--configfile", str(TINY), "--config", f"results_dir={root}",
-                longer, "--", target)
+                LONGER_POLICY, "--", target)
         if name == "killed":
-            cmd = [str(BIN / "snakemake"), *args]
-            env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
-            proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+            proc = subprocess.Popen([str(BIN / "snakemake"), *args], cwd=ROOT,
+                                    env=env_with_bin(), stdout=subprocess.DEVNULL,
                                     stderr=subprocess.DEVNULL)
             ckpt = Path(target).parent / "checkpoint.pt"
             deadline = time.time() + 300
@@ -204,13 +185,6 @@ def test_killed_job_resumes_to_the_same_result(tiny_run, tmp_path):
             assert proc.wait(timeout=120) != 0  # the job failed, so did that snakemake call
             assert not Path(target).exists()
         res = snakemake(*args)
-        assert res.returncode == 0, _tail(res)
-        out = Path(target).parent
-        runs[name] = (pd.read_parquet(out / "metrics.parquet").drop(columns="wall_time_s"),
-                      torch.load(out / "policy.pt", weights_only=False)["state_dict"],
-                      json.loads(Path(target).read_text()))
-    (m_ref, w_ref, f_ref), (m_kill, w_kill, f_kill) = runs["reference"], runs["killed"]
-    pd.testing.assert_frame_equal(m_ref, m_kill)
-    assert w_ref.keys() == w_kill.keys()
-    assert all(torch.equal(w_ref[k], w_kill[k]) for k in w_ref)
-    assert f_ref["normalized_score"] == f_kill["normalized_score"]
+        assert res.returncode == 0, tail(res)
+        out[name] = Path(target).parent
+    assert_same_training(out["reference"], out["killed"])

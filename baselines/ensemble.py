@@ -49,8 +49,7 @@ from dydiff.config import from_dict, require
 from dydiff.data.dataset import Dataset
 from dydiff.nets import Standardizer
 from dydiff.utils import atomic_path, load_checkpoint, rng_state, save_checkpoint, \
-    seed_everything, set_rng_state
-from dydiff.utils import device as default_device
+    set_rng_state, start_training
 
 log = logging.getLogger(__name__)
 
@@ -226,10 +225,7 @@ def train_ensemble(dataset: Dataset, cfg: EnsembleConfig | dict, out_dir: str | 
     """
     if not isinstance(cfg, EnsembleConfig):
         cfg = from_dict(EnsembleConfig, cfg, where="models.ensemble")
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    device = default_device() if device is None else torch.device(device)
-    seed_everything(seed)
+    out_dir, device, _ = start_training(out_dir, seed, device)
     inputs, targets = dataset_tensors(dataset)
     train_idx, hold_idx = split_indices(len(inputs), cfg, seed)
     o = dataset.obs_dim

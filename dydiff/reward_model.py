@@ -38,8 +38,7 @@ from dydiff.config import from_dict, require
 from dydiff.data.dataset import Dataset
 from dydiff.nets import Standardizer, mlp
 from dydiff.utils import atomic_path, load_checkpoint, rng_state, save_checkpoint, \
-    seed_everything, set_rng_state
-from dydiff.utils import device as default_device
+    set_rng_state, start_training
 
 log = logging.getLogger(__name__)
 
@@ -121,10 +120,7 @@ def train_reward_model(dataset: Dataset, cfg: RewardModelConfig | dict, out_dir:
     """
     if not isinstance(cfg, RewardModelConfig):
         cfg = from_dict(RewardModelConfig, cfg, where="models.reward")
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    device = default_device() if device is None else torch.device(device)
-    rng = seed_everything(seed)
+    out_dir, device, rng = start_training(out_dir, seed, device)
     obs = torch.as_tensor(dataset.observations, device=device)
     act = torch.as_tensor(dataset.actions, device=device)
     rew = torch.as_tensor(dataset.rewards, device=device)

@@ -29,6 +29,15 @@ def device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def start_training(out_dir: str | os.PathLike, seed: int, on: torch.device | str | None = None
+                   ) -> tuple[Path, torch.device, np.random.Generator]:
+    """What every model-training step does first: create out_dir, pick the device (`on`, else
+    `device()`), seed everything. Returns (out_dir, device, numpy Generator)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return out_dir, device() if on is None else torch.device(on), seed_everything(seed)
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temp path beside `path`; on success fsync it and rename it over `path`.

@@ -143,21 +143,23 @@ def sacct(*ids: str) -> dict[str, dict[str, str]]:
 
 
 def submitted_jobs(log: str) -> list[dict]:
-    """Each SLURM submission in Snakemake's output: rule, threads, resources, SLURM id, log."""
-    out = []
+    """Each SLURM submission in Snakemake's output, in order: rule, threads, resources (from the
+    job's block, matched by Snakemake's job id), SLURM job id and log file."""
+    blocks = {}
     for block in re.split(r"\n(?=\[\w{3} \w{3} +\d+ [\d:]+ \d{4}\]\n)", log):
-        rule = re.search(r"^rule (\w+):", block, re.M)
-        submit = re.search(r"submitted with SLURM jobid (\d+) \(log: (.+?)\)", block)
-        if not (rule and submit):
+        rule = re.search(r"^(?:local)?rule (\w+):", block, re.M)
+        jobid = re.search(r"^\s+jobid: (\d+)$", block, re.M)
+        if not (rule and jobid):
             continue
         res = dict(kv.split("=", 1) for kv in
                    re.search(r"^\s+resources: (.*)$", block, re.M).group(1).split(", "))
         threads = re.search(r"^\s+threads: (\d+)$", block, re.M)
-        out.append({"rule": rule.group(1), "slurm_id": submit.group(1),
-                    "log": Path(submit.group(2)), "mem_mb": int(res["mem_mb"]),
-                    "runtime": int(res["runtime"]),
-                    "threads": int(threads.group(1)) if threads else 1})
-    return out
+        blocks[jobid.group(1)] = {"rule": rule.group(1), "mem_mb": int(res["mem_mb"]),
+                                  "runtime": int(res["runtime"]),
+                                  "threads": int(threads.group(1)) if threads else 1}
+    return [{**blocks[m.group(1)], "slurm_id": m.group(2), "log": Path(m.group(3))}
+            for m in re.finditer(r"^Job (\d+) has been submitted with SLURM jobid (\d+) "
+                                 r"\(log: (.+?)\)\.?$", log, re.M)]
 
 
 def minutes(timelimit: str) -> int:
@@ -181,6 +183,7 @@ def test_smoke_dag_on_slurm(cluster, mlflow_server, tmp_path):
     wall = time.monotonic() - start
     watcher.stop.set()
     watcher.join()
+    (tmp_path / "snakemake.log").write_text(res.stdout + res.stderr)
     assert res.returncode == 0, tail(res, 8000)
     print(f"smoke DAG on SLURM: {wall:.0f} s")
 

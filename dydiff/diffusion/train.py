@@ -29,8 +29,7 @@ from dydiff.diffusion.edm import EDMDenoiser, edm_loss
 from dydiff.diffusion.sampler import DiffusionDynamics, SamplerConfig
 from dydiff.nets import TemporalUnet
 from dydiff.utils import atomic_path, load_checkpoint, rng_state, save_checkpoint, \
-    seed_everything, set_rng_state
-from dydiff.utils import device as default_device
+    set_rng_state, start_training
 
 log = logging.getLogger(__name__)
 
@@ -135,10 +134,7 @@ def train_diffusion(dataset: Dataset, cfg: DiffusionConfig | dict, out_dir: str 
     """Train (or resume) the diffusion model; returns a summary dict (also in model.pt)."""
     if not isinstance(cfg, DiffusionConfig):
         cfg = from_dict(DiffusionConfig, cfg, where="models.diffusion")
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    device = default_device() if device is None else torch.device(device)
-    seed_everything(seed)
+    out_dir, device, _ = start_training(out_dir, seed, device)
     segments = make_segments(dataset, cfg.horizon, kind=cfg.normalizer)
     o, a = segments.obs_dim, segments.act_dim
     denoiser = build_denoiser(cfg, o + a).to(device)

@@ -37,6 +37,9 @@ for f in slurm.conf slurmdbd.conf; do
     fail 2 "/etc/slurm/$f exists and is not a link from slurm-up.sh: not touching a real cluster"
   fi
 done
+if [[ -L /etc/slurm/slurm.conf && -e $(dirname "$(readlink /etc/slurm/slurm.conf)")/started.pids ]]; then
+  fail 2 "a test cluster is already up ($(readlink /etc/slurm/slurm.conf)); slurm-down.sh it first"
+fi
 
 # --- packages -----------------------------------------------------------------------------------
 missing=()

@@ -36,14 +36,18 @@ pytestmark = pytest.mark.slurm
 UP, DOWN = ROOT / "workflow/ci/slurm-up.sh", ROOT / "workflow/ci/slurm-down.sh"
 
 
-def skip_reason() -> str | None:
+SKIPPED = "SLURM integration test skipped: "
+
+
+def skip_unless_possible() -> None:
+    """Skip (with the reason) where slurm-up.sh cannot run or the user turned the test off."""
     if os.environ.get("DYDIFF_SLURM_TEST", "1") == "0":
-        return "DYDIFF_SLURM_TEST=0"
+        pytest.skip(SKIPPED + "DYDIFF_SLURM_TEST=0")
     if os.geteuid() != 0:
-        return "needs root (slurm-up.sh installs Debian's slurm-wlm and starts its daemons)"
+        pytest.skip(SKIPPED + "needs root (slurm-up.sh installs Debian's slurm-wlm and starts "
+                    "its daemons)")
     if not (Path("/etc/debian_version").exists() and shutil.which("apt-get")):
-        return "needs Debian/Ubuntu with apt-get"
-    return None
+        pytest.skip(SKIPPED + "needs Debian/Ubuntu with apt-get")
 
 
 def _alive(pid: int) -> bool:
@@ -57,9 +61,7 @@ def _alive(pid: int) -> bool:
 @pytest.fixture(scope="module")
 def cluster():
     """A running single-node cluster; stopped (exactly its daemons) after the module."""
-    reason = skip_reason()
-    if reason:
-        pytest.skip(f"SLURM integration test skipped: {reason}")
+    skip_unless_possible()
     # Not pytest's tmp_path: that is private to root, and MariaDB runs as the mysql user.
     state = Path(tempfile.mkdtemp(prefix="dydiff-slurm-"))
     state.chmod(0o755)
@@ -67,7 +69,7 @@ def cluster():
     up = subprocess.run(["bash", str(UP), str(state)], capture_output=True, text=True,
                         timeout=900)
     if up.returncode in (2, 3):  # not possible here / no package registry: say so, skip
-        pytest.skip(f"SLURM integration test skipped: {up.stderr.strip().splitlines()[-1]}")
+        pytest.skip(SKIPPED + up.stderr.strip().splitlines()[-1])
     assert up.returncode == 0, up.stdout + up.stderr
     print(f"\nslurm-up: {time.monotonic() - start:.1f} s")
     pids = [int(line.split()[1]) for line in (state / "started.pids").read_text().splitlines()]
@@ -85,8 +87,7 @@ def cluster():
 def mlflow_server(tmp_path_factory):
     """`mlflow server` on 127.0.0.1 (sqlite backend, artefacts in a shared folder): the
     README's cluster set-up. Yields its tracking URI."""
-    if skip_reason():
-        pytest.skip(f"SLURM integration test skipped: {skip_reason()}")
+    skip_unless_possible()
     store = tmp_path_factory.mktemp("mlflow-server")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -1,6 +1,7 @@
 # dydiff-bench: datasets -> models -> policies -> evaluation -> analysis, for a grid of
-# tasks x methods x seeds. Thin on purpose: every rule calls `dydiff-bench <step>`; the job
-# specs (and so what reruns when a value changes) come from dydiff/jobs.py.
+# tasks x methods x seeds. Thin on purpose: every rule calls `dydiff-bench <step>`; job specs
+# (what reruns when a value changes) and every output path come from harness/plan.py, the
+# methods from harness/registry.py.
 #   snakemake --cores all                                   # config/smoke.yaml (default)
 #   snakemake --cores all --configfile config/paper.yaml    # the paper grid
 #   snakemake --cores all --profile slurm                   # on a SLURM cluster
@@ -8,7 +9,7 @@ import os
 import sys
 import uuid
 
-from snakemake.utils import min_version, update_config, validate
+from snakemake.utils import min_version, update_config
 
 min_version("9.0")
 
@@ -16,29 +17,28 @@ min_version("9.0")
 if not workflow.overwrite_configfiles:
     configfile: "config/smoke.yaml"
 
-from dydiff import jobs, slurm_compat
-from dydiff.config import ConfigError
+from harness import plan, registry
+from harness.config import ConfigError, typed
 
-# `scancel`led jobs must be retried, not waited on forever (see dydiff/slurm_compat.py).
+sys.path.insert(0, os.path.join(workflow.basedir, "workflow"))
+import slurm_compat
+
+# `scancel`led jobs must be retried, not waited on forever (see workflow/slurm_compat.py).
 slurm_compat.patch_cancelled_state()
 
 # `--config key=value` values arrive as strings ('0', 'false'): give them their YAML types.
-update_config(config, jobs.typed_overrides(workflow.config_settings.overwrite_config))
-validate(config, "workflow/schemas/config.schema.yaml")
-
+update_config(config, typed(workflow.config_settings.overwrite_config))
 try:
-    jobs.validate(config)
+    plan.validate(config)  # schema (shape), then every job's settings (values)
 except ConfigError as err:
     sys.exit(f"Invalid config: {err}")
 
-# Groups every job of one `snakemake` invocation in MLflow (tag dag_run); inherited by jobs,
-# also on SLURM where each job re-reads this file.
 # Rules call `dydiff-bench`, installed next to the Python running Snakemake (e.g. .venv/bin):
 # put it on PATH so `.venv/bin/snakemake` works without activating the environment.
 os.environ["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), os.environ["PATH"]])
+# Groups every job of one `snakemake` invocation in MLflow (tag dag_run); inherited by jobs,
+# also on SLURM where each job re-reads this file.
 DAG_RUN = os.environ.setdefault("DYDIFF_DAG_RUN", uuid.uuid4().hex[:12])
-ROOT = str(jobs.results_root(config))
-LOGS = f"{ROOT}/logs"  # results/<name>/logs/<rule>/...
 
 
 include: "workflow/rules/common.smk"

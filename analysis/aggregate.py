@@ -22,12 +22,13 @@ from rliable import library as rly
 from rliable import metrics, plot_utils
 
 from analysis import plotting
-from dydiff.utils import atomic_write_text
+from harness import registry
+from harness.checkpoint import atomic_write_text
 
 log = logging.getLogger("dydiff.analysis")
 
+SCORE_FILE = "eval.json"
 SCORE_KEYS = ("method", "task", "seed", "normalized_score")
-BASE_OF = {"dydiff-td3bc": "td3bc", "dydiff-cql": "cql"}  # DyDiff-X is compared with X
 METRIC_NAMES = ("IQM", "Mean", "Median", "Optimality Gap")
 OPTIMALITY_GAMMA = 100.0  # 0-100 scale: the gap below a D4RL expert
 
@@ -39,11 +40,12 @@ class ScoreError(ValueError):
 # ---- inputs ------------------------------------------------------------------------------
 
 def collect_scores(paths) -> pd.DataFrame:
-    """Read the policies' `final.json` files into one row per run: method, task, seed,
-    normalized_score (0-100). A directory is searched recursively for final.json."""
+    """Read the final evaluations (`eval.json`, what the DAG's evaluate step writes) into one
+    row per run: method, task, seed, normalized_score (0-100). A directory is searched
+    recursively for eval.json."""
     files: list[Path] = []
     for p in map(Path, paths):
-        files.extend(sorted(p.rglob("final.json")) if p.is_dir() else [p])
+        files.extend(sorted(p.rglob(SCORE_FILE)) if p.is_dir() else [p])
     if not files:
         raise ScoreError(f"no score files found in {[str(p) for p in paths]}")
     rows = []
@@ -175,13 +177,14 @@ def probability_of_improvement(x: np.ndarray, y: np.ndarray) -> float:
 
 def improvement_probabilities(df: pd.DataFrame, reps: int = 2000, seed: int = 0,
                               notes: list[str] | None = None) -> pd.DataFrame:
-    """P(DyDiff-X > X) for every base algorithm X present, on the tasks both ran, with
+    """P(X > base of X) for every registered pair present (DyDiff-X vs X, a variant vs its
+    base), on the tasks both ran, with
     stratified independent bootstrap 95 % CIs. Pairs with a missing member are skipped and
     the reason appended to `notes`."""
     notes = [] if notes is None else notes
     rows = []
     present = set(df.method)
-    for x, y in BASE_OF.items():
+    for x, y in ((m.name, m.base) for m in registry.METHODS.values() if m.base):
         if x not in present or y not in present:
             missing = [m for m in (x, y) if m not in present]
             notes.append(f"P({x} > {y}) skipped: no runs of {missing}")
@@ -208,14 +211,15 @@ def improvement_probabilities(df: pd.DataFrame, reps: int = 2000, seed: int = 0,
 
 # ---- figures -----------------------------------------------------------------------------
 
-def _ordered(methods) -> list[str]:
-    order = list(plotting.METHOD_LABELS)
+def ordered(methods) -> list[str]:
+    """Methods in registry order (tables, legends), unregistered names last."""
+    order = list(registry.METHODS)
     return sorted(methods, key=lambda m: (order.index(m) if m in order else len(order), m))
 
 
 def plot_aggregates(agg: pd.DataFrame):
     """One panel per metric: point estimate and 95 % CI per method."""
-    methods = _ordered(agg.method.unique())
+    methods = ordered(agg.method.unique())
     fig, axes = plotting.new_figure(width=3.0 * len(METRIC_NAMES),
                                     height=1.0 + 0.45 * len(methods), ncols=len(METRIC_NAMES))
     for ax, name in zip(np.atleast_1d(axes).flat, METRIC_NAMES):
@@ -242,7 +246,7 @@ def plot_aggregates(agg: pd.DataFrame):
 
 
 def plot_profiles(taus, profiles, cis):
-    methods = _ordered(profiles)
+    methods = ordered(profiles)
     fig, ax = plotting.new_figure(6.0, 4.0)
     plot_utils.plot_performance_profiles(
         {m: profiles[m] for m in methods}, taus,

@@ -10,7 +10,8 @@ matplotlib.use("Agg")  # headless: jobs run on clusters without a display
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-from dydiff.utils import atomic_path  # noqa: E402
+from harness import registry  # noqa: E402
+from harness.checkpoint import atomic_path  # noqa: E402
 
 STYLE = {
     "figure.dpi": 110,
@@ -25,25 +26,20 @@ STYLE = {
     "axes.spines.right": False,
 }
 
-# Fixed colours per method so a method looks the same in every figure.
-METHOD_COLORS = {
-    "td3bc": "#1f77b4", "dydiff-td3bc": "#ff7f0e", "cql": "#2ca02c", "dydiff-cql": "#d62728",
-    "mopo": "#9467bd", "mbpo": "#8c564b",
-}
-METHOD_LABELS = {
-    "td3bc": "TD3+BC", "dydiff-td3bc": "DyDiff-TD3BC", "cql": "CQL", "dydiff-cql": "DyDiff-CQL",
-    "mopo": "MOPO", "mbpo": "MBPO",
-}
 _FALLBACK = plt.get_cmap("tab10").colors
 
 
 def label(method: str) -> str:
-    """Display name of a method ('dydiff-td3bc' -> 'DyDiff-TD3BC'); unknown names pass through."""
-    return METHOD_LABELS.get(method, method)
+    """Display name of a method from the registry ('dydiff-td3bc' -> 'DyDiff-TD3BC');
+    unknown names pass through."""
+    return registry.METHODS[method].label if method in registry.METHODS else method
 
 
 def color(name: str, index: int = 0) -> str:
-    return METHOD_COLORS.get(name, _FALLBACK[index % len(_FALLBACK)])
+    """A method's fixed colour from the registry (the same in every figure)."""
+    if name in registry.METHODS:
+        return registry.METHODS[name].color
+    return _FALLBACK[index % len(_FALLBACK)]
 
 
 def new_figure(width: float = 6.0, height: float = 4.0, ncols: int = 1, nrows: int = 1):

@@ -1,7 +1,7 @@
 """Rollout error of learned dynamics models against the MuJoCo simulator, vs horizon.
 
 Start states are dataset rows with stored simulator states (Dataset.qpos/qvel). For each start
-the ground truth comes from the simulator put exactly in that state (dydiff.envs.restore_state):
+the ground truth comes from the simulator put exactly in that state (harness.envs.restore_state):
 
 * behaviour (open loop): the dataset's own next H actions are replayed in the simulator and fed
   to `model.open_loop(start_obs, actions)`. Past the end of the dataset episode there are no
@@ -44,16 +44,19 @@ import torch
 from tqdm.auto import tqdm
 
 from analysis import plotting
-from dydiff.data.dataset import Dataset, DatasetError
-from dydiff.envs import make_env, restore_state, termination_fn
-from dydiff.utils import atomic_write_text
+from harness.data.dataset import Dataset, DatasetError
+from harness.envs import alive_mask, make_env, restore_state, termination_fn
+from harness.checkpoint import atomic_write_text
 
 log = logging.getLogger("dydiff.analysis")
 
-DEFAULT_LOADERS = {  # model kind -> "module:function(model_dir, device) -> model"
-    "diffusion": "dydiff.diffusion.train:load_diffusion",
-    "ensemble": "baselines.ensemble:load_ensemble",
-}
+
+
+def default_loaders() -> dict[str, Callable]:
+    """Model kind -> fn(model_dir, device) -> a model with open_loop / policy_rollout."""
+    from baselines.ensemble import load_ensemble
+    from dydiff.diffusion import load_diffusion
+    return {"diffusion": load_diffusion, "ensemble": load_ensemble}
 
 
 # ---- the simulator as a (perfect) model ---------------------------------------------------
@@ -144,14 +147,6 @@ class SimulatorModel:
 
 # ---- metrics --------------------------------------------------------------------------------
 
-def _alive_mask(terminals: np.ndarray) -> np.ndarray:
-    """(N,H) bool: step t is scored iff no terminal state was reached before t (the terminal
-    transition itself is scored)."""
-    dead_before = np.concatenate([np.zeros_like(terminals[:, :1], dtype=bool),
-                                  np.cumsum(terminals, axis=1)[:, :-1] > 0], axis=1)
-    return ~dead_before
-
-
 def bootstrap_masked_mean(values: np.ndarray, mask: np.ndarray, reps: int,
                           rng: np.random.Generator, ci: float = 0.95):
     """Per-column mean of `values` (N,H) over rows where `mask`, with a bootstrap CI over rows
@@ -217,7 +212,7 @@ def rollout_error_study(dataset: Dataset, models: dict, agent=None, horizon: int
 
     def score(mode, name, pred_next, truth, valid, pred_rewards):
         err = (((pred_next - truth["next_obs"]) / sigma) ** 2).mean(-1)
-        mask = valid & _alive_mask(truth["terminals"])
+        mask = valid & alive_mask(truth["terminals"])
         # Own bootstrap stream per curve: a model's CI does not depend on the other models.
         boot = np.random.default_rng([seed, zlib.crc32(f"{mode}/{name}".encode())])
         point, lo, hi = bootstrap_masked_mean(err, mask, reps, boot)
@@ -315,42 +310,37 @@ def plot_rollout_error(df: pd.DataFrame, out_dir: Path, task: str = "") -> list[
     return plotting.save_figure(fig, Path(out_dir) / "rollout_error")
 
 
-def _import(path: str):
-    from dydiff.jobs import import_object
-    return import_object(path)
-
-
 def run_rollout_error(dataset: str | Path | Dataset, model_dirs: dict[str, Path], out_dir: Path,
-                      policy: Path | None = None, agent_loader: str | None = None,
+                      policy: Path | None = None, agent_loader: Callable | None = None,
                       horizon: int = 100, n_starts: int = 256, seed: int = 0,
-                      loaders: dict[str, str] | None = None, include_simulator: bool = False,
+                      loaders: dict[str, Callable] | None = None,
+                      include_simulator: bool = False,
                       reps: int = 1000, device: str = "cpu", progress: bool = True,
                       reward_dir: Path | None = None) -> dict:
-    """The CLI step: load the dataset (path/name, see dydiff.data.sources.load_dataset) and
-    each model (`model_dirs` {kind: dir}; `loaders` {kind: "module:function"} default
-    DEFAULT_LOADERS, called as fn(dir, device)), optionally the policy (`agent_loader(policy,
-    device)`), run the study, write rollout_error.csv + rollout_error.png/.pdf in out_dir.
+    """The CLI step: load the dataset (path/name, see harness.data.sources.load_dataset) and
+    each model (`model_dirs` {kind: dir}; `loaders` {kind: fn(dir, device)}, default
+    `default_loaders()`), optionally the policy (`agent_loader(policy, device)`, default
+    harness.training.policy.load_agent), run the study, write rollout_error.csv + rollout_error.png/.pdf in out_dir.
     `include_simulator` adds the SimulatorModel as a zero-error reference curve.
     `reward_dir`: a trained reward model (dydiff.reward_model) that scores the returns of
     models without their own reward prediction (the diffusion model)."""
     if not isinstance(dataset, Dataset):
-        from dydiff.data.sources import load_dataset
+        from harness.data.sources import load_dataset
         dataset = load_dataset(str(dataset))
-    loaders = {**DEFAULT_LOADERS, **(loaders or {})}
+    loaders = {**default_loaders(), **(loaders or {})}
     models = {}
     for kind, model_dir in model_dirs.items():
         if kind not in loaders:
             raise KeyError(f"rollout_error: no loader for model kind {kind!r}; known: "
-                           f"{sorted(loaders)} (pass loaders={{kind: 'module:function'}})")
-        models[kind] = _import(loaders[kind])(Path(model_dir), device)
+                           f"{sorted(loaders)} (pass loaders={{kind: fn(dir, device)}})")
+        models[kind] = loaders[kind](Path(model_dir), device)
     if include_simulator:
         models["simulator"] = SimulatorModel(dataset.name, dataset)
     agent = None
     if policy is not None:
         if agent_loader is None:
-            raise ValueError("rollout_error: a policy was given without agent_loader "
-                             "('module:function(path, device) -> agent')")
-        agent = _import(agent_loader)(Path(policy), device)
+            from harness.training.policy import load_agent as agent_loader
+        agent = agent_loader(Path(policy), device)
     reward_fn = None
     if reward_dir is not None:
         from dydiff.reward_model import load_reward_model
@@ -365,3 +355,16 @@ def run_rollout_error(dataset: str | Path | Dataset, model_dirs: dict[str, Path]
     atomic_write_text(out_dir / "rollout_error.csv", df.to_csv(index=False, float_format="%.6g"))
     files = [out_dir / "rollout_error.csv"] + plot_rollout_error(df, out_dir, dataset.name)
     return {"rollout_error": df, "files": files, "task": dataset.name}
+
+
+def rollout_error_step(spec: dict, log_fn=None) -> dict:
+    """Job step: diffusion vs ensemble trajectories against the simulator for one task."""
+    cfg, dirs = spec["config"], {k: Path(v) for k, v in spec["model_dirs"].items()}
+    result = run_rollout_error(spec["dataset"], {k: dirs[k] for k in ("ensemble", "diffusion")},
+                               Path(spec["out"]), policy=Path(spec["policy_dir"]) / "policy.pt",
+                               horizon=cfg["horizon"], n_starts=cfg["n_starts"], seed=cfg["seed"],
+                               reward_dir=dirs["reward"])
+    df = result["rollout_error"]
+    last = df[df["horizon"] == df["horizon"].max()]
+    return {f"{r['mode']}/{r['model']}/state_mse_at_H": float(r["state_mse"])
+            for _, r in last.iterrows()}

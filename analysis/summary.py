@@ -13,7 +13,7 @@ import pandas as pd
 
 from analysis.plotting import label
 from analysis.tables import NA, NOT_RUN
-from dydiff.utils import atomic_write_text
+from harness.checkpoint import atomic_write_text
 
 FEW_SEEDS = 5  # below this, rliable's paper calls CIs unreliable and we say so
 

@@ -19,13 +19,12 @@ import pandas as pd
 import yaml
 from rliable import metrics
 
-from analysis.aggregate import collect_scores
+from analysis.aggregate import collect_scores, ordered
 from analysis.plotting import label
-from dydiff.utils import atomic_write_text
+from harness import registry
+from harness.checkpoint import atomic_write_text
 
 DEFAULT_PUBLISHED = Path(__file__).with_name("published.yaml")
-FAMILIES = {"td3bc": ["td3bc", "dydiff-td3bc"], "cql": ["cql", "dydiff-cql"]}
-OVERALL = ["td3bc", "dydiff-td3bc", "cql", "dydiff-cql", "mopo", "mbpo"]
 KIND_ORDER = ["random", "medium", "medium-replay", "medium-expert", "expert"]
 NA, NOT_RUN = "n/a", "–"
 
@@ -95,12 +94,14 @@ def _fmt(mean: float, std: float | None, digits: int = 1) -> str:
 def build_table(df: pd.DataFrame, methods: list[str], published: list[Published],
                 published_methods: list[str] | None = None) -> dict:
     """The cells of one table. `published_methods` (default `methods`) picks which published
-    columns to add: one per (source, method) that the source reports or, for DyDiff methods,
-    the DyDiff paper (n/a). Returns {"columns", "rows", "bold", "caption_seeds", "sources"}."""
+    columns to add: one per (source, method) for the sources the registry names for the method
+    (`Method.published`) that report it; a source without numbers prints n/a. Returns {"columns", "rows", "bold", "caption_seeds", "sources"}."""
     published_methods = methods if published_methods is None else published_methods
     own = [m for m in methods if m in set(df.method)]
     tasks = sorted(df[df.method.isin(own)].task.unique(), key=_task_key)
-    pub_cols = [(p, m) for m in published_methods for p in published if m in p.scores]
+    pub_cols = [(p, m) for m in published_methods for p in published
+                if m in p.scores and m in registry.METHODS
+                and p.key in registry.METHODS[m].published]
     columns = [f"{label(m)} (ours)" for m in own] + [f"{label(m)} ({p.label})"
                                                      for p, m in pub_cols]
     rows, bold = [], []
@@ -188,19 +189,20 @@ def make_tables(df: pd.DataFrame, published: list[Published]) -> dict[str, dict]
     """{name: {"title", "table", "markdown", "latex"}} for each family present + 'overall'."""
     out = {}
     present = set(df.method)
-    for base, methods in FAMILIES.items():
+    for base, methods in registry.families().items():
         if not present & set(methods):
             continue
         title = f"{label(base)} family"
         table = build_table(df, methods, published)
         out[base] = {"title": title, "table": table, "markdown": to_markdown(title, table),
                      "latex": to_latex(title, table, f"dydiff-{base}")}
-    methods = [m for m in OVERALL if m in present] + sorted(present - set(OVERALL))
+    methods = ordered(present)
     title = "All methods"
-    # Published columns here only for the model-based baselines (the family tables hold the
-    # TD3+BC / CQL ones), so MOPO / MBPO runs sit next to OfflineRL-Kit and the MOPO paper.
+    # Published columns here only for methods without a family table (the family tables hold
+    # the TD3+BC / CQL ones), so MOPO / MBPO runs sit next to OfflineRL-Kit and the MOPO paper.
+    in_family = {m for members in registry.families().values() for m in members}
     table = build_table(df, methods, published,
-                        published_methods=[m for m in ("mopo", "mbpo") if m in present])
+                        published_methods=[m for m in methods if m not in in_family])
     out["overall"] = {"title": title, "table": table, "markdown": to_markdown(title, table),
                       "latex": to_latex(title, table, "dydiff-overall")}
     return out

@@ -45,11 +45,11 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from dydiff.config import from_dict, require
-from dydiff.data.dataset import Dataset
-from dydiff.nets import Standardizer
-from dydiff.utils import atomic_path, load_checkpoint, rng_state, save_checkpoint, \
-    set_rng_state, start_training
+from harness.config import from_dict, require
+from harness.data.dataset import Dataset
+from harness.nets import Standardizer
+from harness.checkpoint import atomic_path, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from harness.runtime import start_training
 
 log = logging.getLogger(__name__)
 
@@ -443,7 +443,7 @@ def load_ensemble(out_dir: str | Path, device: torch.device | str = "cpu") -> En
     path = Path(out_dir) / MODEL
     state = load_checkpoint(path)
     if state is None:
-        raise FileNotFoundError(f"no ensemble model at {path} (run train-ensemble first)")
+        raise FileNotFoundError(f"no ensemble model at {path} (run `dydiff-bench train-model --model ensemble` first)")
     cfg = from_dict(EnsembleConfig, state["config"], where=f"{path}:config")
     o, a = state["obs_dim"], state["act_dim"]
     net = EnsembleNet(o + a, o + 1, cfg)

@@ -8,7 +8,7 @@ Per `generate` call (MBPO / MOPO, as in OfflineRL-Kit's `rollout`): take the fir
   r~ = r_hat - lambda * u(s, a), with the uncertainty u:
     aleatoric     max over ALL members of ||std_e(s, a)||_2 (MOPO's `penalty_learned_var`),
     ensemble_std  ||std over members of mean_e(s, a)||_2 (disagreement of the members' means),
-    none          0 (MBPO-style: `baselines/mbpo.py`),
+    none          0 (MBPO-style: the `mbpo` method in harness/registry.py),
   both norms over the full output [next_obs, reward], as in MOPO's and OfflineRL-Kit's code;
   done = termination_fn(task)(next_obs); samples that terminated are dropped from later steps.
 Outputs are flat (M, ...) tensors in step-major order, plus scalar stats for the offline loop's
@@ -21,16 +21,15 @@ noise uses the global torch RNG, which the offline loop checkpoints itself.
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Literal
 
 import torch
 
-from dydiff.config import from_dict, require
-from dydiff.data.dataset import Dataset
-from dydiff.envs import termination_fn
+from harness.config import from_dict, require
+from harness.data.dataset import Dataset
+from harness.envs import termination_fn
 
 PenaltyKind = Literal["aleatoric", "ensemble_std", "none"]
 
@@ -110,6 +109,11 @@ class EnsembleRolloutGenerator:
         self.gen.manual_seed(_mix_seed(seed))
 
     @property
+    def rollout_batch_size(self) -> int:
+        """Start states per call (the offline loop samples this many real states)."""
+        return self.cfg.rollout_batch_size
+
+    @property
     def max_transitions_per_call(self) -> int:
         return self.cfg.rollout_batch_size * self.cfg.rollout_length
 
@@ -177,10 +181,5 @@ def make_generator(dataset: Dataset, cfg: dict | MOPOConfig, model_dirs: dict[st
     return EnsembleRolloutGenerator(dyn, termination_fn(dataset.name), cfg, seed)
 
 
-def without_penalty(cfg: dict | MOPOConfig) -> MOPOConfig:
-    """The same rollout settings with the uncertainty penalty switched off (MBPO)."""
-    return dataclasses.replace(as_config(cfg), penalty="none", penalty_coef=0.0)
-
-
 __all__ = ["MOPOConfig", "PAPER_SETTINGS", "EnsembleRolloutGenerator", "make_generator",
-           "paper_settings", "uncertainty_penalty", "without_penalty"]
+           "paper_settings", "uncertainty_penalty"]

@@ -1,3 +1,2 @@
-"""dydiff-bench: DyDiff (dynamics diffusion, arXiv 2405.19189) and the shared offline-RL core."""
-
-__version__ = "0.1.0"
+"""DyDiff (Zhao et al. 2024, arXiv 2405.19189), the method only: EDM preconditioning and loss,
+temporal U-Net, sampler with policy injection, trajectory filter, reward model, rollouts."""

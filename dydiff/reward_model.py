@@ -34,11 +34,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from dydiff.config import from_dict, require
-from dydiff.data.dataset import Dataset
-from dydiff.nets import Standardizer, mlp
-from dydiff.utils import atomic_path, load_checkpoint, rng_state, save_checkpoint, \
-    set_rng_state, start_training
+from harness.config import from_dict, require
+from harness.data.dataset import Dataset
+from harness.nets import Standardizer, mlp
+from harness.checkpoint import atomic_path, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from harness.runtime import start_training
 
 log = logging.getLogger(__name__)
 
@@ -243,7 +243,7 @@ def load_reward_model(out_dir: str | Path, device: torch.device | str = "cpu") -
     path = Path(out_dir) / MODEL
     state = load_checkpoint(path)
     if state is None:
-        raise FileNotFoundError(f"no reward model at {path} (run train-reward first)")
+        raise FileNotFoundError(f"no reward model at {path} (run `dydiff-bench train-model --model reward` first)")
     cfg = from_dict(RewardModelConfig, state["config"], where=f"{path}:config")
     model = RewardModel(state["obs_dim"], state["act_dim"], cfg.hidden)
     model.load_state_dict(state["model"])

@@ -2,9 +2,9 @@
 
 Per call (authors' exp_specs: rollout_batch_size 2048, rollout_length -1 = the diffusion
 horizon, iterative_times 2, filter softmax/hardmax with threshold 0.6 and softmax_temp 0.05):
-  1. sample trajectories from start states with policy injection (dydiff.diffusion.sampler),
+  1. sample trajectories from start states with policy injection (dydiff.sampler),
   2. rewards r(s, a) from the learned reward model,
-  3. truncate every trajectory after its first terminal state (dydiff.envs.termination_fn),
+  3. truncate every trajectory after its first terminal state (harness.envs.termination_fn),
   4. keep a fraction `threshold` of the trajectories, ranked by summed predicted reward:
      hardmax keeps the top ones; softmax samples without replacement with probabilities
      softmax(zscore(return) / temp) (Gumbel top-k, so zero-probability ties cannot fail).
@@ -17,10 +17,10 @@ from typing import Callable, Literal
 
 import torch
 
-from dydiff.config import from_dict, require
-from dydiff.data.dataset import Dataset
-from dydiff.diffusion.sampler import DiffusionDynamics
-from dydiff.envs import termination_fn
+from harness.config import from_dict, require
+from harness.data.dataset import Dataset
+from dydiff.sampler import DiffusionDynamics
+from harness.envs import alive_mask, termination_fn
 
 
 @dataclass
@@ -68,17 +68,16 @@ def filter_trajectories(returns: torch.Tensor, fraction: float,
     return (z / temp + gumbel).topk(k).indices
 
 
-def alive_mask(done: torch.Tensor) -> torch.Tensor:
-    """(N, T) terminal flags -> (N, T) bool: transition t happens (no terminal before t)."""
-    before = done.long().cumsum(1) - done.long()
-    return before == 0
-
-
 class DyDiffGenerator:
     def __init__(self, dynamics: DiffusionDynamics, reward_fn: Callable, done_fn: Callable,
                  cfg: DyDiffConfig):
         self.dynamics, self.reward_fn, self.done_fn, self.cfg = dynamics, reward_fn, done_fn, cfg
         self.length = (dynamics.horizon - 1 if cfg.rollout_length == -1 else cfg.rollout_length)
+
+    @property
+    def rollout_batch_size(self) -> int:
+        """Start states per call (the offline loop samples this many real states)."""
+        return self.cfg.rollout_batch_size
 
     @property
     def max_transitions_per_call(self) -> int:
@@ -123,7 +122,7 @@ def make_generator(dataset: Dataset, cfg: dict | DyDiffConfig, model_dirs: dict[
     if missing:
         raise KeyError(f"DyDiff rollouts need trained models {missing} in model_dirs "
                        f"(got {sorted(model_dirs)})")
-    from dydiff.diffusion.train import load_diffusion
+    from dydiff.diffusion import load_diffusion
     from dydiff.reward_model import load_reward_model
     sampler = {} if cfg.sampler_steps is None else {"num_steps": cfg.sampler_steps}
     dyn = load_diffusion(model_dirs["diffusion"], device, sampler)
@@ -135,5 +134,5 @@ def make_generator(dataset: Dataset, cfg: dict | DyDiffConfig, model_dirs: dict[
     return DyDiffGenerator(dyn, _reward_fn(reward), termination_fn(dataset.name), cfg)
 
 
-__all__ = ["DyDiffConfig", "DyDiffGenerator", "filter_trajectories", "alive_mask",
+__all__ = ["DyDiffConfig", "DyDiffGenerator", "filter_trajectories",
            "make_generator", "n_kept"]

@@ -1,7 +1,7 @@
 """DyDiff measurements on one CPU thread (issue 5, "Numbers it must reach").
 
 Stages (each cached in --out and resumable: rerunning skips finished work):
-  data       hopper medium-replay generated locally (dydiff.data.generate, short SAC run)
+  data       hopper medium-replay generated locally (datagen.generate, short SAC run)
   reward     DyDiff reward model (paper defaults): holdout MSE vs reward variance
   diffusion  dynamics diffusion at a CPU preset (--diffusion-steps, --horizon)
   ensemble   probabilistic ensemble (baselines.ensemble, if present) on the same data
@@ -61,7 +61,7 @@ def load_summary(out: Path) -> dict:
 
 
 def save_stage(out: Path, name: str, summary: dict) -> None:
-    from dydiff.utils import atomic_write_text
+    from harness.checkpoint import atomic_write_text
     if name in summary:
         atomic_write_text(out / "stages" / f"{name}.json",
                           json.dumps(summary[name], indent=2, default=float))
@@ -75,9 +75,9 @@ def dataset_path(args) -> Path:
 
 
 def stage_data(args, summary):
-    from dydiff.config import from_dict
-    from dydiff.data.generate import GenerateConfig, generate_datasets
-    from dydiff.data.sources import load_dataset
+    from harness.config import from_dict
+    from datagen.generate import GenerateConfig, generate_datasets
+    from harness.data.sources import load_dataset
     if not dataset_path(args).exists():
         cfg = from_dict(GenerateConfig, {
             "sac_steps": args.sac_steps, "start_steps": 2000, "update_after": 1000,
@@ -108,7 +108,7 @@ def stage_reward(args, ds, summary):
 
 
 def stage_diffusion(args, ds, summary):
-    from dydiff.diffusion.train import train_diffusion
+    from dydiff.diffusion import train_diffusion
     summary["diffusion"] = {"config": diffusion_cfg(args), **train_diffusion(
         ds, diffusion_cfg(args), args.out / "diffusion", seed=args.seed, device="cpu")}
 
@@ -125,8 +125,8 @@ def stage_ensemble(args, ds, summary):
 
 
 def stage_policy(args, ds, summary):
-    from dydiff.config import from_dict
-    from dydiff.rl.train import PolicyConfig, train_policy
+    from harness.config import from_dict
+    from harness.training.policy import PolicyConfig, train_policy
     cfg = from_dict(PolicyConfig, {"offline": {
         "total_steps": args.policy_steps, "eval_every": args.policy_steps, "eval_episodes": 5,
         "log_every": 500, "checkpoint_every": 1000}}, where="policy")
@@ -151,7 +151,7 @@ def one_step_by_start(args, ds) -> dict:
     windows only start where a full window fits (as in the authors' indexer), so starts near an
     episode end are never window starts in training."""
     from analysis.rollout_error import behaviour_actions, select_starts
-    from dydiff.diffusion.train import load_diffusion
+    from dydiff.diffusion import load_diffusion
     dyn = load_diffusion(args.out / "diffusion", "cpu")
     starts = select_starts(ds, args.n_starts, np.random.default_rng(args.seed))
     acts, valid = behaviour_actions(ds, starts, dyn.horizon - 1)
@@ -176,7 +176,7 @@ def stage_error(args, ds, summary):
     res = run_rollout_error(ds, dirs, args.out / "error", horizon=args.error_horizon,
                             n_starts=args.n_starts, seed=args.seed,
                             policy=policy if policy.exists() else None,
-                            agent_loader="dydiff.rl.train:load_agent", reps=1000)
+                            agent_loader="harness.training.policy:load_agent", reps=1000)
     # Reference predictors on the same starts (same seed -> same rows): what an
     # uninformative model scores, to read the learned models' numbers against.
     from analysis.rollout_error import rollout_error_study
@@ -199,8 +199,8 @@ def stage_error(args, ds, summary):
 
 
 def stage_gap(args, ds, summary):
-    from dydiff.diffusion.train import load_diffusion
-    from dydiff.rl.train import load_agent
+    from dydiff.diffusion import load_diffusion
+    from harness.training.policy import load_agent
     dyn = load_diffusion(args.out / "diffusion", "cpu")
     agent = load_agent(args.out / "td3bc" / "policy.pt")
     rng = np.random.default_rng(args.seed)

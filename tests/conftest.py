@@ -10,5 +10,5 @@ torch.set_num_threads(1)  # the test machine's cores are shared
 @pytest.fixture(scope="session")
 def hopper_random():
     """3000 uniformly random Hopper-v5 transitions (D4RL layout with qpos/qvel), seed 0."""
-    from dydiff.data.generate import random_dataset
+    from datagen.generate import random_dataset
     return random_dataset("hopper", 3000, seed=0)

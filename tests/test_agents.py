@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from dydiff.config import ConfigError, from_dict
-from dydiff.rl.cql import CQL, CQLConfig
-from dydiff.rl.sac import SAC, SACConfig
-from dydiff.rl.td3bc import TD3BC, TD3BCConfig, smoothed_target_action, td3bc_actor_loss
+from harness.config import ConfigError, from_dict
+from agents.cql import CQL, CQLConfig
+from agents.sac import SAC, SACConfig
+from agents.td3bc import TD3BC, TD3BCConfig, smoothed_target_action, td3bc_actor_loss
 
 torch.set_num_threads(1)
 O, A, B = 5, 3, 8

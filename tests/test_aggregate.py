@@ -12,12 +12,13 @@ from analysis import plotting
 
 
 def _write_runs(root, scores: dict):
-    """scores: {(method, task): [score per seed]} -> final.json files under root."""
+    """scores: {(method, task): [score per seed]} -> eval.json files (as the evaluate step
+    writes them) under root."""
     for (method, task), vals in scores.items():
         for seed, s in enumerate(vals):
             d = root / method / task / f"seed{seed}"
             d.mkdir(parents=True)
-            (d / "final.json").write_text(json.dumps({
+            (d / agg.SCORE_FILE).write_text(json.dumps({
                 "method": method, "task": task, "seed": seed, "normalized_score": s,
                 "return_mean": 0.0, "return_std": 0.0, "eval_episodes": 10, "steps": 1,
                 "wall_time_s": 1.0, "git_sha": "x", "config_hash": "y"}))
@@ -87,7 +88,7 @@ def test_one_seed_one_task_and_unequal_seeds():
 
 
 def test_collect_scores_errors_name_the_file(tmp_path):
-    bad = tmp_path / "final.json"
+    bad = tmp_path / agg.SCORE_FILE
     bad.write_text(json.dumps({"method": "td3bc", "task": "hopper-medium", "seed": 0}))
     with pytest.raises(agg.ScoreError, match="normalized_score"):
         agg.collect_scores([bad])

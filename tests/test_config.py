@@ -1,43 +1,68 @@
-"""Config validation at the edge: wrong keys/values fail before any job, naming the key."""
+"""Config validation at the edge: wrong keys/values fail before any job, in one line naming the
+file and the key."""
 import pytest
 
-from dydiff import jobs
-from dydiff.cli import _overrides
-from dydiff.config import ConfigError, from_dict
-from dydiff.rl.offline_loop import OfflineConfig
+from harness import plan
+from harness.config import ConfigError, from_dict, overrides_from_pairs, typed
+from harness.training.offline_loop import OfflineConfig
 
 SMOKE = "config/smoke.yaml"
+METHODS = "['td3bc', 'dydiff-td3bc', 'cql', 'dydiff-cql', 'mopo', 'mbpo']"
 
 
 def test_smoke_and_paper_configs_are_valid():
     for path in (SMOKE, "config/paper.yaml"):
-        cfg = jobs.load_config(path)
-        assert jobs.all_jobs(cfg)
+        cfg = plan.load_config(path)
+        assert plan.all_jobs(cfg)
 
 
-@pytest.mark.parametrize("override, message", [
-    ({"methods": ["td3bc", "dreamer"]}, "unknown method(s) ['dreamer']"),
-    ({"tasks": ["ant-medium"]}, "unknown task 'ant-medium'"),
-    ({"tasks": ["hopper-mediocre"]}, "unknown dataset kind 'mediocre'"),
-    ({"seeds": [-1]}, "seeds"),
-    ({"learning_rate": 3}, "unknown top-level key(s) ['learning_rate']"),
-    ({"policy": {"offline": {"total_step": 5}}}, "policy[td3bc].offline: unknown key(s) "
-                                                  "['total_step']"),
-    ({"policy": {"offline": {"real_ratio": 1.5}}}, "policy[td3bc].offline.real_ratio"),
-    ({"policy": {"td3bc": {"alpha": "big"}}}, "policy[td3bc].td3bc.alpha: expected a number"),
-    ({"per_task": {"walker2d-medium": {}}}, "per_task"),
+@pytest.mark.parametrize("override, line", [
+    ({"methods": ["td3bc", "dreamer"]}, f"methods[1]: 'dreamer' is not one of {METHODS}"),
+    ({"tasks": ["ant-medium"]},
+     "tasks: unknown task 'ant-medium': known task families are ['halfcheetah', 'hopper', "
+     "'walker2d'] (dataset names like 'hopper-medium-v2' or 'mujoco/hopper/medium-v0')"),
+    ({"tasks": ["hopper-mediocre"]},
+     "tasks: 'hopper-mediocre' has unknown dataset kind 'mediocre'; known kinds: ['random', "
+     "'medium', 'medium-replay', 'medium-expert', 'expert']"),
+    ({"seeds": [-1]}, "seeds[0]: -1 is less than the minimum of 0"),
+    ({"seeds": [0, 0]}, "seeds: [0, 0] has non-unique elements"),
+    ({"learning_rate": 3},
+     "learning_rate: unknown key; known: ['analysis', 'data', 'evaluation', 'methods', 'mlflow', "
+     "'models', 'name', 'per_task', 'policy', 'resources', 'results_dir', 'rollout_error', "
+     "'seeds', 'tasks']"),
+    ({"policy": {"offline": {"real_ratio": 1.5}}},
+     "policy.methods.td3bc.offline.real_ratio: must be in [0, 1], got 1.5"),
+    ({"policy": {"td3bc": {"alpha": "big"}}},
+     "policy.methods.td3bc.td3bc.alpha: expected a number, got 'big'"),
+    ({"per_task": {"walker2d-medium": {}}},
+     "per_task: override(s) for task(s) ['walker2d-medium'] not in tasks"),
+    ({"policy": {"methods": {"dreamer": {}}}}, f"policy.methods: 'dreamer' is not one of {METHODS}"),
+    ({"rollout_error": {"policy_method": "dreamer"}},
+     "rollout_error.policy_method: 'dreamer' is not one of methods ['td3bc', 'cql', 'mopo', "
+     "'mbpo', 'dydiff-td3bc', 'dydiff-cql']"),
+    ({"policy": {"methods": {"mopo": {"rollout": {"rollout_length": -1}}}}},
+     "policy.methods.mopo.rollout.rollout_length: must be >= 1, got -1"),
+    ({"policy": {"methods": {"mbpo": {"rollout": {"penalty_coef": 2.0}}}}},
+     "policy.methods.mbpo.rollout: ['penalty_coef'] cannot be set: mbpo is defined by "
+     "{'penalty_coef': 0.0}"),
+    ({"policy": {"methods": {"td3bc": {"rollout": {"a": 1}}}}},
+     "policy.methods.td3bc.rollout: td3bc is model-free and takes no rollout settings"),
+    ({"data": {"source": "s3"}}, "data.source: 's3' is not one of ['local', 'd4rl', 'minari']"),
 ])
-def test_bad_values_name_the_key(override, message):
+def test_bad_values_are_one_line_naming_file_and_key(override, line):
     with pytest.raises(ConfigError) as err:
-        jobs.load_config(SMOKE, override)
-    assert message in str(err.value)
+        plan.load_config(SMOKE, override)
+    assert str(err.value) == f"{SMOKE}: {line}"
 
 
-def test_negative_rollout_horizon_is_rejected_before_training():
+def test_yaml_syntax_error_names_file_and_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\ntasks: [hopper-medium\nseeds: [0]\n")
     with pytest.raises(ConfigError) as err:
-        jobs.load_config(SMOKE, {"policy": {"methods": {"mopo": {"rollout": {
-            "rollout_length": -1}}}}})
-    assert "policy.methods.mopo.rollout.rollout_length" in str(err.value)
+        plan.load_config(bad)
+    assert str(err.value).startswith(f"{bad}:3: not valid YAML: ")
+    with pytest.raises(ConfigError, match="does not exist"):
+        plan.load_config(tmp_path / "missing.yaml")
 
 
 def test_from_dict_types_and_unknown_keys():
@@ -50,45 +75,74 @@ def test_from_dict_types_and_unknown_keys():
 
 
 def test_per_task_overrides_reach_only_that_task():
-    cfg = jobs.load_config(SMOKE)
+    cfg = plan.load_config(SMOKE)
     task, other = cfg["tasks"][:2]
     cfg["per_task"] = {task: {"policy": {"offline": {"batch_size": 7}}}}
-    a = jobs.policy_job(cfg, "td3bc", task, 0)["config"]["policy"]["offline"]["batch_size"]
-    b = jobs.policy_job(cfg, "td3bc", other, 0)["config"]["policy"]["offline"]["batch_size"]
+    a = plan.policy_job(cfg, "td3bc", task, 0)["config"]["policy"]["offline"]["batch_size"]
+    b = plan.policy_job(cfg, "td3bc", other, 0)["config"]["policy"]["offline"]["batch_size"]
     assert a == 7 and b != 7
 
 
-def test_changing_one_method_changes_only_its_job_specs():
-    cfg = jobs.load_config(SMOKE)
-    before = {(s["step"], s.get("method"), s.get("task"), s.get("seed")): s
-              for s in jobs.all_jobs(cfg)}
-    cfg["policy"].setdefault("methods", {}).setdefault("cql", {}).setdefault("cql", {})[
-        "cql_weight"] = 1.0
-    after = {(s["step"], s.get("method"), s.get("task"), s.get("seed")): s
-             for s in jobs.all_jobs(cfg)}
-    changed = {k for k in before if before[k] != after[k]}
-    assert changed and all(k[0] == "train-policy" and k[1] == "cql" for k in changed)
+def _specs(cfg):
+    return {(s["step"], s.get("method") or s.get("model"), s.get("task"), s.get("seed")): s
+            for s in plan.all_jobs(cfg)}
 
 
-def test_cli_overrides_parse_yaml_values():
-    assert _overrides(["seeds=[0,1,2]", "policy.offline.total_steps=500"]) == {
-        "seeds": [0, 1, 2], "policy": {"offline": {"total_steps": 500}}}
+def test_changing_one_agent_changes_only_the_jobs_that_train_it():
+    cfg = plan.load_config(SMOKE)
+    before = _specs(cfg)
+    cfg["policy"].setdefault("cql", {})["cql_weight"] = 1.0
+    changed = {k for k, v in _specs(cfg).items() if before[k] != v}
+    assert {k[1] for k in changed} == {"cql", "dydiff-cql"}
+    assert {k[0] for k in changed} == {"train-policy"}
+
+
+def test_final_episodes_changes_only_evaluation_specs():
+    cfg = plan.load_config(SMOKE)
+    before = _specs(cfg)
+    cfg["evaluation"] = {"final_episodes": 3}
+    changed = {k for k, v in _specs(cfg).items() if before[k] != v}
+    assert {k[0] for k in changed} == {"evaluate"}
+    assert len(changed) == len(cfg["methods"]) * len(cfg["tasks"]) * len(cfg["seeds"])
+
+
+def test_overrides_parse_yaml_values_the_same_on_both_front_ends():
+    assert overrides_from_pairs(["seeds=[0,1,2]", "policy.offline.total_steps=500",
+                                 "policy.sac.actor_lr=1e-4"]) == {
+        "seeds": [0, 1, 2], "policy": {"offline": {"total_steps": 500},
+                                       "sac": {"actor_lr": 1e-4}}}
+    # `snakemake --config` hands nested values over as strings
+    assert typed({"seeds": ["0", "1"], "mlflow": {"enabled": "false"}, "x": "1e-4"}) == {
+        "seeds": [0, 1], "mlflow": {"enabled": False}, "x": 1e-4}
     with pytest.raises(ConfigError, match="KEY=VALUE"):
-        _overrides(["seeds"])
+        overrides_from_pairs(["seeds"])
 
 
 def test_paper_config_uses_mopo_published_settings_per_task():
     from baselines.mopo import PAPER_SETTINGS
-    cfg = jobs.load_config("config/paper.yaml")
+    cfg = plan.load_config("config/paper.yaml")
     for task in cfg["tasks"]:
-        mopo = jobs.policy_job(cfg, "mopo", task, 0)["config"]["policy"]["rollout"]
-        mbpo = jobs.policy_job(cfg, "mbpo", task, 0)["config"]["policy"]["rollout"]
+        mopo = plan.policy_job(cfg, "mopo", task, 0)["config"]["policy"]["rollout"]
+        mbpo = plan.policy_job(cfg, "mbpo", task, 0)["config"]["policy"]["rollout"]
         assert {k: mopo[k] for k in PAPER_SETTINGS[task]} == PAPER_SETTINGS[task], task
         assert mbpo["rollout_length"] == PAPER_SETTINGS[task]["rollout_length"]
         assert (mbpo["penalty"], mbpo["penalty_coef"]) == ("none", 0.0)
 
 
-def test_mbpo_rejects_a_penalty():
-    with pytest.raises(ConfigError, match="policy.methods.mbpo.rollout.*penalty_coef"):
-        jobs.load_config(SMOKE, {"policy": {"methods": {"mbpo": {"rollout": {
-            "penalty_coef": 2.0}}}}})
+def test_paper_grid_job_counts():
+    """12 tasks x 6 methods x 5 seeds, D4RL files imported, every model once per task."""
+    cfg = plan.load_config("config/paper.yaml")
+    counts: dict[str, int] = {}
+    for spec in plan.all_jobs(cfg):
+        counts[spec["step"]] = counts.get(spec["step"], 0) + 1
+    assert counts == {"import-dataset": 12, "train-model": 36, "train-policy": 360,
+                      "evaluate": 360, "rollout-error": 12, "analyze": 1}
+
+
+def test_every_output_path_is_under_the_results_folder_and_distinct():
+    cfg = plan.load_config(SMOKE)
+    patterns = [plan.pattern(cfg, k) for k in plan.PATHS]
+    assert len(set(patterns)) == len(patterns)
+    assert all(p.startswith("results/smoke/") for p in patterns)
+    assert str(plan.path(cfg, "eval", method="mopo", task="hopper-medium", seed=3)) == \
+        "results/smoke/policies/mopo/hopper-medium/seed3/eval.json"

@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from dydiff.config import ConfigError, from_dict
-from dydiff.data.d4rl import read_hdf5, write_hdf5
-from dydiff.data.dataset import Dataset, DatasetError
-from dydiff.data.generate import GenerateConfig, OnlineSAC, generate_datasets, random_dataset
-from dydiff.data.sources import load_dataset
-from dydiff.envs import TASKS, make_env
+from harness.config import ConfigError, from_dict
+from harness.data.d4rl import read_hdf5, write_hdf5
+from harness.data.dataset import Dataset, DatasetError
+from datagen.generate import GenerateConfig, OnlineSAC, generate_datasets, random_dataset
+from harness.data.sources import load_dataset
+from harness.envs import TASKS, make_env
 
 
 def _arrays(n=10, obs_dim=11, act_dim=3):
@@ -229,7 +229,7 @@ def test_minari_dataset_flattens_to_d4rl_arrays(tmp_path, monkeypatch):
     assert [s.stop - s.start for s in d.episodes()] == [len(r[1]) for r in record]
     # The stored state is the state at each observation.
     env = make_env("hopper")
-    from dydiff.envs import restore_state
+    from harness.envs import restore_state
     np.testing.assert_allclose(restore_state(env, d.qpos[5], d.qvel[5]), d.observations[5],
                                atol=1e-5)
 

@@ -9,14 +9,14 @@ import pytest
 import torch
 from torch import nn
 
-from dydiff.config import ConfigError, from_dict
-from dydiff.data.dataset import Dataset
-from dydiff.data.segments import Normalizer, make_segments
-from dydiff.diffusion.edm import EDMDenoiser, apply_conditioning, edm_loss
-from dydiff.diffusion.sampler import DiffusionDynamics, SamplerConfig, edm_sample, sigma_steps
-from dydiff.diffusion.train import (DiffusionConfig, build_denoiser, ema_beta, ema_update,
+from harness.config import ConfigError, from_dict
+from harness.data.dataset import Dataset
+from dydiff.segments import Normalizer, make_segments
+from dydiff.edm import EDMDenoiser, apply_conditioning, edm_loss
+from dydiff.sampler import DiffusionDynamics, SamplerConfig, edm_sample, sigma_steps
+from dydiff.diffusion import (DiffusionConfig, build_denoiser, ema_beta, ema_update,
                                     load_diffusion, lr_at, train_diffusion)
-from dydiff.nets import TemporalUnet
+from dydiff.unet import TemporalUnet
 
 TINY = {"horizon": 8, "dim": 16, "dim_mults": [1, 2], "batch_size": 32, "train_steps": 6,
         "lr_rampup_kimg": 0.0, "ema_halflife_kimg": 1.0, "log_every": 2, "checkpoint_every": 2,

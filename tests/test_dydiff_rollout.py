@@ -6,12 +6,12 @@ import pytest
 import torch
 from torch import nn
 
-from dydiff.config import ConfigError, from_dict
-from dydiff.data.segments import Normalizer
-from dydiff.diffusion.sampler import DiffusionDynamics, SamplerConfig
-from dydiff.diffusion.train import load_diffusion, train_diffusion
-from dydiff.envs import termination_fn
-from dydiff.rl.sac import SAC
+from harness.config import ConfigError, from_dict
+from dydiff.segments import Normalizer
+from dydiff.sampler import DiffusionDynamics, SamplerConfig
+from dydiff.diffusion import load_diffusion, train_diffusion
+from harness.envs import termination_fn
+from agents.sac import SAC
 from dydiff.rollout import (DyDiffConfig, DyDiffGenerator, _reward_fn, alive_mask,
                             filter_trajectories, make_generator, n_kept)
 
@@ -185,7 +185,7 @@ def test_make_generator_errors(hopper_random, hopper_diffusion, tmp_path):
         make_generator(hopper_random, {}, {"diffusion": hopper_diffusion}, "cpu")
     with pytest.raises(ConfigError, match="policy.rollout.threshold"):
         make_generator(hopper_random, {"threshold": 0.0}, {}, "cpu")
-    with pytest.raises(FileNotFoundError, match="train-diffusion"):
+    with pytest.raises(FileNotFoundError, match="train-model --model diffusion"):
         load_diffusion(tmp_path)
 
 

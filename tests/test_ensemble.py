@@ -9,8 +9,8 @@ from torch import nn
 
 from baselines.ensemble import EnsembleConfig, EnsembleLinear, EnsembleNet, dataset_tensors, \
     holdout_size, load_ensemble, member_mse, split_indices, train_ensemble
-from dydiff.config import ConfigError, from_dict
-from dydiff.data.dataset import Dataset
+from harness.config import ConfigError, from_dict
+from harness.data.dataset import Dataset
 
 NOISE = 0.05
 A = np.array([[0.9, 0.2], [-0.2, 0.9]], np.float32)
@@ -242,7 +242,7 @@ def test_load_roundtrip_and_predict_units(toy_model):
         model.predict(torch.zeros(4, 3), torch.zeros(4, 1))
     empty = model.step(torch.zeros(0, 2), torch.zeros(0, 1))
     assert empty["next_obs"].shape == (0, 2) and empty["stds"].shape == (3, 0, 3)
-    with pytest.raises(FileNotFoundError, match="train-ensemble"):
+    with pytest.raises(FileNotFoundError, match="train-model --model ensemble"):
         load_ensemble(out / "missing")
 
 

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from dydiff.data.generate import random_dataset
-from dydiff.envs import (TASKS, family_of, make_env, normalized_score, restore_state,
+from datagen.generate import random_dataset
+from harness.envs import (TASKS, family_of, make_env, normalized_score, restore_state,
                          task_spec, termination_fn)
 
 FAMILIES = ("hopper", "walker2d", "halfcheetah")

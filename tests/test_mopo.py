@@ -8,14 +8,15 @@ import pandas as pd
 import pytest
 import torch
 
-from baselines import mbpo, mopo
+from baselines import mopo
 from baselines.ensemble import train_ensemble
 from baselines.mopo import PAPER_SETTINGS, MOPOConfig, paper_settings, uncertainty_penalty
-from dydiff.config import ConfigError, from_dict
-from dydiff.data.dataset import Dataset
-from dydiff.envs import hopper_termination
-from dydiff.rl.offline_loop import OfflineConfig, offline_loop
-from dydiff.rl.sac import SAC, SACConfig
+from harness import registry
+from harness.config import ConfigError, from_dict
+from harness.data.dataset import Dataset
+from harness.envs import hopper_termination
+from harness.training.offline_loop import OfflineConfig, offline_loop
+from agents.sac import SAC, SACConfig
 
 TINY = [32, 32]
 ENSEMBLE = dict(num_members=4, num_elites=2, hidden=[64, 64], weight_decay=[0.0, 0.0, 0.0],
@@ -33,6 +34,13 @@ def ensemble_dir(hopper_random, tmp_path_factory):
 def agent(hopper_random):
     torch.manual_seed(0)
     return SAC(hopper_random.obs_dim, hopper_random.act_dim, SACConfig(hidden=TINY))
+
+
+class mbpo:  # noqa: N801 -- the registry's MBPO: MOPO's generator with its pinned settings
+    @staticmethod
+    def make_generator(dataset, cfg, model_dirs, device="cpu", seed=None):
+        pinned = registry.method("mbpo").pinned_rollout
+        return mopo.make_generator(dataset, {**cfg, **pinned}, model_dirs, device, seed)
 
 
 def generator(module, hopper_random, ensemble_dir, seed=0, **cfg):
@@ -153,12 +161,6 @@ def test_mopo_reward_is_penalised_mbpo_reward(hopper_random, ensemble_dir, agent
     assert (mo["rewards"] < mb["rewards"]).all()
 
 
-def test_mbpo_overrides_penalty_settings(hopper_random, ensemble_dir):
-    gen = generator(mbpo, hopper_random, ensemble_dir, penalty="aleatoric", penalty_coef=3.0,
-                    rollout_length=2)
-    assert (gen.cfg.penalty, gen.cfg.penalty_coef, gen.cfg.rollout_length) == ("none", 0.0, 2)
-
-
 def test_seeded_noise_and_state_dict_restore(hopper_random, ensemble_dir, agent):
     start = torch.as_tensor(hopper_random.observations[:64])
 
@@ -206,7 +208,7 @@ def test_make_generator_errors(hopper_random, ensemble_dir):
 
 def loop_cfg(**kw):
     base = dict(total_steps=16, batch_size=32, real_ratio=0.5, rollout_freq=4,
-                rollout_batch_size=40, model_retain_epochs=2, eval_every=16, eval_episodes=1,
+                model_retain_epochs=2, eval_every=16, eval_episodes=1,
                 log_every=4, checkpoint_every=100)
     return from_dict(OfflineConfig, {**base, **kw}, where="offline")
 
@@ -248,8 +250,8 @@ def test_offline_loop_with_mbpo_generator(hopper_random, ensemble_dir, tmp_path)
     assert df["rollout_transitions"].dropna().gt(40).all()
 
 
-def test_cli_method_registry_resolves_generators():
-    from dydiff.rl.train import METHODS, load_generator_factory
-    assert load_generator_factory(METHODS["mopo"][1]) is mopo.make_generator
-    assert load_generator_factory(METHODS["mbpo"][1]) is mbpo.make_generator
+def test_registry_resolves_mopo_and_mbpo_to_one_generator():
+    for name in ("mopo", "mbpo"):
+        assert registry.resolve(registry.method(name).generator) is mopo.make_generator
+    assert registry.method("mbpo").pinned_rollout == {"penalty": "none", "penalty_coef": 0.0}
     assert dataclasses.is_dataclass(MOPOConfig)

@@ -6,8 +6,8 @@ import pandas as pd
 import pytest
 import torch
 
-from dydiff.config import ConfigError, from_dict
-from dydiff.data.dataset import Dataset
+from harness.config import ConfigError, from_dict
+from harness.data.dataset import Dataset
 from dydiff.reward_model import (RewardModel, RewardModelConfig, holdout_split,
                                  load_reward_model, train_reward_model)
 
@@ -148,5 +148,5 @@ def test_load_roundtrip_and_missing(tmp_path):
     z = model.net(model.inputs(torch.cat([obs, act], -1)))[:, 0]
     assert torch.allclose(model(obs, act), z * model.r_std + model.r_mean)
     assert float(model.r_mean) == pytest.approx(float(ds.rewards.mean()), abs=0.2)
-    with pytest.raises(FileNotFoundError, match="train-reward"):
+    with pytest.raises(FileNotFoundError, match="train-model --model reward"):
         load_reward_model(tmp_path / "nothing")

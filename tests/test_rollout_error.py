@@ -6,8 +6,8 @@ import torch
 
 from analysis import plotting
 from analysis import rollout_error as re
-from dydiff.data.dataset import Dataset, DatasetError
-from dydiff.envs import make_env
+from harness.data.dataset import Dataset, DatasetError
+from harness.envs import make_env
 
 torch.set_num_threads(1)
 
@@ -90,8 +90,9 @@ def test_behaviour_actions_mask_episode_end(data):
 
 
 def test_alive_mask_keeps_the_terminal_step():
+    from harness.envs import alive_mask
     term = np.array([[False, True, False, False], [False] * 4])
-    assert re._alive_mask(term).tolist() == [[True, True, False, False], [True] * 4]
+    assert alive_mask(term).tolist() == [[True, True, False, False], [True] * 4]
 
 
 def test_simulator_model_error_is_exactly_zero(data):

@@ -14,6 +14,7 @@ and says why (pytest -ra prints the reason); DYDIFF_SLURM_TEST=0 turns it off.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -30,7 +31,7 @@ import pytest
 
 from dag_helpers import (BIN, LONGER_POLICY, ROOT, assert_same_training, copy_repo,
                          env_with_bin, snakemake, tail)
-from dydiff import jobs
+from harness import plan
 
 pytestmark = pytest.mark.slurm
 UP, DOWN = ROOT / "workflow/ci/slurm-up.sh", ROOT / "workflow/ci/slurm-down.sh"
@@ -188,15 +189,15 @@ def test_smoke_dag_on_slurm(cluster, mlflow_server, tmp_path):
     assert res.returncode == 0, tail(res, 8000)
     print(f"smoke DAG on SLURM: {wall:.0f} s")
 
-    cfg = jobs.load_config(repo / "config/smoke.yaml", {"results_dir": str(repo / "results")})
-    for path in jobs.eval_paths(cfg):
-        assert json.loads(Path(path).read_text())["normalized_score"] is not None
-    assert (jobs.analysis_dir(cfg) / "summary.md").stat().st_size > 0
+    cfg = plan.load_config(repo / "config/smoke.yaml", {"results_dir": str(repo / "results")})
+    for path in plan.eval_paths(cfg):
+        assert math.isfinite(json.loads(Path(path).read_text())["normalized_score"])
+    assert plan.path(cfg, "summary").stat().st_size > 0
 
     submitted = submitted_jobs(res.stdout + res.stderr)
-    # Every job of the grid (datasets, models, policies, evaluations), the rollout-error study
-    # per task and the analysis: each a SLURM job and an MLflow run.
-    n_jobs = len(jobs.all_jobs(cfg)) + len(cfg["tasks"]) * jobs.rollout_error_enabled(cfg) + 1
+    # Every job of the grid (datasets, models, policies, evaluations, the rollout-error study
+    # per task, the analysis): each a SLURM job and an MLflow run.
+    n_jobs = len(plan.all_jobs(cfg))
     assert len(submitted) == n_jobs
     accounting = sacct(*(job["slurm_id"] for job in submitted))
     for job in submitted:

@@ -1,9 +1,12 @@
-"""The work-around for the SLURM executor's 'CANCELLED by <uid>' state (dydiff/slurm_compat.py)."""
+"""The work-around for the SLURM executor's 'CANCELLED by <uid>' state (workflow/slurm_compat.py)."""
 import asyncio
+import sys
+from pathlib import Path
 
 import pytest
 
-from dydiff import slurm_compat
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "workflow"))  # as the Snakefile
+import slurm_compat  # noqa: E402
 
 
 def test_first_word_of_sacct_states():

@@ -70,7 +70,7 @@ def test_run_tables_writes_files(tmp_path):
     import json
     d = tmp_path / "runs" / "td3bc" / "seed0"
     d.mkdir(parents=True)
-    (d / "final.json").write_text(json.dumps({"method": "td3bc", "task": "hopper-medium",
+    (d / "eval.json").write_text(json.dumps({"method": "td3bc", "task": "hopper-medium",
                                               "seed": 0, "normalized_score": 50.0}))
     tables.run_tables([tmp_path / "runs"], tmp_path / "out")
     assert "| hopper-medium | **50.0** |" in (tmp_path / "out" / "table_td3bc.md").read_text()
@@ -87,7 +87,7 @@ def test_summary_is_generated_from_the_data(tmp_path):
             for seed, v in enumerate(vals):
                 d = tmp_path / "runs" / m / task / f"seed{seed}"
                 d.mkdir(parents=True)
-                (d / "final.json").write_text(json.dumps(
+                (d / "eval.json").write_text(json.dumps(
                     {"method": m, "task": task, "seed": seed, "normalized_score": v}))
     agg = run_aggregate([tmp_path / "runs"], tmp_path / "agg", reps=100, seed=0)
     tab = tables.run_tables([tmp_path / "runs"], tmp_path / "tab")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from dydiff import tracking
+from harness import tracking
 
 mlflow = pytest.importorskip("mlflow")
 
@@ -60,7 +60,7 @@ def test_resumed_job_reuses_its_run(tmp_path):
 WRITER = textwrap.dedent("""
     import sys
     from pathlib import Path
-    from dydiff import tracking
+    from harness import tracking
     uri, out, index = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
     with tracking.job_run(experiment="exp", run_name=f"job{index}", params={"i": index},
                           tags={"job": index}, out_dir=out, uri=uri) as log_fn:

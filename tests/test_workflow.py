@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -14,7 +15,11 @@ import pytest
 
 from dag_helpers import (BIN, LONGER_POLICY, ROOT, TINY, assert_same_training, env_with_bin,
                          snakemake, tail)
-from dydiff import jobs
+from harness import plan
+
+
+GIT_SHA = re.compile(r"[0-9a-f]{40}(-dirty)?")  # never the fallback "unknown"
+CONFIG_HASH = re.compile(r"[0-9a-f]{12}")
 
 
 def job_counts(output: str) -> dict[str, int]:
@@ -30,7 +35,7 @@ def job_counts(output: str) -> dict[str, int]:
 
 @pytest.mark.parametrize("configfile", ["config/smoke.yaml", "config/paper.yaml"])
 def test_dry_run_job_counts(configfile, tmp_path):
-    cfg = jobs.load_config(ROOT / configfile)
+    cfg = plan.load_config(ROOT / configfile)
     res = snakemake("-n", "--cores", "1", "--configfile", configfile,
                     "--config", f"results_dir={tmp_path}")
     assert res.returncode == 0, res.stderr + res.stdout
@@ -38,13 +43,13 @@ def test_dry_run_job_counts(configfile, tmp_path):
     n_policy = len(cfg["tasks"]) * len(cfg["methods"]) * len(cfg["seeds"])
     assert counts["train_policy"] == n_policy
     assert counts["evaluate"] == n_policy
-    assert counts["train_model"] == len(cfg["tasks"]) * len(jobs.needed_models(cfg))
+    assert counts["train_model"] == len(cfg["tasks"]) * len(plan.needed_models(cfg))
     assert counts["analyze"] == 1
-    if jobs.rollout_error_enabled(cfg):
+    if plan.rollout_error_enabled(cfg):
         assert counts["rollout_error"] == len(cfg["tasks"])
-    if jobs.data_source(cfg) == "local":
+    if plan.data_source(cfg) == "local":
         assert sum(v for k, v in counts.items() if k.startswith("generate_")) == \
-            len(jobs.families(cfg))
+            len(plan.families(cfg))
     else:
         assert counts["import_dataset"] == len(cfg["tasks"])
 
@@ -53,7 +58,7 @@ def test_command_line_override_changes_the_grid(tmp_path):
     res = snakemake("-n", "--cores", "1", "--config", "seeds=[0,1,2]",
                     f"results_dir={tmp_path}")
     assert res.returncode == 0, res.stderr
-    cfg = jobs.load_config(ROOT / "config/smoke.yaml")
+    cfg = plan.load_config(ROOT / "config/smoke.yaml")
     assert job_counts(res.stdout)["train_policy"] == 3 * len(cfg["tasks"]) * len(cfg["methods"])
 
 
@@ -84,24 +89,23 @@ def tiny_run(tmp_path_factory):
     res = snakemake("--cores", "2", "--configfile", str(TINY),
                     "--config", f"results_dir={results}")
     assert res.returncode == 0, tail(res) + _logs(results)
-    return results, jobs.load_config(TINY, {"results_dir": str(results)})
+    return results, plan.load_config(TINY, {"results_dir": str(results)})
 
 
 def test_tiny_dag_runs_end_to_end(tiny_run):
     results, cfg = tiny_run
-    for path in jobs.eval_paths(cfg):
+    for path in plan.eval_paths(cfg):
         result = json.loads(Path(path).read_text())
-        assert result["normalized_score"] == result["normalized_score"]  # not NaN
-        assert len(result["git_sha"]) >= 7 and result["config_hash"]
-    analysis = jobs.analysis_dir(cfg)
+        assert math.isfinite(result["normalized_score"])
+        assert GIT_SHA.fullmatch(result["git_sha"]) and CONFIG_HASH.fullmatch(result["config_hash"])
+    analysis = plan.path(cfg, "analysis_dir")
     for name in ("aggregates.csv", "summary.md", "tables/tables.md",
                  "aggregate_intervals.png", "performance_profiles.png",
                  "improvement_probability.png"):
         assert (analysis / name).stat().st_size > 0, name
     aggregates = __import__("pandas").read_csv(analysis / "aggregates.csv")
     assert set(cfg["methods"]) <= set(aggregates["method"])
-    rerr = __import__("pandas").read_csv(
-        jobs.results_root(cfg) / "rollout_error" / cfg["tasks"][0] / "rollout_error.csv")
+    rerr = __import__("pandas").read_csv(plan.path(cfg, "rollout_error_csv", task=cfg["tasks"][0]))
     assert {"diffusion", "ensemble"} <= set(rerr["model"])
     # A finished DAG has nothing left to do.
     res = snakemake("-n", "--cores", "1", "--configfile", str(TINY),
@@ -111,29 +115,31 @@ def test_tiny_dag_runs_end_to_end(tiny_run):
 
 def test_tiny_run_is_in_mlflow_with_params_metrics_tags(tiny_run):
     from mlflow.tracking import MlflowClient
-    from dydiff.tracking import default_uri
+    from harness.tracking import default_uri
     results, cfg = tiny_run
     client = MlflowClient(default_uri(results))
     exp = client.get_experiment_by_name(cfg["name"])
     runs = client.search_runs([exp.experiment_id], max_results=1000)
     by_name = {r.info.run_name: r for r in runs}
-    n_jobs = len(jobs.all_jobs(cfg)) + len(cfg["tasks"]) + 1  # + rollout error + analysis
-    assert len(runs) == n_jobs and all(r.info.status == "FINISHED" for r in runs)
+    assert len(runs) == len(plan.all_jobs(cfg)) and all(r.info.status == "FINISHED" for r in runs)
     assert len({r.data.tags["dag_run"] for r in runs}) == 1  # one DAG invocation groups them
     task = cfg["tasks"][0]
     for method in cfg["methods"]:
         run = by_name[f"train-policy/{method}/{task}/seed0"]
         assert {k: run.data.tags[k] for k in ("method", "task", "seed")} == \
             {"method": method, "task": task, "seed": "0"}
-        assert len(run.data.tags["git_sha"]) >= 7 and run.data.tags["config_hash"]
+        assert GIT_SHA.fullmatch(run.data.tags["git_sha"])
+        assert CONFIG_HASH.fullmatch(run.data.tags["config_hash"])
         assert run.data.params["policy.offline.total_steps"] == "300"
         curve = client.get_metric_history(run.info.run_id, "normalized_score")
         assert [m.step for m in curve] == [150, 300]
         assert "metrics.parquet" in {a.path for a in client.list_artifacts(run.info.run_id)}
         evaluation = by_name[f"evaluate/{method}/{task}/seed0"]
         assert evaluation.data.metrics["final/normalized_score"] == json.loads(
-            (jobs.policy_dir(cfg, method, task, 0) / "eval.json").read_text())["normalized_score"]
-    diffusion = by_name[f"train-diffusion/{task}"]
+            plan.path(cfg, "eval", method=method, task=task, seed=0).read_text()
+        )["normalized_score"]
+    diffusion = by_name[f"train-model/diffusion/{task}"]
+    assert diffusion.data.tags["method"] == "diffusion"
     assert len(client.get_metric_history(diffusion.info.run_id, "diffusion_loss")) == 3
 
 
@@ -144,6 +150,15 @@ def test_changing_one_method_reruns_only_its_jobs(tiny_run):
                     "{'cql_weight': 1.0}}}}")
     assert res.returncode == 0, tail(res)
     assert job_counts(res.stdout) == {"train_policy": 1, "evaluate": 1, "analyze": 1, "all": 1}
+
+
+def test_changing_final_episodes_reruns_only_evaluation_and_analysis(tiny_run):
+    results, cfg = tiny_run
+    res = snakemake("-n", "--cores", "1", "--configfile", str(TINY), "--config",
+                    f"results_dir={results}", "evaluation={'final_episodes': 3}")
+    assert res.returncode == 0, tail(res)
+    n = len(cfg["methods"]) * len(cfg["tasks"]) * len(cfg["seeds"])
+    assert job_counts(res.stdout) == {"evaluate": n, "analyze": 1, "all": 1}
 
 
 def _pids_running(fragment: str) -> list[int]:
@@ -167,7 +182,7 @@ def test_killed_job_resumes_to_the_same_result(tiny_run, tmp_path):
     out = {}
     for name in ("reference", "killed"):
         root = tmp_path / name
-        shutil.copytree(jobs.results_root(cfg) / "datasets", root / "tiny" / "datasets")
+        shutil.copytree(plan.results_root(cfg) / "datasets", root / "tiny" / "datasets")
         target = f"{root}/tiny/policies/td3bc/{task}/seed0/final.json"
         args = ("--cores", "1", "--configfile", str(TINY), "--config", f"results_dir={root}",
                 LONGER_POLICY, "--", target)

@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-from dydiff.rl.cql import CQL
-from dydiff.rl.sac import SAC
-from dydiff.rl.td3bc import TD3BC
+from agents.cql import CQL
+from agents.sac import SAC
+from agents.td3bc import TD3BC
 
 O, A, B = 17, 6, 256  # halfcheetah / walker2d sizes
 

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from dydiff.config import from_dict
-from dydiff.data.dataset import Dataset
-from dydiff.data.segments import make_segments
-from dydiff.diffusion.sampler import DiffusionDynamics
-from dydiff.diffusion.train import DiffusionConfig, build_denoiser, train_step
+from harness.config import from_dict
+from harness.data.dataset import Dataset
+from dydiff.segments import make_segments
+from dydiff.sampler import DiffusionDynamics
+from dydiff.diffusion import DiffusionConfig, build_denoiser, train_step
 
 O, A = 11, 3  # hopper sizes
 

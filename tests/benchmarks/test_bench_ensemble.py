@@ -13,8 +13,8 @@ from torch import nn
 from baselines.ensemble import EnsembleConfig, EnsembleDynamics, EnsembleNet, ensemble_loss, \
     nll_loss
 from baselines.mopo import EnsembleRolloutGenerator, MOPOConfig
-from dydiff.envs import halfcheetah_termination
-from dydiff.rl.sac import SAC
+from harness.envs import halfcheetah_termination
+from agents.sac import SAC
 
 O, A = 11, 3           # hopper: inputs o + a, targets o + 1
 B, BATCHES = 256, 10   # paper batch size; updates per measured round

@@ -1,13 +1,17 @@
-# Shared helpers for the rules: job specs as shell-quoted JSON, resources from the config.
+# Shared helpers for the rules: paths from harness.plan, job specs as JSON, resources.
 import json
-import shlex
 
 localrules: all
 
 
+def out(kind):
+    """An output pattern of harness.plan.PATHS under this config's results folder."""
+    return plan.pattern(config, kind)
+
+
 def job_param(spec):
     """A job spec as the JSON the rule passes to the CLI; as a param, a change reruns the job."""
-    return json.dumps({**spec, **jobs.run_context(config)}, sort_keys=True)
+    return json.dumps(plan.with_context(config, spec), sort_keys=True)
 
 
 def res(kind, key, default):
@@ -16,25 +20,25 @@ def res(kind, key, default):
 
 
 def final_outputs():
-    outs = expand(f"{ROOT}/policies/{{method}}/{{task}}/seed{{seed}}/eval.json",
-                  method=config["methods"], task=config["tasks"], seed=config["seeds"])
-    outs += analysis_outputs()
+    outs = plan.eval_paths(config) + [str(plan.path(config, "summary"))]
+    if plan.rollout_error_enabled(config):
+        outs += [str(plan.path(config, "rollout_error_csv", task=t)) for t in config["tasks"]]
     return outs
 
 
 # MLflow settings reach the jobs through the environment (not params: they must not rerun jobs).
-for _key, _value in jobs.tracking_env(config).items():
+for _key, _value in plan.tracking_env(config).items():
     os.environ.setdefault(_key, _value)
 
 
 onstart:
     # Create the MLflow store once, before parallel jobs: concurrent first use of a fresh
     # sqlite store crashes in MLflow's schema migration.
-    from dydiff import tracking
+    from harness import tracking
     tracking.init_experiment(config)
 
 
 onsuccess:
     print(f"\ndydiff-bench: done. Build the HTML report with:\n"
           f"  snakemake --report results/report.html\n"
-          f"Summary: {ROOT}/analysis/summary.md   MLflow: see `dydiff-bench where`")
+          f"Summary: {plan.path(config, 'summary')}   MLflow: see `dydiff-bench where`")

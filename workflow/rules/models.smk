@@ -1,22 +1,22 @@
-# Dynamics models, trained once per task and shared by every policy job that needs them:
-# the probabilistic ensemble (MOPO, MBPO), the reward model and the diffusion model (DyDiff).
+# Models, trained once per task and shared by every policy job that needs them (the
+# registry's models: the probabilistic ensemble for MOPO/MBPO, DyDiff's reward and diffusion).
 
 
 rule train_model:
     input:
-        f"{ROOT}/datasets/{{task}}.hdf5",
+        out("dataset"),
     output:
-        f"{ROOT}/models/{{model}}/{{task}}/model.pt",
+        out("model"),
     wildcard_constraints:
-        model="ensemble|reward|diffusion",
+        model="|".join(registry.MODELS),
     params:
-        job=lambda w: job_param(jobs.model_job(config, w.model, w.task)),
+        job=lambda w: job_param(plan.model_job(config, w.model, w.task)),
     threads: lambda w: res(w.model, "threads", 1)
     resources:
         mem_mb=lambda w: res(w.model, "mem_mb", 8000),
         runtime=lambda w: res(w.model, "runtime", 240),
         gpu=lambda w: res(w.model, "gpu", 0),
     log:
-        f"{LOGS}/models/{{model}}/{{task}}.log",
+        out("log_model"),
     shell:
-        "dydiff-bench train-{wildcards.model} --threads {threads} --job {params.job:q} > {log} 2>&1"
+        "dydiff-bench train-model --threads {threads} --job {params.job:q} > {log} 2>&1"

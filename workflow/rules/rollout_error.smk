@@ -3,27 +3,26 @@
 
 
 def rollout_error_inputs(w):
-    spec = jobs.rollout_error_job(config, w.task)
+    spec = plan.rollout_error_job(config, w.task)
     return ([spec["dataset"], f"{spec['policy_dir']}/policy.pt"]
-            + [f"{d}/model.pt" for d in [*spec["model_dirs"].values(), spec["reward_dir"]]])
+            + [f"{d}/model.pt" for d in spec["model_dirs"].values()])
 
 
 rule rollout_error:
     input:
         rollout_error_inputs,
     output:
-        f"{ROOT}/rollout_error/{{task}}/rollout_error.csv",
-        report(f"{ROOT}/rollout_error/{{task}}/rollout_error.png",
-               caption="../report/rollout_error.rst", category="Rollout error",
-               subcategory="{task}"),
+        out("rollout_error_csv"),
+        report(out("rollout_error_png"), caption="../report/rollout_error.rst",
+               category="Rollout error", subcategory="{task}"),
     params:
-        job=lambda w: job_param(jobs.rollout_error_job(config, w.task)),
+        job=lambda w: job_param(plan.rollout_error_job(config, w.task)),
     threads: 1
     resources:
         mem_mb=8000,
         runtime=lambda w: res("rollout_error", "runtime", 60),
         gpu=lambda w: res("rollout_error", "gpu", 0),
     log:
-        f"{LOGS}/rollout_error/{{task}}.log",
+        out("log_rollout_error"),
     shell:
         "dydiff-bench rollout-error --threads {threads} --job {params.job:q} > {log} 2>&1"

@@ -1,0 +1,1 @@
+"""The learners every method trains: SAC, TD3+BC, CQL."""

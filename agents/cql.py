@@ -1,0 +1,129 @@
+"""Conservative Q-Learning (Kumar et al. 2020), CQL(H) on top of SAC; OfflineRL-Kit's defaults.
+
+Each critic's loss adds the conservative term
+    w * ( T * E_s[ log sum_a exp(Q(s, a) / T) ] - E_(s,a)~D[ Q(s, a) ] )
+where the log-sum-exp over actions is estimated by importance sampling with N actions from
+each of: Uniform(-1, 1)^d, pi(.|s) and pi(.|s') (all evaluated at s), each Q corrected by the
+log-density of its proposal. With the Lagrange variant the weight becomes a learned
+alpha' >= 0 that pushes the (weighted) gap towards `lagrange_threshold`.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from harness.config import require
+from agents.sac import SAC, SACConfig
+
+
+@dataclass
+class CQLConfig(SACConfig):
+    hidden: list[int] = field(default_factory=lambda: [256, 256, 256])  # OfflineRL-Kit / CORL
+    alpha: float = 1.0              # initial SAC temperature (log_alpha starts at 0)
+    cql_weight: float = 5.0         # min-Q weight w
+    temperature: float = 1.0        # T
+    num_repeat_actions: int = 10    # N actions per proposal
+    deterministic_backup: bool = True  # no entropy bonus in the TD target
+    with_lagrange: bool = False
+    lagrange_threshold: float = 10.0
+    cql_alpha_lr: float = 3e-4
+    max_action: float = 1.0
+
+    def validate(self) -> None:
+        super().validate()
+        require(self.cql_weight >= 0, "cql_weight", f"must be >= 0, got {self.cql_weight}")
+        require(self.temperature > 0, "temperature", f"must be positive, got {self.temperature}")
+        require(self.num_repeat_actions >= 1, "num_repeat_actions",
+                f"must be >= 1, got {self.num_repeat_actions}")
+
+
+class CQL(SAC):
+    def __init__(self, obs_dim: int, act_dim: int, cfg: CQLConfig | None = None):
+        cfg = cfg or CQLConfig()
+        super().__init__(obs_dim, act_dim, cfg)
+        self.cfg: CQLConfig = cfg
+        self.cql_log_alpha = nn.Parameter(torch.zeros(()))
+        self.cql_alpha_opt = torch.optim.Adam([self.cql_log_alpha], lr=cfg.cql_alpha_lr)
+
+    def td_target(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        with torch.no_grad():
+            next_act, next_logp = self.actor(batch["next_obs"])
+            next_q = self.critic_target(batch["next_obs"], next_act).min(0).values
+            if not self.cfg.deterministic_backup:
+                next_q = next_q - self.alpha * next_logp
+            return batch["rewards"] + self.cfg.gamma * (1 - batch["terminals"]) * next_q
+
+    @torch.no_grad()
+    def sample_cql_actions(self, obs: torch.Tensor, next_obs: torch.Tensor
+                           ) -> dict[str, torch.Tensor]:
+        """N actions per state from each proposal, flattened to (B*N, .), with log-densities."""
+        n, a = self.cfg.num_repeat_actions, self.act_dim
+        obs_rep = obs.repeat_interleave(n, 0)
+        next_rep = next_obs.repeat_interleave(n, 0)
+        m = self.cfg.max_action
+        rand = (torch.rand(len(obs_rep), a, device=obs.device) * 2 - 1) * m
+        pi, logp_pi = self.actor(obs_rep)
+        next_pi, logp_next_pi = self.actor(next_rep)
+        logp_rand = torch.full_like(logp_pi, -a * math.log(2 * m))  # Uniform(-m, m)^a
+        return {"obs_rep": obs_rep, "rand": rand, "logp_rand": logp_rand, "pi": pi,
+                "logp_pi": logp_pi, "next_pi": next_pi, "logp_next_pi": logp_next_pi}
+
+    def conservative_gap(self, q_data: torch.Tensor, samples: dict[str, torch.Tensor]
+                         ) -> torch.Tensor:
+        """Per critic (2,): T * mean_s logsumexp_a(Q_IS / T) - mean Q(s, a_data)."""
+        b, n = q_data.shape[1], self.cfg.num_repeat_actions
+        s = samples["obs_rep"]
+        # One critic call over all 3N proposals; each Q minus its proposal's log-density.
+        acts = torch.cat([samples["rand"], samples["pi"], samples["next_pi"]])
+        logp = torch.cat([samples["logp_rand"], samples["logp_pi"], samples["logp_next_pi"]])
+        q_is = self.critic(s.repeat(3, 1), acts) - logp                     # (2, 3*B*N)
+        q_is = q_is.reshape(2, 3, b, n).permute(0, 2, 1, 3).reshape(2, b, 3 * n)
+        t = self.cfg.temperature
+        return t * torch.logsumexp(q_is / t, dim=-1).mean(-1) - q_data.mean(-1)
+
+    def update(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
+        # Actor and temperature first, then critics (OfflineRL-Kit's order).
+        aloss, logp = self.actor_loss(batch["obs"])
+        self.actor_opt.zero_grad(set_to_none=True)
+        aloss.backward()
+        self.actor_opt.step()
+        if self.cfg.auto_alpha:
+            alpha_loss = -(self.log_alpha * (logp.detach() + self.target_entropy)).mean()
+            self.alpha_opt.zero_grad(set_to_none=True)
+            alpha_loss.backward()
+            self.alpha_opt.step()
+
+        q = self.critic(batch["obs"], batch["actions"])                       # (2, B)
+        td_loss = F.mse_loss(q, self.td_target(batch).expand_as(q), reduction="none").mean(1)
+        samples = self.sample_cql_actions(batch["obs"], batch["next_obs"])
+        penalty = self.cfg.cql_weight * self.conservative_gap(q, samples)     # (2,)
+        info = {}
+        if self.cfg.with_lagrange:
+            cql_alpha = self.cql_log_alpha.exp().clamp(0.0, 1e6)
+            # alpha' rises while the weighted gap exceeds the threshold (dual ascent).
+            cql_alpha_loss = -(cql_alpha * (penalty.detach() - self.cfg.lagrange_threshold)
+                               ).mean()
+            self.cql_alpha_opt.zero_grad(set_to_none=True)
+            cql_alpha_loss.backward()
+            self.cql_alpha_opt.step()
+            penalty = cql_alpha.detach() * (penalty - self.cfg.lagrange_threshold)
+            info["cql_alpha"] = cql_alpha.item()
+        closs = (td_loss + penalty).sum()
+        self.critic_opt.zero_grad(set_to_none=True)
+        closs.backward()
+        self.critic_opt.step()
+        self.soft_update()
+        info.update(critic_loss=td_loss.sum().item(), cql_loss=penalty.sum().item(),
+                    q_mean=q.mean().item(), actor_loss=aloss.item(), alpha=self.alpha.item())
+        return info
+
+    def training_state(self) -> dict:
+        return {**super().training_state(), "cql_alpha_opt": self.cql_alpha_opt.state_dict()}
+
+    def load_training_state(self, state: dict) -> None:
+        super().load_training_state(state)
+        self.cql_alpha_opt.load_state_dict(state["cql_alpha_opt"])

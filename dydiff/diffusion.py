@@ -1,0 +1,210 @@
+"""Train the dynamics diffusion model: EDM on [state, action] segments with a temporal U-Net.
+
+Defaults follow the authors' code (FineArtz/DyDiff: README command, train.py, training_loop.py):
+horizon 100, batch 8, 4 Mimg (500k steps), Adam lr 1e-3 (betas 0.9/0.999, eps 1e-8) with EDM's
+linear lr ramp-up over 10M samples, EDM EMA with a 500 kimg half-life and 0.05 ramp-up ratio,
+non-finite gradients zeroed (EDM's nan_to_num) instead of clipping (grad_clip is optional).
+The U-Net is the authors' TemporalUnet (Decision Diffuser) default: dim 128, dim_mults (1, 4, 8).
+
+Outputs in out_dir: model.pt (EMA weights, config, normaliser), checkpoint.pt (exact resume:
+weights, EMA, optimiser, RNG, step, metrics so far), metrics.parquet (step, loss, lr, wall time).
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Literal
+
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from harness.config import from_dict, require
+from harness.data.dataset import Dataset
+from dydiff.segments import Normalizer, Segments, make_segments
+from dydiff.edm import EDMDenoiser, edm_loss
+from dydiff.sampler import DiffusionDynamics, SamplerConfig
+from dydiff.unet import TemporalUnet
+from harness.checkpoint import atomic_path, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from harness.runtime import start_training
+
+log = logging.getLogger(__name__)
+
+MODEL, CHECKPOINT, METRICS = "model.pt", "checkpoint.pt", "metrics.parquet"
+
+
+@dataclass
+class DiffusionConfig:
+    horizon: int = 100
+    dim: int = 128
+    dim_mults: list[int] = field(default_factory=lambda: [1, 4, 8])
+    kernel_size: int = 5
+    normalizer: Literal["limits", "gaussian"] = "limits"
+    sigma_data: float = 0.5
+    P_mean: float = -1.2
+    P_std: float = 1.2
+    action_cond_prob: float = 0.9   # ours: 10% action dropout enables action-free sampling
+    lr: float = 1e-3
+    lr_rampup_kimg: float = 10_000.0
+    batch_size: int = 8
+    train_steps: int = 500_000
+    ema_halflife_kimg: float = 500.0
+    ema_rampup_ratio: float | None = 0.05
+    grad_clip: float | None = None
+    log_every: int = 1000
+    checkpoint_every: int = 10_000
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+
+    def validate(self) -> None:
+        require(self.horizon >= 2, "horizon", f"must be >= 2, got {self.horizon}")
+        require(self.dim >= 8 and self.dim % 8 == 0, "dim",
+                f"must be a positive multiple of 8 (GroupNorm groups), got {self.dim}")
+        require(len(self.dim_mults) >= 1 and all(m >= 1 for m in self.dim_mults), "dim_mults",
+                f"must be a non-empty list of positive ints, got {self.dim_mults}")
+        require(self.kernel_size % 2 == 1, "kernel_size", f"must be odd, got {self.kernel_size}")
+        require(0.0 <= self.action_cond_prob <= 1.0, "action_cond_prob",
+                f"must be in [0, 1], got {self.action_cond_prob}")
+        for key in ("sigma_data", "P_std", "lr"):
+            require(getattr(self, key) > 0, key, f"must be > 0, got {getattr(self, key)}")
+        for key in ("batch_size", "train_steps", "log_every", "checkpoint_every"):
+            require(getattr(self, key) >= 1, key, f"must be >= 1, got {getattr(self, key)}")
+        require(self.lr_rampup_kimg >= 0, "lr_rampup_kimg", "must be >= 0")
+        require(self.ema_halflife_kimg >= 0, "ema_halflife_kimg", "must be >= 0")
+        require(self.grad_clip is None or self.grad_clip > 0, "grad_clip", "must be > 0 or null")
+
+
+def build_denoiser(cfg: DiffusionConfig, transition_dim: int) -> EDMDenoiser:
+    net = TemporalUnet(transition_dim, cfg.dim, cfg.dim_mults, cfg.kernel_size)
+    return EDMDenoiser(net, cfg.sigma_data, cfg.sampler.sigma_min, cfg.sampler.sigma_max)
+
+
+def ema_beta(step: int, cfg: DiffusionConfig) -> float:
+    """EDM's EMA decay before update `step` (0-based): 0.5 ** (batch / half-life in samples),
+    the half-life ramping up as ratio * samples seen so far."""
+    halflife = cfg.ema_halflife_kimg * 1000
+    if cfg.ema_rampup_ratio is not None:
+        halflife = min(halflife, step * cfg.batch_size * cfg.ema_rampup_ratio)
+    return 0.5 ** (cfg.batch_size / max(halflife, 1e-8))
+
+
+def lr_at(step: int, cfg: DiffusionConfig) -> float:
+    """EDM's linear learning-rate ramp-up over lr_rampup_kimg thousand samples."""
+    if cfg.lr_rampup_kimg <= 0:
+        return cfg.lr
+    return cfg.lr * min((step + 1) * cfg.batch_size / (cfg.lr_rampup_kimg * 1000), 1.0)
+
+
+@torch.no_grad()
+def ema_update(ema: torch.nn.Module, net: torch.nn.Module, beta: float) -> None:
+    """ema <- beta * ema + (1 - beta) * net, for every parameter (buffers copied)."""
+    for p_ema, p in zip(ema.parameters(), net.parameters()):
+        p_ema.lerp_(p, 1.0 - beta)
+    for b_ema, b in zip(ema.buffers(), net.buffers()):
+        b_ema.copy_(b)
+
+
+def train_step(denoiser: EDMDenoiser, ema: EDMDenoiser, opt: torch.optim.Optimizer,
+               segments: Segments, step: int, cfg: DiffusionConfig,
+               device: torch.device | str = "cpu") -> float:
+    """One optimiser step (0-based `step`) on a random batch of segments; returns the loss."""
+    index = torch.randint(len(segments), (cfg.batch_size,))
+    x0, mask = segments.batch(index)
+    for group in opt.param_groups:
+        group["lr"] = lr_at(step, cfg)
+    loss = edm_loss(denoiser, x0.to(device), mask.to(device), segments.obs_dim, cfg.P_mean,
+                    cfg.P_std, cfg.action_cond_prob)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    for p in denoiser.parameters():  # EDM zeroes non-finite gradients rather than clipping
+        if p.grad is not None:
+            torch.nan_to_num(p.grad, nan=0.0, posinf=1e5, neginf=-1e5, out=p.grad)
+    if cfg.grad_clip is not None:
+        torch.nn.utils.clip_grad_norm_(denoiser.parameters(), cfg.grad_clip)
+    opt.step()
+    ema_update(ema, denoiser, ema_beta(step, cfg))
+    return loss.item()
+
+
+def train_diffusion(dataset: Dataset, cfg: DiffusionConfig | dict, out_dir: str | Path,
+                    seed: int = 0, log_fn: Callable[[dict, int], None] | None = None,
+                    progress: bool = True, device: torch.device | str | None = None) -> dict:
+    """Train (or resume) the diffusion model; returns a summary dict (also in model.pt)."""
+    if not isinstance(cfg, DiffusionConfig):
+        cfg = from_dict(DiffusionConfig, cfg, where="models.diffusion")
+    out_dir, device, _ = start_training(out_dir, seed, device)
+    segments = make_segments(dataset, cfg.horizon, kind=cfg.normalizer)
+    o, a = segments.obs_dim, segments.act_dim
+    denoiser = build_denoiser(cfg, o + a).to(device)
+    ema = build_denoiser(cfg, o + a).to(device).requires_grad_(False)
+    ema.load_state_dict(denoiser.state_dict())
+    opt = torch.optim.Adam(denoiser.parameters(), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8)
+    rows: list[dict] = []
+    losses: list[float] = []  # since the last logged row
+    step = 0
+    ckpt = load_checkpoint(out_dir / CHECKPOINT)
+    if ckpt is not None:
+        denoiser.load_state_dict(ckpt["model"])
+        ema.load_state_dict(ckpt["ema"])
+        opt.load_state_dict(ckpt["optimizer"])
+        set_rng_state(ckpt["rng"])
+        step, rows, losses = ckpt["step"], ckpt["metrics"], ckpt["pending_losses"]
+        log.info("resuming diffusion training at step %d", step)
+
+    def checkpoint() -> None:
+        save_checkpoint(out_dir / CHECKPOINT, {
+            "model": denoiser.state_dict(), "ema": ema.state_dict(),
+            "optimizer": opt.state_dict(), "rng": rng_state(), "step": step, "metrics": rows,
+            "pending_losses": losses, "config": dataclasses.asdict(cfg)})
+        with atomic_path(out_dir / METRICS) as tmp:
+            pd.DataFrame(rows, columns=["step", "loss", "lr", "wall_time"]).to_parquet(tmp)
+
+    t0 = time.perf_counter() - (rows[-1]["wall_time"] if rows else 0.0)
+    n = len(segments)
+    bar = tqdm(total=cfg.train_steps, initial=step, disable=not progress, desc="diffusion")
+    denoiser.train()
+    while step < cfg.train_steps:
+        lr = lr_at(step, cfg)
+        losses.append(train_step(denoiser, ema, opt, segments, step, cfg, device))
+        step += 1
+        bar.update(1)
+        if step % cfg.log_every == 0 or step == cfg.train_steps:
+            row = {"step": step, "loss": sum(losses) / len(losses), "lr": lr,
+                   "wall_time": time.perf_counter() - t0}
+            rows.append(row)
+            losses = []
+            bar.set_postfix(loss=f"{row['loss']:.4f}")
+            if log_fn is not None:
+                log_fn({"diffusion_loss": row["loss"], "diffusion_lr": lr}, step)
+        if step % cfg.checkpoint_every == 0 or step == cfg.train_steps:
+            checkpoint()
+    bar.close()
+    if ckpt is not None and step == ckpt["step"]:
+        checkpoint()  # resumed a finished run: make sure metrics.parquet exists
+    summary = {"steps": step, "final_loss": rows[-1]["loss"] if rows else float("nan"),
+               "segments": n, "parameters": sum(p.numel() for p in denoiser.parameters()),
+               "wall_time": rows[-1]["wall_time"] if rows else 0.0}
+    save_checkpoint(out_dir / MODEL, {
+        "ema": ema.state_dict(), "config": dataclasses.asdict(cfg),
+        "normalizer": segments.normalizer.state_dict(), "obs_dim": o, "act_dim": a,
+        "name": dataset.name, "summary": summary})
+    return summary
+
+
+def load_diffusion(out_dir: str | Path, device: torch.device | str = "cpu",
+                   sampler: dict | None = None) -> DiffusionDynamics:
+    """The EMA model from out_dir/model.pt; `sampler` overrides sampler settings (e.g. steps)."""
+    path = Path(out_dir) / MODEL
+    state = load_checkpoint(path)
+    if state is None:
+        raise FileNotFoundError(f"no diffusion model at {path} (run `dydiff-bench train-model --model diffusion` first)")
+    cfg_dict = dict(state["config"])
+    cfg_dict["sampler"] = {**cfg_dict["sampler"], **(sampler or {})}
+    cfg = from_dict(DiffusionConfig, cfg_dict, where=f"{path}:config")
+    denoiser = build_denoiser(cfg, state["obs_dim"] + state["act_dim"])
+    denoiser.load_state_dict(state["ema"])
+    return DiffusionDynamics(denoiser, Normalizer.from_state_dict(state["normalizer"]),
+                             state["obs_dim"], state["act_dim"], cfg.horizon, cfg.sampler,
+                             device, state["name"])

@@ -1,0 +1,1 @@
+"""Datasets: D4RL hdf5 files, Minari, the in-memory Dataset and its checks."""

@@ -1,0 +1,66 @@
+"""D4RL's hdf5 format, read and written directly (the `d4rl` package needs mujoco_py).
+
+Layout: top-level datasets observations, actions, rewards, terminals, timeouts,
+next_observations (float32 / bool), optionally infos/qpos and infos/qvel; metadata as attrs.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from harness.data.dataset import REQUIRED_KEYS, Dataset, DatasetError, validate_arrays
+from harness.checkpoint import atomic_path
+
+
+def d4rl_dataset_dir() -> Path:
+    """`$D4RL_DATASET_DIR` if set, else `~/.d4rl/datasets` (where d4rl itself caches files)."""
+    env = os.environ.get("D4RL_DATASET_DIR")
+    return Path(env).expanduser() if env else Path.home() / ".d4rl" / "datasets"
+
+
+def d4rl_path(name: str) -> Path:
+    """Where D4RL keeps `name`: <dir>/<name>.hdf5 (d4rl names its downloads after the task)."""
+    return d4rl_dataset_dir() / f"{name}.hdf5"
+
+
+def read_hdf5(path: str | os.PathLike, name: str | None = None) -> Dataset:
+    """Read a D4RL-layout hdf5 file, rejecting it with a list of problems if malformed."""
+    path = Path(path)
+    if not path.exists():
+        raise DatasetError(f"no dataset file at {path}")
+    arrays: dict[str, np.ndarray | None] = {}
+    try:
+        with h5py.File(path, "r") as f:
+            for key in REQUIRED_KEYS:
+                arrays[key] = f[key][()] if key in f else None
+            for key in ("qpos", "qvel"):
+                arrays[key] = f[f"infos/{key}"][()] if f"infos/{key}" in f else None
+            stored_name = f.attrs.get("name")
+    except OSError as err:
+        raise DatasetError(f"{path} is not a readable hdf5 file: {err}") from None
+    problems = validate_arrays(arrays)
+    if problems:
+        raise DatasetError(f"{path} is not a valid D4RL dataset:\n  - " + "\n  - ".join(problems))
+    name = name or (stored_name.decode() if isinstance(stored_name, bytes) else stored_name) \
+        or path.stem
+    return Dataset(name=str(name), source=str(path), **arrays)
+
+
+def write_hdf5(dataset: Dataset, path: str | os.PathLike, **attrs) -> Path:
+    """Write `dataset` in D4RL's layout, atomically (temp file + rename)."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        with h5py.File(tmp, "w") as f:
+            for key in REQUIRED_KEYS:
+                f.create_dataset(key, data=getattr(dataset, key), compression="gzip",
+                                 compression_opts=1)
+            if dataset.has_states:
+                f.create_dataset("infos/qpos", data=dataset.qpos)
+                f.create_dataset("infos/qvel", data=dataset.qvel)
+            f.attrs["name"] = dataset.name
+            for key, value in attrs.items():
+                f.attrs[key] = value
+    return path

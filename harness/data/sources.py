@@ -1,0 +1,180 @@
+"""One entry point for every dataset source: a D4RL-layout hdf5 path, a D4RL name, a Minari id.
+
+Whatever the source, the result is a `Dataset` named in D4RL style without the version suffix
+('hopper-medium'), so normalised scores and result tables line up across sources. Nothing is
+ever downloaded: a missing dataset is an error that says where we looked and how to get data.
+"""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+
+from harness.data.d4rl import d4rl_dataset_dir, d4rl_path, read_hdf5
+from harness.data.dataset import Dataset, DatasetError
+from harness.envs import family_of, task_spec
+
+_VERSION = re.compile(r"-v\d+$")
+HDF5_SUFFIXES = (".hdf5", ".h5")
+
+HOW_TO_GET_DATA = (
+    "To get data, either (1) put D4RL's hdf5 files (e.g. hopper-medium-v2.hdf5) under "
+    "$D4RL_DATASET_DIR (or ~/.d4rl/datasets), (2) install a Minari dataset locally "
+    "(`minari download mujoco/hopper/medium-v0`, stored under $MINARI_DATASETS_PATH or "
+    "~/.minari/datasets), or (3) generate datasets locally with `dydiff-bench "
+    "generate-datasets` (the Snakemake workflow runs it) and pass the .hdf5 file's path.")
+
+
+def d4rl_style_name(spec: str) -> str:
+    """'hopper-medium-replay-v2' / 'mujoco/hopper/medium-v0' / '.../hopper-medium-v2.hdf5'
+    -> 'hopper-medium-replay' / 'hopper-medium' / 'hopper-medium'."""
+    if is_minari_id(spec):
+        _ns, env, dataset = spec.split("/")
+        return f"{env.lower()}-{_VERSION.sub('', dataset.lower())}"
+    stem = Path(spec).name
+    for suffix in HDF5_SUFFIXES:
+        if stem.endswith(suffix):
+            stem = stem[: -len(suffix)]
+    return _VERSION.sub("", stem.lower())
+
+
+def is_path(spec: str) -> bool:
+    """A file path (anything ending in .hdf5/.h5, containing a path separator, or existing)."""
+    return spec.endswith(HDF5_SUFFIXES) or "/" in spec or os.sep in spec or Path(spec).exists()
+
+
+def is_minari_id(spec: str) -> bool:
+    """Minari ids are 'namespace/env/dataset-vN' (e.g. 'mujoco/hopper/medium-v0')."""
+    return (not spec.endswith(HDF5_SUFFIXES) and spec.count("/") == 2
+            and _VERSION.search(spec) is not None and not Path(spec).exists())
+
+
+def load_dataset(spec: str, *, minari_root: str | os.PathLike | None = None) -> Dataset:
+    """Load `spec`: a D4RL-layout .hdf5 path, a D4RL name ('hopper-medium-v2') looked up in
+    the D4RL dataset dir, or a Minari id ('mujoco/hopper/medium-v0') read from the local Minari
+    root (`minari_root`, else $MINARI_DATASETS_PATH, else ~/.minari/datasets)."""
+    spec = str(spec)
+    if is_minari_id(spec):
+        dataset = _load_minari(spec, minari_root)
+    elif is_path(spec):
+        path = Path(spec).expanduser()
+        if not path.exists():
+            raise DatasetError(f"no dataset file at {path}. {HOW_TO_GET_DATA}")
+        dataset = read_hdf5(path)
+        # The name stored in the file's attrs wins; else the file name ('hopper-medium-v2.hdf5').
+        if _family_or_none(dataset.name) is None:
+            _check_family(d4rl_style_name(spec), spec)
+            dataset.name = d4rl_style_name(spec)
+        dataset.name = _VERSION.sub("", dataset.name)
+    else:
+        dataset = _load_d4rl_name(spec)
+    _check_dims(dataset, spec)
+    return dataset
+
+
+def _family_or_none(name: str) -> str | None:
+    try:
+        return family_of(name)
+    except KeyError:
+        return None
+
+
+def _check_family(name: str, spec: str) -> str:
+    try:
+        return family_of(name)
+    except KeyError as err:
+        raise DatasetError(f"dataset {spec!r}: {err.args[0]}") from None
+
+
+def _load_d4rl_name(name: str) -> Dataset:
+    _check_family(name, name)
+    candidates = [d4rl_path(name)]
+    if not _VERSION.search(name):  # 'hopper-medium' -> also try the usual D4RL versions
+        candidates += [d4rl_path(f"{name}-v{v}") for v in (2, 1, 0)]
+    for path in candidates:
+        if path.exists():
+            dataset = read_hdf5(path, name=d4rl_style_name(name))
+            return dataset
+    looked = ", ".join(str(p) for p in candidates)
+    raise DatasetError(f"D4RL dataset {name!r} not found; looked at: {looked} "
+                       f"(D4RL dir: {d4rl_dataset_dir()}). {HOW_TO_GET_DATA}")
+
+
+def minari_dataset_dir(dataset_id: str, minari_root: str | os.PathLike | None = None) -> Path:
+    """<root>/<id>: `minari_root`, else $MINARI_DATASETS_PATH, else ~/.minari/datasets."""
+    root = minari_root or os.environ.get("MINARI_DATASETS_PATH") \
+        or Path.home() / ".minari" / "datasets"
+    return Path(root).expanduser() / dataset_id
+
+
+def _load_minari(dataset_id: str, minari_root: str | os.PathLike | None) -> Dataset:
+    name = d4rl_style_name(dataset_id)
+    _check_family(name, dataset_id)
+    folder = minari_dataset_dir(dataset_id, minari_root)
+    data_path = folder / "data"
+    if not data_path.exists():
+        raise DatasetError(f"Minari dataset {dataset_id!r} is not installed locally: no "
+                           f"{data_path}. {HOW_TO_GET_DATA}")
+    from minari import MinariDataset  # imported lazily: it is slow to import
+
+    try:
+        minari_ds = MinariDataset(str(data_path))
+    except Exception as err:  # minari raises assorted types for broken folders
+        raise DatasetError(f"Minari dataset at {data_path} could not be read: {err}") from None
+    return minari_to_dataset(minari_ds, name=name, source=f"minari:{dataset_id}")
+
+
+def minari_to_dataset(minari_ds, name: str, source: str = "") -> Dataset:
+    """Flatten Minari episodes (T+1 observations, T actions) into D4RL's transition arrays.
+
+    terminations -> terminals, truncations -> timeouts (never both: a terminal wins), and
+    qpos/qvel from the step infos when recorded (infos hold T+1 entries, the first from reset,
+    so infos[:-1] is the state at each transition's observation).
+    """
+    parts: dict[str, list[np.ndarray]] = {k: [] for k in (
+        "observations", "actions", "rewards", "next_observations", "terminals", "timeouts",
+        "qpos", "qvel")}
+    has_states = True
+    for ep in minari_ds.iterate_episodes():
+        obs = np.asarray(ep.observations)
+        if obs.ndim != 2:
+            raise DatasetError(f"{source}: only flat Box observations are supported, episode "
+                               f"{ep.id} has observations of shape {obs.shape}")
+        term = np.asarray(ep.terminations, dtype=bool)
+        parts["observations"].append(obs[:-1])
+        parts["next_observations"].append(obs[1:])
+        parts["actions"].append(np.asarray(ep.actions))
+        parts["rewards"].append(np.asarray(ep.rewards))
+        parts["terminals"].append(term)
+        parts["timeouts"].append(np.asarray(ep.truncations, dtype=bool) & ~term)
+        infos = ep.infos or {}
+        if has_states and "qpos" in infos and "qvel" in infos:
+            parts["qpos"].append(np.asarray(infos["qpos"])[: len(term)])
+            parts["qvel"].append(np.asarray(infos["qvel"])[: len(term)])
+        else:
+            has_states = False
+    if not parts["observations"]:
+        raise DatasetError(f"{source}: the Minari dataset has no episodes")
+    arrays = {k: np.concatenate(v) for k, v in parts.items() if v and (has_states or
+                                                                         k not in ("qpos", "qvel"))}
+    return Dataset(name=name, source=source, **arrays)
+
+
+def _check_dims(dataset: Dataset, spec: str) -> None:
+    want = task_spec(dataset.name)
+    if (dataset.obs_dim, dataset.act_dim) != (want.obs_dim, want.act_dim):
+        raise DatasetError(
+            f"dataset {spec!r} ({dataset.source}) has observation/action widths "
+            f"({dataset.obs_dim}, {dataset.act_dim}) but {want.gym_id} has "
+            f"({want.obs_dim}, {want.act_dim})")
+
+
+def import_step(spec: dict, log_fn=None) -> dict:
+    """Job step: read a task's dataset (D4RL hdf5 / Minari) into the results folder."""
+    from harness.data.d4rl import write_hdf5
+    dataset = load_dataset(spec["config"]["name"])
+    dataset.name = spec["task"]
+    write_hdf5(dataset, spec["out"], source=str(dataset.source))
+    return dataset.summary()

@@ -1,0 +1,347 @@
+"""From one experiment config (config/*.yaml) to every job of the grid and every output path.
+
+The Snakefile and the CLI both call these functions, so a job run by hand
+(`dydiff-bench train-policy --configfile config/smoke.yaml --method mopo ...`) and the same job
+run by Snakemake see exactly the same settings. A job spec is a plain JSON-able dict; the part
+under "config" is what the job's result depends on (Snakemake reruns a job when it changes).
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict
+from functools import lru_cache
+from pathlib import Path
+
+from harness import registry
+from harness.config import ConfigError, check_schema, deep_merge, from_dict, read_yaml
+from harness.envs import DATASET_KINDS, family_of
+
+SCHEMA = Path(__file__).resolve().parent.parent / "workflow" / "schemas" / "config.schema.yaml"
+
+# Every output of the DAG, spelled once. {root} is results/<name>; the other fields are the
+# rules' wildcards: `pattern` keeps them for a rule, `path` fills them for one job.
+PATHS = {
+    "dataset": "{root}/datasets/{task}.hdf5",
+    "generated": "{root}/datasets/generated/{family}",
+    "model_dir": "{root}/models/{model}/{task}",
+    "model": "{root}/models/{model}/{task}/model.pt",
+    "policy_dir": "{root}/policies/{method}/{task}/seed{seed}",
+    "final": "{root}/policies/{method}/{task}/seed{seed}/final.json",
+    "policy": "{root}/policies/{method}/{task}/seed{seed}/policy.pt",
+    "eval": "{root}/policies/{method}/{task}/seed{seed}/eval.json",
+    "rollout_error_dir": "{root}/rollout_error/{task}",
+    "rollout_error_csv": "{root}/rollout_error/{task}/rollout_error.csv",
+    "rollout_error_png": "{root}/rollout_error/{task}/rollout_error.png",
+    "analysis_dir": "{root}/analysis",
+    "aggregates": "{root}/analysis/aggregates.csv",
+    "aggregate_intervals": "{root}/analysis/aggregate_intervals.png",
+    "performance_profiles": "{root}/analysis/performance_profiles.png",
+    "improvement": "{root}/analysis/improvement_probability.png",
+    "tables": "{root}/analysis/tables/tables.md",
+    "summary": "{root}/analysis/summary.md",
+    "log_generate": "{root}/logs/datasets/{family}.log",
+    "log_import": "{root}/logs/datasets/{task}.log",
+    "log_model": "{root}/logs/models/{model}/{task}.log",
+    "log_policy": "{root}/logs/policies/{method}/{task}/seed{seed}.log",
+    "log_evaluate": "{root}/logs/evaluate/{method}/{task}/seed{seed}.log",
+    "log_rollout_error": "{root}/logs/rollout_error/{task}.log",
+    "log_analysis": "{root}/logs/analysis.log",
+}
+
+
+def results_root(cfg: dict) -> Path:
+    return Path(cfg.get("results_dir", "results")) / cfg["name"]
+
+
+def pattern(cfg: dict, kind: str) -> str:
+    """PATHS[kind] under this config's results folder, wildcards left for a rule."""
+    return PATHS[kind].replace("{root}", str(results_root(cfg)))
+
+
+def path(cfg: dict, kind: str, **wildcards) -> Path:
+    """PATHS[kind] for one job."""
+    return Path(PATHS[kind].format(root=results_root(cfg), **wildcards))
+
+
+# ---- validation (once, before any job) -------------------------------------------------------
+
+@lru_cache(maxsize=1)
+def _schema_text() -> str:
+    return SCHEMA.read_text()
+
+
+def schema() -> dict:
+    """The config schema with the names it checks filled in from the registry."""
+    import yaml
+    out = yaml.safe_load(_schema_text())
+    props = out["properties"]
+    props["methods"]["items"]["enum"] = list(registry.METHODS)
+    props["models"]["properties"].update({m: {"type": "object"} for m in registry.MODELS})
+    props["policy"]["properties"].update({a: {"type": "object"} for a in registry.AGENTS})
+    props["policy"]["properties"]["methods"]["propertyNames"] = {"enum": list(registry.METHODS)}
+    return out
+
+
+def load_config(path: str | Path, overrides: dict | None = None) -> dict:
+    """Read a YAML experiment config, apply overrides and validate it (ConfigError if bad)."""
+    cfg = deep_merge(read_yaml(path), overrides)
+    try:
+        validate(cfg)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
+    return cfg
+
+
+def validate(cfg: dict) -> None:
+    """Shape (schema), keys that must name each other, then every job's component configs
+    (each dataclass's from_dict + validate): all before a job starts."""
+    check_schema(cfg, schema())
+    for task in cfg["tasks"]:
+        split_task(task)
+    unknown = sorted(set(cfg.get("per_task") or {}) - set(cfg["tasks"]))
+    if unknown:
+        raise ConfigError(f"per_task: override(s) for task(s) {unknown} not in tasks")
+    policy_method = (cfg.get("rollout_error") or {}).get("policy_method")
+    if rollout_error_enabled(cfg) and policy_method is not None \
+            and policy_method not in cfg["methods"]:
+        raise ConfigError(f"rollout_error.policy_method: {policy_method!r} is not one of "
+                          f"methods {cfg['methods']}")
+    all_jobs(cfg, seeds=cfg["seeds"][:1])
+
+
+# ---- the grid --------------------------------------------------------------------------------
+
+def split_task(task: str) -> tuple[str, str]:
+    """'hopper-medium-replay' -> ('hopper', 'medium-replay')."""
+    try:
+        family = family_of(task)
+    except KeyError as err:
+        raise ConfigError(f"tasks: {err.args[0]}") from None
+    kind = task[len(family) + 1:]
+    if kind not in DATASET_KINDS:
+        raise ConfigError(f"tasks: {task!r} has unknown dataset kind {kind!r}; "
+                          f"known kinds: {list(DATASET_KINDS)}")
+    return family, kind
+
+
+def task_config(cfg: dict, task: str) -> dict:
+    """The config with the task's `per_task` overrides merged in."""
+    return deep_merge({k: v for k, v in cfg.items() if k != "per_task"},
+                      (cfg.get("per_task") or {}).get(task, {}))
+
+
+def data_source(cfg: dict) -> str:
+    return (cfg.get("data") or {}).get("source", "local")
+
+
+def families(cfg: dict) -> dict[str, list[str]]:
+    """{'hopper': ['medium', 'medium-replay'], ...}: the dataset kinds each family needs."""
+    out: dict[str, list[str]] = {}
+    for task in cfg["tasks"]:
+        family, kind = split_task(task)
+        out.setdefault(family, []).append(kind)
+    return out
+
+
+def rollout_error_enabled(cfg: dict) -> bool:
+    return bool((cfg.get("rollout_error") or {}).get("enabled", True))
+
+
+def needed_models(cfg: dict) -> list[str]:
+    need = {m for name in cfg["methods"] for m in registry.method(name).models}
+    if rollout_error_enabled(cfg):
+        need |= {"ensemble", "diffusion", "reward"}
+    return [m for m in registry.MODELS if m in need]
+
+
+def _validated(cls_ref: str, data: dict | None, where: str) -> dict:
+    return asdict(from_dict(registry.resolve(cls_ref), data or {}, where=where))
+
+
+# ---- job specs -------------------------------------------------------------------------------
+
+def generate_job(cfg: dict, family: str) -> dict:
+    """Build a family's datasets locally: one online SAC run yields every kind."""
+    data = cfg.get("data") or {}
+    kinds = families(cfg)[family]
+    return {"step": "generate-datasets", "family": family, "kinds": kinds,
+            "outputs": {k: str(path(cfg, "dataset", task=f"{family}-{k}")) for k in kinds},
+            "out": str(path(cfg, "generated", family=family)),
+            "config": {"generate": _validated("datagen.generate:GenerateConfig",
+                                              data.get("generate"), "data.generate"),
+                       "seed": data.get("seed", 0)}}
+
+
+def import_job(cfg: dict, task: str) -> dict:
+    """Read a task's dataset from D4RL's hdf5 files or a local Minari root."""
+    data = cfg.get("data") or {}
+    family, kind = split_task(task)
+    source = data_source(cfg)
+    name = (f"{task}-{data.get('d4rl_version', 'v2')}" if source == "d4rl"
+            else f"mujoco/{family}/{kind}-{data.get('minari_version', 'v0')}")
+    return {"step": "import-dataset", "task": task, "out": str(path(cfg, "dataset", task=task)),
+            "config": {"source": source, "name": name}}
+
+
+def model_job(cfg: dict, model: str, task: str) -> dict:
+    if model not in registry.MODELS:
+        raise ConfigError(f"model: unknown model {model!r}; known: {list(registry.MODELS)}")
+    models = task_config(cfg, task).get("models") or {}
+    return {"step": "train-model", "model": model, "task": task,
+            "dataset": str(path(cfg, "dataset", task=task)),
+            "out": str(path(cfg, "model_dir", model=model, task=task)),
+            "config": {"model": _validated(registry.MODELS[model].config, models.get(model),
+                                           f"models.{model}"),
+                       "seed": models.get("seed", 0)}}
+
+
+def policy_settings(cfg: dict, method: str, task: str) -> dict:
+    """A method's training settings: the shared `policy` sections, then the method's registry
+    overrides, then `policy.methods.<method>` (+ the task's `per_task` overrides), validated.
+    Only the method's own agent section is kept, so another agent's change reruns nothing."""
+    spec = registry.method(method)
+    policy = task_config(cfg, task).get("policy") or {}
+    shared = {k: v for k, v in policy.items() if k != "methods"}
+    given = (policy.get("methods") or {}).get(method, {})
+    unknown = sorted(set(given) - {"offline", "rollout", *registry.AGENTS})
+    if unknown:
+        raise ConfigError(f"policy.methods.{method}: unknown key(s) {unknown}")
+    merged = deep_merge(deep_merge(shared, spec.overrides), given)
+    rollout = merged.get("rollout") or {}
+    where = f"policy.methods.{method}.rollout"
+    if not spec.model_based:
+        if rollout:
+            raise ConfigError(f"{where}: {method} is model-free and takes no rollout settings")
+    else:
+        pinned = sorted(set(spec.pinned_rollout) & set(given.get("rollout") or {}))
+        if pinned:
+            raise ConfigError(f"{where}: {pinned} cannot be set: {method} is defined by "
+                              f"{ {k: spec.pinned_rollout[k] for k in pinned} }")
+        rollout = _validated(spec.rollout_config, {**rollout, **spec.pinned_rollout}, where)
+    agent = registry.AGENTS[spec.agent]
+    return {"offline": _validated("harness.training.offline_loop:OfflineConfig",
+                                  merged.get("offline"), f"policy.methods.{method}.offline"),
+            "agent": _validated(agent.config, merged.get(agent.name),
+                                f"policy.methods.{method}.{agent.name}"),
+            "rollout": rollout}
+
+
+def policy_job(cfg: dict, method: str, task: str, seed: int) -> dict:
+    spec = registry.method(method)
+    return {"step": "train-policy", "method": method, "task": task, "seed": seed,
+            "dataset": str(path(cfg, "dataset", task=task)),
+            "model_dirs": {m: str(path(cfg, "model_dir", model=m, task=task))
+                           for m in spec.models},
+            "out": str(path(cfg, "policy_dir", method=method, task=task, seed=seed)),
+            "config": {"policy": policy_settings(cfg, method, task), "seed": seed}}
+
+
+def eval_job(cfg: dict, method: str, task: str, seed: int) -> dict:
+    """Final evaluation of a trained policy in the simulator (fresh episodes, own seed)."""
+    evaluation = task_config(cfg, task).get("evaluation") or {}
+    return {"step": "evaluate", "method": method, "task": task, "seed": seed,
+            "policy_dir": str(path(cfg, "policy_dir", method=method, task=task, seed=seed)),
+            "out": str(path(cfg, "eval", method=method, task=task, seed=seed)),
+            "config": {"episodes": evaluation.get("final_episodes", 10),
+                       "seed": 1_000_003 + seed}}
+
+
+def rollout_error_job(cfg: dict, task: str) -> dict:
+    """Generated vs simulator trajectories for one task (needs stored qpos/qvel)."""
+    rcfg = task_config(cfg, task).get("rollout_error") or {}
+    method = rcfg.get("policy_method", "td3bc")
+    seed = cfg["seeds"][0]
+    return {"step": "rollout-error", "task": task, "dataset": str(path(cfg, "dataset", task=task)),
+            "model_dirs": {m: str(path(cfg, "model_dir", model=m, task=task))
+                           for m in ("ensemble", "diffusion", "reward")},
+            "policy_dir": str(path(cfg, "policy_dir", method=method, task=task, seed=seed)),
+            "out": str(path(cfg, "rollout_error_dir", task=task)),
+            "config": {"horizon": rcfg.get("horizon", 100), "n_starts": rcfg.get("n_starts", 64),
+                       "seed": rcfg.get("seed", 0), "policy_method": method}}
+
+
+def eval_paths(cfg: dict) -> list[str]:
+    return [str(path(cfg, "eval", method=m, task=t, seed=s))
+            for m in cfg["methods"] for t in cfg["tasks"] for s in cfg["seeds"]]
+
+
+def analysis_job(cfg: dict) -> dict:
+    acfg = cfg.get("analysis") or {}
+    rerr = ([str(path(cfg, "rollout_error_csv", task=t)) for t in cfg["tasks"]]
+            if rollout_error_enabled(cfg) else [])
+    return {"step": "analyze", "scores": eval_paths(cfg), "rollout_error": rerr,
+            "out": str(path(cfg, "analysis_dir")),
+            "config": {"reps": acfg.get("reps", 2000), "seed": acfg.get("seed", 0),
+                       "name": cfg["name"], "seeds": len(cfg["seeds"])}}
+
+
+def all_jobs(cfg: dict, seeds: list[int] | None = None) -> list[dict]:
+    """Every job of the grid, in DAG order (for validation, listings and tests)."""
+    seeds = cfg["seeds"] if seeds is None else seeds
+    out: list[dict] = []
+    if data_source(cfg) == "local":
+        out += [generate_job(cfg, f) for f in families(cfg)]
+    else:
+        out += [import_job(cfg, t) for t in cfg["tasks"]]
+    for task in cfg["tasks"]:
+        out += [model_job(cfg, m, task) for m in needed_models(cfg)]
+        for method in cfg["methods"]:
+            for seed in seeds:
+                out += [policy_job(cfg, method, task, seed), eval_job(cfg, method, task, seed)]
+        if rollout_error_enabled(cfg):
+            out.append(rollout_error_job(cfg, task))
+    out.append(analysis_job(cfg))
+    return out
+
+
+def job_for(cfg: dict, step: str, task: str | None = None, method: str | None = None,
+            seed: int = 0, model: str | None = None) -> dict:
+    """The spec of one job named by its step and coordinates (what the CLI runs by hand)."""
+    needs = {"generate-datasets": ("task",), "import-dataset": ("task",),
+             "train-model": ("task", "model"), "train-policy": ("task", "method"),
+             "evaluate": ("task", "method"), "rollout-error": ("task",), "analyze": ()}
+    given = {"task": task, "method": method, "model": model}
+    missing = [f"--{k}" for k in needs.get(step, ()) if given[k] is None]
+    if step not in needs:
+        raise ConfigError(f"unknown step {step!r}; known: {list(needs)}")
+    if missing:
+        raise ConfigError(f"{step} needs {' and '.join(missing)}")
+    if step == "generate-datasets":
+        return generate_job(cfg, split_task(task)[0])
+    if step == "import-dataset":
+        return import_job(cfg, task)
+    if step == "train-model":
+        return model_job(cfg, model, task)
+    if step == "train-policy":
+        return policy_job(cfg, method, task, seed)
+    if step == "evaluate":
+        return eval_job(cfg, method, task, seed)
+    if step == "rollout-error":
+        return rollout_error_job(cfg, task)
+    return analysis_job(cfg)
+
+
+# ---- where jobs log --------------------------------------------------------------------------
+
+def run_context(cfg: dict) -> dict:
+    """Where a job logs: the MLflow experiment (= config name) and the results folder.
+
+    The tracking URI is not part of a job spec (changing it must not rerun jobs): it comes
+    from MLFLOW_TRACKING_URI, which the Snakefile sets from `mlflow.tracking_uri`, else the
+    sqlite store under results_dir (harness.tracking.default_uri).
+    """
+    return {"experiment": cfg["name"], "results_dir": str(cfg.get("results_dir", "results"))}
+
+
+def tracking_env(cfg: dict) -> dict[str, str]:
+    """Environment for jobs: MLflow URI from the config (if given) and the on/off switch."""
+    mlflow = cfg.get("mlflow") or {}
+    env = {"DYDIFF_MLFLOW": "1" if mlflow.get("enabled", True) else "0"}
+    if mlflow.get("tracking_uri"):
+        env["MLFLOW_TRACKING_URI"] = mlflow["tracking_uri"]
+    return env
+
+
+def with_context(cfg: dict, spec: dict) -> dict:
+    """A spec as a job receives it: its settings plus where it logs."""
+    return {**copy.deepcopy(spec), **run_context(cfg)}

@@ -1,0 +1,208 @@
+"""The registry: every agent, model, method and step the harness knows, each written once.
+
+The config schema, job planning, training, analysis and plots all read these tables, so adding
+a method is one `register_method(...)` (here, or in a module of your own named in
+`DYDIFF_BENCH_PLUGINS`) plus the method's own code. Code in higher layers (agents/, baselines/,
+dydiff/, datagen/, analysis/) is named as "module:attr" and imported by `resolve` only when a
+job uses it: this lowest layer never imports a higher one.
+
+A *variant* (an ablation, another source's preset) is `variant_of(base, name, ...)`: the
+base's agent, models and rollout generator with config overrides, compared with its base in
+the P(improvement) statistics.
+"""
+from __future__ import annotations
+
+import copy
+import importlib
+import os
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Agent:
+    """A learner every method trains: `cls.from_dataset(dataset, cfg)`, settings in
+    `policy.<name>` of the config, validated by the dataclass `config`."""
+    name: str
+    cls: str
+    config: str
+
+
+@dataclass(frozen=True)
+class Model:
+    """A dynamics/reward model trained once per task (`train(dataset, cfg, out_dir, seed,
+    log_fn, progress)` writes out_dir/model.pt); settings in `models.<name>`."""
+    name: str
+    config: str
+    train: str
+
+
+@dataclass(frozen=True)
+class Method:
+    """One row of every table: an agent, optionally trained on a model's rollouts.
+
+    generator: "module:make_generator" (`make_generator(dataset, cfg, model_dirs, device)`),
+        None for a model-free method; `rollout_config` validates `policy.methods.<name>.rollout`.
+    pinned_rollout: rollout settings that define the method; a user value for them is an error.
+    overrides: config overrides under `policy` the method applies before the user's own
+        `policy.methods.<name>` (how a variant differs from its base).
+    base: the method it is compared with for P(improvement) (DyDiff-X vs X; a variant vs its
+        base); methods sharing a base form one family table.
+    published: source ids in analysis/published.yaml whose numbers sit next to this method.
+    """
+    name: str
+    label: str
+    color: str
+    agent: str
+    source: str
+    generator: str | None = None
+    rollout_config: str | None = None
+    models: tuple[str, ...] = ()
+    pinned_rollout: dict[str, Any] = field(default_factory=dict)
+    overrides: dict[str, Any] = field(default_factory=dict)
+    base: str | None = None
+    published: tuple[str, ...] = ()
+
+    @property
+    def model_based(self) -> bool:
+        return self.generator is not None
+
+
+AGENTS: dict[str, Agent] = {}
+MODELS: dict[str, Model] = {}
+METHODS: dict[str, Method] = {}
+
+# `dydiff-bench <step>` -> the function that runs one job spec: `fn(spec, log_fn) -> dict`.
+STEPS: dict[str, str] = {
+    "generate-datasets": "datagen.generate:generate_step",
+    "import-dataset": "harness.data.sources:import_step",
+    "train-model": "harness.training.models:train_model_step",
+    "train-policy": "harness.training.policy:train_policy_step",
+    "evaluate": "harness.training.evaluation:evaluate_step",
+    "rollout-error": "analysis.rollout_error:rollout_error_step",
+    "analyze": "analysis.report:analyze_step",
+}
+
+
+def resolve(ref: str) -> Any:
+    """Import "module:attr" (the one place the harness imports by name)."""
+    module, sep, attr = ref.partition(":")
+    if not sep:
+        raise ValueError(f"expected 'module:attr', got {ref!r}")
+    try:
+        return getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as err:
+        raise ImportError(f"cannot import {ref!r}: {err}") from err
+
+
+def register_agent(agent: Agent) -> Agent:
+    AGENTS[agent.name] = agent
+    return agent
+
+
+def register_model(model: Model) -> Model:
+    MODELS[model.name] = model
+    return model
+
+
+def register_method(method: Method) -> Method:
+    """Add a method; its agent, models and base must already be registered."""
+    if method.agent not in AGENTS:
+        raise ValueError(f"method {method.name!r}: unknown agent {method.agent!r}; "
+                         f"known: {sorted(AGENTS)}")
+    unknown = sorted(set(method.models) - set(MODELS))
+    if unknown:
+        raise ValueError(f"method {method.name!r}: unknown model(s) {unknown}")
+    if method.base is not None and method.base not in METHODS:
+        raise ValueError(f"method {method.name!r}: unknown base method {method.base!r}")
+    if (method.generator is None) != (method.rollout_config is None):
+        raise ValueError(f"method {method.name!r}: give both generator and rollout_config "
+                         f"(model-based) or neither (model-free)")
+    METHODS[method.name] = method
+    return method
+
+
+def variant_of(base: str, name: str, label: str, color: str, overrides: dict,
+               source: str, **changes) -> Method:
+    """Register a variant of `base`: its settings plus `overrides`, compared with `base`."""
+    parent = METHODS[base]
+    return register_method(replace(parent, name=name, label=label, color=color,
+                                   overrides=_merge(parent.overrides, overrides), base=base,
+                                   source=source, published=(), **changes))
+
+
+def method(name: str) -> Method:
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise KeyError(f"unknown method {name!r}; known: {list(METHODS)}") from None
+
+
+def families() -> dict[str, list[str]]:
+    """{base: [base, every method compared with it]} for each base some method names."""
+    out: dict[str, list[str]] = {}
+    for m in METHODS.values():
+        if m.base is not None:
+            out.setdefault(m.base, [m.base]).append(m.name)
+    return out
+
+
+def _merge(base: dict, override: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        out[key] = (_merge(out[key], value) if isinstance(value, dict)
+                    and isinstance(out.get(key), dict) else copy.deepcopy(value))
+    return out
+
+
+# ---- the learners ----------------------------------------------------------------------------
+register_agent(Agent("td3bc", "agents.td3bc:TD3BC", "agents.td3bc:TD3BCConfig"))
+register_agent(Agent("cql", "agents.cql:CQL", "agents.cql:CQLConfig"))
+register_agent(Agent("sac", "agents.sac:SAC", "agents.sac:SACConfig"))
+
+# ---- the models (trained once per task, shared by every method that needs them) ------------
+register_model(Model("ensemble", "baselines.ensemble:EnsembleConfig",
+                     "baselines.ensemble:train_ensemble"))
+register_model(Model("reward", "dydiff.reward_model:RewardModelConfig",
+                     "dydiff.reward_model:train_reward_model"))
+register_model(Model("diffusion", "dydiff.diffusion:DiffusionConfig",
+                     "dydiff.diffusion:train_diffusion"))
+
+# ---- the methods (table and figure order) ----------------------------------------------------
+register_method(Method(
+    "td3bc", "TD3+BC", "#1f77b4", agent="td3bc", published=("corl", "offlinerl-kit"),
+    source="Fujimoto & Gu 2021; settings from CORL algorithms/offline/td3_bc.py"))
+register_method(Method(
+    "dydiff-td3bc", "DyDiff-TD3BC", "#ff7f0e", agent="td3bc", base="td3bc",
+    generator="dydiff.rollout:make_generator", rollout_config="dydiff.rollout:DyDiffConfig",
+    models=("diffusion", "reward"), published=("dydiff-paper",),
+    source="Zhao et al. 2024 (arXiv 2405.19189); github.com/FineArtz/DyDiff"))
+register_method(Method(
+    "cql", "CQL", "#2ca02c", agent="cql", published=("corl", "offlinerl-kit"),
+    source="Kumar et al. 2020; settings from CORL algorithms/offline/cql.py"))
+register_method(Method(
+    "dydiff-cql", "DyDiff-CQL", "#d62728", agent="cql", base="cql",
+    generator="dydiff.rollout:make_generator", rollout_config="dydiff.rollout:DyDiffConfig",
+    models=("diffusion", "reward"), published=("dydiff-paper",),
+    source="Zhao et al. 2024 (arXiv 2405.19189); github.com/FineArtz/DyDiff"))
+register_method(Method(
+    "mopo", "MOPO", "#9467bd", agent="sac", generator="baselines.mopo:make_generator",
+    rollout_config="baselines.mopo:MOPOConfig", models=("ensemble",),
+    published=("offlinerl-kit", "mopo-paper"),
+    source="Yu et al. 2020; github.com/tianheyu927/mopo, OfflineRL-Kit"))
+register_method(Method(
+    "mbpo", "MBPO", "#8c564b", agent="sac", generator="baselines.mopo:make_generator",
+    rollout_config="baselines.mopo:MOPOConfig", models=("ensemble",),
+    pinned_rollout={"penalty": "none", "penalty_coef": 0.0}, published=("mopo-paper",),
+    source="Janner et al. 2019, run offline as in the MOPO paper (MOPO without its penalty)"))
+
+
+def _load_plugins() -> None:
+    """Modules named in DYDIFF_BENCH_PLUGINS (comma-separated) register more methods; every
+    process of a run (Snakemake, its jobs, SLURM jobs) inherits the variable."""
+    for name in filter(None, (s.strip() for s in
+                              os.environ.get("DYDIFF_BENCH_PLUGINS", "").split(","))):
+        importlib.import_module(name)
+
+
+_load_plugins()

@@ -1,0 +1,1 @@
+"""The offline training loop every method shares: buffers, evaluation, policy and model steps."""

@@ -317,10 +317,11 @@ def run_rollout_error(dataset: str | Path | Dataset, model_dirs: dict[str, Path]
                       include_simulator: bool = False,
                       reps: int = 1000, device: str = "cpu", progress: bool = True,
                       reward_dir: Path | None = None) -> dict:
-    """The CLI step: load the dataset (path/name, see harness.data.sources.load_dataset) and
+    """The study end to end: load the dataset (path/name, see harness.data.sources.load_dataset) and
     each model (`model_dirs` {kind: dir}; `loaders` {kind: fn(dir, device)}, default
     `default_loaders()`), optionally the policy (`agent_loader(policy, device)`, default
-    harness.training.policy.load_agent), run the study, write rollout_error.csv + rollout_error.png/.pdf in out_dir.
+    harness.training.policy.load_agent), run the study, write rollout_error.csv +
+    rollout_error.png/.pdf in out_dir.
     `include_simulator` adds the SimulatorModel as a zero-error reference curve.
     `reward_dir`: a trained reward model (dydiff.reward_model) that scores the returns of
     models without their own reward prediction (the diffusion model)."""

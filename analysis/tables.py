@@ -95,7 +95,8 @@ def build_table(df: pd.DataFrame, methods: list[str], published: list[Published]
                 published_methods: list[str] | None = None) -> dict:
     """The cells of one table. `published_methods` (default `methods`) picks which published
     columns to add: one per (source, method) for the sources the registry names for the method
-    (`Method.published`) that report it; a source without numbers prints n/a. Returns {"columns", "rows", "bold", "caption_seeds", "sources"}."""
+    (`Method.published`) that report it; a source without numbers prints n/a.
+    Returns {"columns", "rows", "bold", "caption_seeds", "sources"}."""
     published_methods = methods if published_methods is None else published_methods
     own = [m for m in methods if m in set(df.method)]
     tasks = sorted(df[df.method.isin(own)].task.unique(), key=_task_key)

@@ -249,7 +249,9 @@ def eval_job(cfg: dict, method: str, task: str, seed: int) -> dict:
 def rollout_error_job(cfg: dict, task: str) -> dict:
     """Generated vs simulator trajectories for one task (needs stored qpos/qvel)."""
     rcfg = task_config(cfg, task).get("rollout_error") or {}
-    method = rcfg.get("policy_method", "td3bc")
+    # The policy whose actions drive the study: TD3+BC's by default, else the first method's.
+    default = "td3bc" if "td3bc" in cfg["methods"] else cfg["methods"][0]
+    method = rcfg.get("policy_method", default)
     seed = cfg["seeds"][0]
     return {"step": "rollout-error", "task": task, "dataset": str(path(cfg, "dataset", task=task)),
             "model_dirs": {m: str(path(cfg, "model_dir", model=m, task=task))

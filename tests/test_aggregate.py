@@ -116,12 +116,24 @@ def test_run_aggregate_writes_labelled_figures(tmp_path, monkeypatch):
     assert set(out["aggregates"].method) == {"td3bc", "dydiff-td3bc", "cql"}
     assert any("dydiff-cql" in n for n in out["notes"])
     assert len(figures) == 3
-    for fig in figures:
-        assert isinstance(fig, matplotlib.figure.Figure)
-        for ax in fig.axes:
-            if ax.has_data():
-                assert ax.get_xlabel()
-        assert fig.axes[0].get_ylabel() and (fig.axes[0].get_title() or fig._suptitle)
+    intervals, profiles, improvement = figures
+    assert all(isinstance(f, matplotlib.figure.Figure) for f in figures)
+    assert [ax.get_title() for ax in intervals.axes] == [
+        "IQM", "Mean", "Median", "Optimality Gap (lower is better)"]
+    assert {ax.get_xlabel() for ax in intervals.axes} == {"D4RL normalised score"}
+    assert intervals.axes[0].get_ylabel() == "method"
+    assert [t.get_text() for t in intervals.axes[0].get_yticklabels()] == [
+        "TD3+BC", "DyDiff-TD3BC", "CQL"]  # registry labels, registry order
+    assert intervals._suptitle.get_text() == (
+        "Aggregate scores, 95 % stratified-bootstrap CIs (2 tasks, 3 seeds/task)")
+    (ax,) = profiles.axes
+    assert ax.get_title() == "Performance profiles (score distributions, 95 % CIs)"
+    assert ax.get_xlabel() == r"D4RL normalised score $\tau$"
+    assert ax.get_ylabel() == r"fraction of runs with score $> \tau$"
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["TD3+BC", "DyDiff-TD3BC", "CQL"]
+    (ax,) = improvement.axes
+    assert ax.get_xlabel() == "probability of improvement P(X > Y)"
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["DyDiff-TD3BC > TD3+BC"]
     for stem in ("aggregate_intervals", "performance_profiles", "improvement_probability"):
         png = tmp_path / "out" / f"{stem}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000

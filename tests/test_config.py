@@ -36,7 +36,8 @@ def test_smoke_and_paper_configs_are_valid():
      "policy.methods.td3bc.td3bc.alpha: expected a number, got 'big'"),
     ({"per_task": {"walker2d-medium": {}}},
      "per_task: override(s) for task(s) ['walker2d-medium'] not in tasks"),
-    ({"policy": {"methods": {"dreamer": {}}}}, f"policy.methods: 'dreamer' is not one of {METHODS}"),
+    ({"policy": {"methods": {"dreamer": {}}}},
+     f"policy.methods: 'dreamer' is not one of {METHODS}"),
     ({"rollout_error": {"policy_method": "dreamer"}},
      "rollout_error.policy_method: 'dreamer' is not one of methods ['td3bc', 'cql', 'mopo', "
      "'mbpo', 'dydiff-td3bc', 'dydiff-cql']"),
@@ -146,3 +147,22 @@ def test_every_output_path_is_under_the_results_folder_and_distinct():
     assert all(p.startswith("results/smoke/") for p in patterns)
     assert str(plan.path(cfg, "eval", method="mopo", task="hopper-medium", seed=3)) == \
         "results/smoke/policies/mopo/hopper-medium/seed3/eval.json"
+
+
+def test_cli_names_a_missing_coordinate(capsys):
+    from harness.cli import main
+    assert main(["train-model", "--configfile", SMOKE, "--task", "hopper-medium-replay"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "dydiff-bench train-model: error: train-model needs --model")
+    assert main(["train-policy", "--configfile", SMOKE]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "dydiff-bench train-policy: error: train-policy needs --task and --method")
+
+
+def test_cli_builds_the_spec_the_dag_runs():
+    from harness.cli import _spec, parser
+    args = parser().parse_args(["train-policy", "--configfile", SMOKE, "--task",
+                                "hopper-medium-replay", "--method", "mopo", "--seed", "1"])
+    cfg = plan.load_config(SMOKE)
+    assert _spec(args) == plan.with_context(cfg, plan.policy_job(cfg, "mopo",
+                                                                 "hopper-medium-replay", 1))

@@ -150,8 +150,16 @@ def test_plot_rollout_error(data, tmp_path, monkeypatch):
                         lambda fig, stem, close=True: figs.append(fig) or real(fig, stem, False))
     paths = re.plot_rollout_error(df, tmp_path, "hopper-random")
     assert len(figs) == 1
-    for ax in figs[0].axes:
-        assert ax.get_xlabel() and ax.get_ylabel() and ax.get_title()
+    shown = [ax for ax in figs[0].axes if ax.has_data()]
+    assert [(ax.get_title(), ax.get_xlabel(), ax.get_ylabel()) for ax in shown] == [
+        ("hopper-random state error, dataset actions (open loop)", "rollout horizon h (steps)",
+         "normalised state MSE (obs std units²)"),
+        ("hopper-random state error, policy actions", "rollout horizon h (steps)",
+         "normalised state MSE (obs std units²)"),
+        ("return error, policy actions", "rollout horizon h (steps)",
+         "|predicted - true return| (reward units)")]
+    assert [ax.get_yscale() for ax in shown[:2]] == ["log", "log"]
+    assert all([t.get_text() for t in ax.get_legend().get_texts()] == ["noisy"] for ax in shown)
     png = tmp_path / "rollout_error.png"
     assert png in paths and png.read_bytes()[:4] == b"\x89PNG" and png.stat().st_size > 10_000
 

@@ -32,29 +32,24 @@ epoch) and model.pt (best snapshots, elites, normaliser; `load_ensemble` reads i
 from __future__ import annotations
 
 import dataclasses
-import logging
 import math
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
 from harness.config import from_dict, require
-from harness.data.dataset import Dataset
+from harness.data.dataset import Dataset, holdout_split
 from harness.nets import Standardizer
-from harness.checkpoint import atomic_path, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from harness.checkpoint import CHECKPOINT, Checkpointer, load_checkpoint, save_checkpoint
 from harness.runtime import start_training
 
-log = logging.getLogger(__name__)
-
-MODEL, CHECKPOINT, METRICS = "model.pt", "checkpoint.pt", "metrics.parquet"
-METRIC_COLUMNS = ["epoch", "train_loss", "holdout_mse", "holdout_mse_elites", "wall_time"]
+MODEL = "model.pt"
+METRIC_COLUMNS = ["epoch", "train_loss", "holdout_mse", "holdout_mse_elites"]  # + wall_time_s
 
 
 @dataclass
@@ -106,11 +101,6 @@ class EnsembleConfig:
         require(self.log_every >= 1, "log_every", f"must be >= 1, got {self.log_every}")
         require(self.checkpoint_every >= 1, "checkpoint_every",
                 f"must be >= 1, got {self.checkpoint_every}")
-
-
-def holdout_size(n: int, cfg: EnsembleConfig) -> int:
-    """Rows held out for validation: int(n * holdout_ratio), at most max_holdout (MBPO)."""
-    return min(int(n * cfg.holdout_ratio), cfg.max_holdout)
 
 
 # ---- the vectorised network -----------------------------------------------------------------
@@ -200,13 +190,13 @@ def dataset_tensors(dataset: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def split_indices(n: int, cfg: EnsembleConfig, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(train, holdout) row indices: a seeded permutation, the first holdout_size held out."""
-    n_hold = holdout_size(n, cfg)
-    if n_hold < 1 or n - n_hold < 1:
-        raise ValueError(f"dataset of {n} transitions is too small for a holdout split "
-                         f"(holdout_ratio {cfg.holdout_ratio} gives {n_hold} holdout rows)")
+    """(train, holdout) row indices of a permutation seeded by `seed` (MBPO's holdout rule)."""
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    return perm[n_hold:], perm[:n_hold]
+    train, hold = holdout_split(perm, cfg.holdout_ratio, cfg.max_holdout)
+    if len(hold) < 1 or len(train) < 1:
+        raise ValueError(f"dataset of {n} transitions is too small for a holdout split "
+                         f"(holdout_ratio {cfg.holdout_ratio} gives {len(hold)} holdout rows)")
+    return train, hold
 
 
 # ---- training ---------------------------------------------------------------------------------
@@ -214,14 +204,14 @@ def split_indices(n: int, cfg: EnsembleConfig, seed: int) -> tuple[torch.Tensor,
 def train_ensemble(dataset: Dataset, cfg: EnsembleConfig | dict, out_dir: str | Path,
                    seed: int = 0, log_fn: Callable[[dict, int], None] | None = None,
                    progress: bool = True, device: torch.device | str | None = None,
-                   stop_at_epoch: int | None = None) -> dict:
+                   stop_at: int | None = None) -> dict:
     """Train (or resume) the ensemble on `dataset`; returns a summary dict (also in model.pt).
 
     Summary: epochs, holdout_mse (per member, best snapshot), elites, holdout_mse_elites (mean
     over elites), holdout_mse_trivial (next = current state, reward = training mean, same
     targets and units), the same two restricted to the state dims (holdout_obs_mse_elites,
-    holdout_obs_mse_trivial), train/holdout sizes, wall_time.
-    stop_at_epoch: checkpoint after that epoch and return early (simulates pre-emption; tests).
+    holdout_obs_mse_trivial), train/holdout sizes, wall_time_s.
+    stop_at: checkpoint after epoch `stop_at` and return early (simulates pre-emption; tests).
     """
     if not isinstance(cfg, EnsembleConfig):
         cfg = from_dict(EnsembleConfig, cfg, where="models.ensemble")
@@ -238,34 +228,26 @@ def train_ensemble(dataset: Dataset, cfg: EnsembleConfig | dict, out_dir: str | 
     order_gen = torch.Generator().manual_seed(seed + 1)  # per-member batch orders
     E, n_train = cfg.num_members, len(train_idx)
 
-    epoch, since_update, finished = 0, 0, False
+    since_update, finished = 0, False
     best = torch.full((E,), float("inf"))
     snapshot = {k: p.detach().clone() for k, p in net.member_parameters().items()}
-    rows: list[dict] = []
-    ckpt = load_checkpoint(out_dir / CHECKPOINT, expect={
-        "config": dataclasses.asdict(cfg), "seed": seed, "n": len(inputs)})
-    if ckpt is not None:
-        net.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        order_gen.set_state(ckpt["order_gen"])
-        set_rng_state(ckpt["rng"])
-        epoch, since_update, finished = ckpt["epoch"], ckpt["since_update"], ckpt["finished"]
-        best = ckpt["best"].clone()
-        snapshot = {k: v.to(device) for k, v in ckpt["snapshot"].items()}
-        rows = ckpt["metrics"]
-        log.info("resuming ensemble training after epoch %d", epoch)
+    expect = {"config": dataclasses.asdict(cfg), "seed": seed, "n": len(inputs)}
+    ckpt = Checkpointer(out_dir / CHECKPOINT, expect, every=cfg.checkpoint_every,
+                        columns=METRIC_COLUMNS, unit="epoch")
+    if ckpt.resumed:
+        net.load_state_dict(ckpt.state["model"])
+        opt.load_state_dict(ckpt.state["optimizer"])
+        order_gen.set_state(ckpt.state["order_gen"])
+        since_update, finished = ckpt.state["since_update"], ckpt.state["finished"]
+        best = ckpt.state["best"].clone()
+        snapshot = {k: v.to(device) for k, v in ckpt.state["snapshot"].items()}
+    epoch = ckpt.start
 
-    def checkpoint() -> None:
-        save_checkpoint(out_dir / CHECKPOINT, {
-            "model": net.state_dict(), "optimizer": opt.state_dict(),
-            "order_gen": order_gen.get_state(), "rng": rng_state(), "epoch": epoch,
-            "since_update": since_update, "finished": finished, "best": best,
-            "snapshot": snapshot, "metrics": rows, "config": dataclasses.asdict(cfg),
-            "seed": seed, "n": len(inputs)})
-        with atomic_path(out_dir / METRICS) as tmp:
-            pd.DataFrame(rows, columns=METRIC_COLUMNS).to_parquet(tmp, index=False)
+    def state() -> dict:
+        return {"model": net.state_dict(), "optimizer": opt.state_dict(),
+                "order_gen": order_gen.get_state(), "since_update": since_update,
+                "finished": finished, "best": best, "snapshot": snapshot}
 
-    t0 = time.perf_counter() - (rows[-1]["wall_time"] if rows else 0.0)
     bar = tqdm(total=cfg.max_epochs, initial=epoch, disable=not progress, desc="ensemble",
                dynamic_ncols=True)
     while not finished:
@@ -294,24 +276,18 @@ def train_ensemble(dataset: Dataset, cfg: EnsembleConfig | dict, out_dir: str | 
             since_update += 1
         finished = since_update >= cfg.patience or (
             cfg.max_epochs is not None and epoch >= cfg.max_epochs)
-        row = {"epoch": epoch, "train_loss": torch.stack(losses).mean().item(),
-               "holdout_mse": mse.mean().item(),
-               "holdout_mse_elites": mse.sort().values[:cfg.num_elites].mean().item(),
-               "wall_time": time.perf_counter() - t0}
-        rows.append(row)
+        row = ckpt.log({"epoch": epoch, "train_loss": torch.stack(losses).mean().item(),
+                        "holdout_mse": mse.mean().item(),
+                        "holdout_mse_elites": mse.sort().values[:cfg.num_elites].mean().item()})
         bar.update(1)
         if epoch % cfg.log_every == 0 or finished:
             bar.set_postfix(holdout=f"{row['holdout_mse_elites']:.4g}", stale=since_update)
             if log_fn is not None:
                 log_fn({f"ensemble_{k}": v for k, v in row.items() if k != "epoch"}, epoch)
-        if epoch % cfg.checkpoint_every == 0 or finished or epoch == stop_at_epoch:
-            checkpoint()
-            if epoch == stop_at_epoch and not finished:
-                bar.close()
-                return {"epochs": epoch, "stopped_at_epoch": epoch}
+        if ckpt.maybe_save(epoch, finished, state, stop_at):
+            bar.close()
+            return {"epochs": epoch, "interrupted": True}
     bar.close()
-    if ckpt is not None and ckpt["finished"]:
-        checkpoint()  # resumed a finished run: make sure metrics.parquet exists
 
     # The final model: every member at its best holdout epoch.
     with torch.no_grad():
@@ -332,7 +308,7 @@ def train_ensemble(dataset: Dataset, cfg: EnsembleConfig | dict, out_dir: str | 
         "holdout_mse_trivial": float((trivial - y_hold).square().mean()),
         "holdout_obs_mse_elites": float(obs_mse[elites].mean()),
         "holdout_obs_mse_trivial": float(y_hold[:, :o].square().mean()),
-        "wall_time": rows[-1]["wall_time"] if rows else 0.0}
+        "wall_time_s": ckpt.rows[-1]["wall_time_s"] if ckpt.rows else 0.0}
     save_checkpoint(out_dir / MODEL, {
         "model": net.state_dict(), "config": dataclasses.asdict(cfg), "elites": elites,
         "obs_dim": o, "act_dim": dataset.act_dim, "name": dataset.name, "summary": summary})
@@ -443,7 +419,8 @@ def load_ensemble(out_dir: str | Path, device: torch.device | str = "cpu") -> En
     path = Path(out_dir) / MODEL
     state = load_checkpoint(path)
     if state is None:
-        raise FileNotFoundError(f"no ensemble model at {path} (run `dydiff-bench train-model --model ensemble` first)")
+        raise FileNotFoundError(f"no ensemble model at {path}"
+                                " (run `dydiff-bench train-model --model ensemble` first)")
     cfg = from_dict(EnsembleConfig, state["config"], where=f"{path}:config")
     o, a = state["obs_dim"], state["act_dim"]
     net = EnsembleNet(o + a, o + 1, cfg)
@@ -452,4 +429,4 @@ def load_ensemble(out_dir: str | Path, device: torch.device | str = "cpu") -> En
 
 
 __all__ = ["EnsembleConfig", "EnsembleLinear", "EnsembleNet", "EnsembleDynamics",
-           "train_ensemble", "load_ensemble", "holdout_size", "nll_loss", "ensemble_loss"]
+           "train_ensemble", "load_ensemble", "split_indices", "nll_loss", "ensemble_loss"]

@@ -23,7 +23,7 @@ from harness.data.d4rl import write_hdf5
 from harness.data.dataset import Dataset, concatenate
 from harness.envs import DATASET_KINDS, family_of, make_env, normalized_score, task_spec
 from agents.sac import SAC, SACConfig
-from harness.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from harness.checkpoint import Checkpointer
 from harness.runtime import git_sha, seed_everything
 
 log = logging.getLogger(__name__)
@@ -199,37 +199,33 @@ class OnlineSAC:
         self.best: _Snapshot | None = None
         self.evals: list[tuple[int, float]] = []
         self.next_eval = max(cfg.eval_every, cfg.start_steps)
-        self.next_ckpt = cfg.checkpoint_every
         self._resume()
 
     # ---- checkpointing -------------------------------------------------------------------
     def _state(self) -> dict:
-        return {"step": self.step, "agent": self.agent.training_state(),
-                "replay": self.replay.state_dict(), "rng": self.rng.bit_generator.state,
+        return {"agent": self.agent.training_state(), "replay": self.replay.state_dict(),
+                "sac_rng": self.rng.bit_generator.state,
                 "env_rng": self.env.unwrapped.np_random.bit_generator.state,
-                "global_rng": rng_state(), "medium": self.medium, "expert": self.expert,
-                "best": self.best, "evals": self.evals, "next_eval": self.next_eval,
-                "next_ckpt": self.next_ckpt, "config_hash": config_hash(self.cfg),
-                "seed": self.seed}
+                "medium": self.medium, "expert": self.expert, "best": self.best,
+                "evals": self.evals, "next_eval": self.next_eval}
 
     def _resume(self) -> None:
-        state = load_checkpoint(self.ckpt_path)
-        if state is None:
+        expect = {"config": config_hash(self.cfg), "seed": self.seed}
+        self.ckpt = Checkpointer(self.ckpt_path, expect, every=self.cfg.checkpoint_every,
+                                 what="SAC", unit="env step")
+        if not self.ckpt.resumed:
             return
-        if state["config_hash"] != config_hash(self.cfg) or state["seed"] != self.seed:
-            raise ConfigError(f"{self.ckpt_path} was written by another config/seed; "
-                              f"delete it to start the SAC run afresh")
+        state = self.ckpt.state
         self.agent.load_training_state(state["agent"])
         self.replay.load_state_dict(state["replay"])
-        self.rng.bit_generator.state = state["rng"]
+        self.rng.bit_generator.state = state["sac_rng"]
         self.env.unwrapped.np_random.bit_generator.state = state["env_rng"]
-        set_rng_state(state["global_rng"])
-        for key in ("step", "medium", "expert", "best", "evals", "next_eval", "next_ckpt"):
+        for key in ("medium", "expert", "best", "evals", "next_eval"):
             setattr(self, key, state[key])
-        log.info("resumed SAC for %s at step %d", self.family, self.step)
+        self.step = self.ckpt.start
 
     def save(self) -> None:
-        save_checkpoint(self.ckpt_path, self._state())
+        self.ckpt.save(self.step, **self._state())
 
     # ---- training ------------------------------------------------------------------------
     def done(self, need_expert: bool) -> bool:
@@ -249,10 +245,9 @@ class OnlineSAC:
         actor = {k: v.clone() for k, v in self.agent.actor.state_dict().items()}
         return _Snapshot(actor, self.step, score, reached)
 
-    def run(self, need_expert: bool, progress: bool = True,
-            stop_at_step: int | None = None) -> None:
-        """Train until done; `stop_at_step` interrupts at the first checkpoint at or after it
-        (for tests of exact resume)."""
+    def run(self, need_expert: bool, progress: bool = True, stop_at: int | None = None) -> None:
+        """Train until done; `stop_at` (an env step) interrupts after checkpointing the first
+        episode end at or after it (for tests of exact resume)."""
         cfg, env = self.cfg, self.env
         space = env.action_space
         bar = tqdm(total=cfg.sac_steps, initial=self.step, desc=f"SAC {self.family}",
@@ -283,11 +278,8 @@ class OnlineSAC:
             # Episode end (or budget end): evaluate, snapshot and checkpoint only here.
             if self.step >= self.next_eval or self.step >= cfg.sac_steps:
                 self._evaluate_and_snapshot(bar)
-            if self.step >= self.next_ckpt or self.done(need_expert):
-                self.next_ckpt = self.step + cfg.checkpoint_every
-                self.save()
-                if stop_at_step is not None and self.step >= stop_at_step:
-                    break
+            if self.ckpt.maybe_save(self.step, self.done(need_expert), self._state, stop_at):
+                break
             obs, _ = env.reset()
         bar.close()
 

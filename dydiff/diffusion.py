@@ -7,18 +7,16 @@ non-finite gradients zeroed (EDM's nan_to_num) instead of clipping (grad_clip is
 The U-Net is the authors' TemporalUnet (Decision Diffuser) default: dim 128, dim_mults (1, 4, 8).
 
 Outputs in out_dir: model.pt (EMA weights, config, normaliser), checkpoint.pt (exact resume:
-weights, EMA, optimiser, RNG, step, metrics so far), metrics.parquet (step, loss, lr, wall time).
+weights, EMA, optimiser, RNG, step, metrics so far), metrics.parquet (step, loss, lr,
+wall_time_s).
 """
 from __future__ import annotations
 
 import dataclasses
-import logging
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Literal
 
-import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
@@ -28,12 +26,10 @@ from dydiff.segments import Normalizer, Segments, make_segments
 from dydiff.edm import EDMDenoiser, edm_loss
 from dydiff.sampler import DiffusionDynamics, SamplerConfig
 from dydiff.unet import TemporalUnet
-from harness.checkpoint import atomic_path, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from harness.checkpoint import CHECKPOINT, Checkpointer, load_checkpoint, save_checkpoint
 from harness.runtime import start_training
 
-log = logging.getLogger(__name__)
-
-MODEL, CHECKPOINT, METRICS = "model.pt", "checkpoint.pt", "metrics.parquet"
+MODEL = "model.pt"
 
 
 @dataclass
@@ -130,8 +126,13 @@ def train_step(denoiser: EDMDenoiser, ema: EDMDenoiser, opt: torch.optim.Optimiz
 
 def train_diffusion(dataset: Dataset, cfg: DiffusionConfig | dict, out_dir: str | Path,
                     seed: int = 0, log_fn: Callable[[dict, int], None] | None = None,
-                    progress: bool = True, device: torch.device | str | None = None) -> dict:
-    """Train (or resume) the diffusion model; returns a summary dict (also in model.pt)."""
+                    progress: bool = True, device: torch.device | str | None = None,
+                    stop_at: int | None = None) -> dict:
+    """Train (or resume) the diffusion model; returns a summary dict (also in model.pt).
+
+    stop_at: return right after checkpointing gradient step `stop_at` (simulates pre-emption
+    in tests); model.pt is not written then.
+    """
     if not isinstance(cfg, DiffusionConfig):
         cfg = from_dict(DiffusionConfig, cfg, where="models.diffusion")
     out_dir, device, _ = start_training(out_dir, seed, device)
@@ -141,27 +142,24 @@ def train_diffusion(dataset: Dataset, cfg: DiffusionConfig | dict, out_dir: str 
     ema = build_denoiser(cfg, o + a).to(device).requires_grad_(False)
     ema.load_state_dict(denoiser.state_dict())
     opt = torch.optim.Adam(denoiser.parameters(), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8)
-    rows: list[dict] = []
     losses: list[float] = []  # since the last logged row
-    step = 0
-    ckpt = load_checkpoint(out_dir / CHECKPOINT)
-    if ckpt is not None:
-        denoiser.load_state_dict(ckpt["model"])
-        ema.load_state_dict(ckpt["ema"])
-        opt.load_state_dict(ckpt["optimizer"])
-        set_rng_state(ckpt["rng"])
-        step, rows, losses = ckpt["step"], ckpt["metrics"], ckpt["pending_losses"]
-        log.info("resuming diffusion training at step %d", step)
+    # A longer run continues a shorter one exactly, and the sampler only matters after
+    # training: neither train_steps nor sampler has to match to resume.
+    expect = {"config": {k: v for k, v in dataclasses.asdict(cfg).items()
+                         if k not in ("train_steps", "sampler")}, "seed": seed}
+    ckpt = Checkpointer(out_dir / CHECKPOINT, expect, every=cfg.checkpoint_every,
+                        what="diffusion", columns=["step", "loss", "lr"])
+    if ckpt.resumed:
+        denoiser.load_state_dict(ckpt.state["model"])
+        ema.load_state_dict(ckpt.state["ema"])
+        opt.load_state_dict(ckpt.state["optimizer"])
+        losses = ckpt.state["pending_losses"]
+    step = ckpt.start
 
-    def checkpoint() -> None:
-        save_checkpoint(out_dir / CHECKPOINT, {
-            "model": denoiser.state_dict(), "ema": ema.state_dict(),
-            "optimizer": opt.state_dict(), "rng": rng_state(), "step": step, "metrics": rows,
-            "pending_losses": losses, "config": dataclasses.asdict(cfg)})
-        with atomic_path(out_dir / METRICS) as tmp:
-            pd.DataFrame(rows, columns=["step", "loss", "lr", "wall_time"]).to_parquet(tmp)
+    def state() -> dict:
+        return {"model": denoiser.state_dict(), "ema": ema.state_dict(),
+                "optimizer": opt.state_dict(), "pending_losses": losses}
 
-    t0 = time.perf_counter() - (rows[-1]["wall_time"] if rows else 0.0)
     n = len(segments)
     bar = tqdm(total=cfg.train_steps, initial=step, disable=not progress, desc="diffusion")
     denoiser.train()
@@ -171,21 +169,19 @@ def train_diffusion(dataset: Dataset, cfg: DiffusionConfig | dict, out_dir: str 
         step += 1
         bar.update(1)
         if step % cfg.log_every == 0 or step == cfg.train_steps:
-            row = {"step": step, "loss": sum(losses) / len(losses), "lr": lr,
-                   "wall_time": time.perf_counter() - t0}
-            rows.append(row)
+            row = ckpt.log({"step": step, "loss": sum(losses) / len(losses), "lr": lr})
             losses = []
             bar.set_postfix(loss=f"{row['loss']:.4f}")
             if log_fn is not None:
                 log_fn({"diffusion_loss": row["loss"], "diffusion_lr": lr}, step)
-        if step % cfg.checkpoint_every == 0 or step == cfg.train_steps:
-            checkpoint()
+        if ckpt.maybe_save(step, step == cfg.train_steps, state, stop_at):
+            bar.close()
+            return {"steps": step, "interrupted": True}
     bar.close()
-    if ckpt is not None and step == ckpt["step"]:
-        checkpoint()  # resumed a finished run: make sure metrics.parquet exists
+    rows = ckpt.rows
     summary = {"steps": step, "final_loss": rows[-1]["loss"] if rows else float("nan"),
                "segments": n, "parameters": sum(p.numel() for p in denoiser.parameters()),
-               "wall_time": rows[-1]["wall_time"] if rows else 0.0}
+               "wall_time_s": rows[-1]["wall_time_s"] if rows else 0.0}
     save_checkpoint(out_dir / MODEL, {
         "ema": ema.state_dict(), "config": dataclasses.asdict(cfg),
         "normalizer": segments.normalizer.state_dict(), "obs_dim": o, "act_dim": a,
@@ -199,7 +195,8 @@ def load_diffusion(out_dir: str | Path, device: torch.device | str = "cpu",
     path = Path(out_dir) / MODEL
     state = load_checkpoint(path)
     if state is None:
-        raise FileNotFoundError(f"no diffusion model at {path} (run `dydiff-bench train-model --model diffusion` first)")
+        raise FileNotFoundError(f"no diffusion model at {path}"
+                                " (run `dydiff-bench train-model --model diffusion` first)")
     cfg_dict = dict(state["config"])
     cfg_dict["sampler"] = {**cfg_dict["sampler"], **(sampler or {})}
     cfg = from_dict(DiffusionConfig, cfg_dict, where=f"{path}:config")

@@ -15,35 +15,30 @@ evaluation per epoch and early stopping after more than 7 evaluations without im
 Outputs in out_dir: model.pt (best weights, config, dims, summary), checkpoint.pt (exact
 resume: weights, best weights, optimiser, RNG, data order, early-stopping state, metrics so
 far), metrics.parquet (one row per holdout evaluation: step, train_loss, holdout_mse,
-wall_time; both losses are MSEs in raw reward units).
+wall_time_s; both losses are MSEs in raw reward units).
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
-import logging
 import math
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
-import pandas as pd
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from harness.config import from_dict, require
-from harness.data.dataset import Dataset
+from harness.data.dataset import Dataset, holdout_split
 from harness.nets import Standardizer, mlp
-from harness.checkpoint import atomic_path, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from harness.checkpoint import CHECKPOINT, Checkpointer, load_checkpoint, save_checkpoint
 from harness.runtime import start_training
 
-log = logging.getLogger(__name__)
-
-MODEL, CHECKPOINT, METRICS = "model.pt", "checkpoint.pt", "metrics.parquet"
-COLUMNS = ["step", "train_loss", "holdout_mse", "wall_time"]
+MODEL = "model.pt"
+COLUMNS = ["step", "train_loss", "holdout_mse"]  # + wall_time_s
 
 
 @dataclass
@@ -101,22 +96,14 @@ class RewardModel(nn.Module):
         return self.standardized(obs, act) * self.r_std + self.r_mean
 
 
-def holdout_split(n: int, cfg: RewardModelConfig, rng: np.random.Generator
-                  ) -> tuple[np.ndarray, np.ndarray]:
-    """(train, holdout) index arrays: a random min(max_holdout, ratio * n) holdout."""
-    n_ho = min(cfg.max_holdout, int(n * cfg.holdout_ratio))
-    perm = rng.permutation(n)
-    return np.sort(perm[n_ho:]), np.sort(perm[:n_ho])
-
-
 def train_reward_model(dataset: Dataset, cfg: RewardModelConfig | dict, out_dir: str | Path,
                        seed: int = 0, log_fn: Callable[[dict, int], None] | None = None,
                        progress: bool = True, device: torch.device | str | None = None,
                        stop_at: int | None = None) -> dict:
     """Train (or resume) the reward model; returns a summary dict (also in model.pt).
 
-    stop_at: return right after checkpointing the first evaluation at or after step `stop_at`
-    (simulates pre-emption in tests); model.pt is not written then.
+    stop_at: return right after checkpointing the first evaluation at or after gradient step
+    `stop_at` (simulates pre-emption in tests); model.pt is not written then.
     """
     if not isinstance(cfg, RewardModelConfig):
         cfg = from_dict(RewardModelConfig, cfg, where="models.reward")
@@ -124,7 +111,9 @@ def train_reward_model(dataset: Dataset, cfg: RewardModelConfig | dict, out_dir:
     obs = torch.as_tensor(dataset.observations, device=device)
     act = torch.as_tensor(dataset.actions, device=device)
     rew = torch.as_tensor(dataset.rewards, device=device)
-    train_idx, ho_idx = holdout_split(len(dataset), cfg, rng)
+    # A permutation from the seeded numpy stream (its first draw); sorted index arrays.
+    train_idx, ho_idx = map(np.sort, holdout_split(rng.permutation(len(dataset)),
+                                                   cfg.holdout_ratio, cfg.max_holdout))
     if len(train_idx) == 0:
         raise ValueError(f"dataset {dataset.name} has {len(dataset)} transitions: none left "
                          f"for training after the holdout split")
@@ -142,31 +131,23 @@ def train_reward_model(dataset: Dataset, cfg: RewardModelConfig | dict, out_dir:
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     order = torch.Generator().manual_seed(seed)  # data order, separate from the global RNG
 
-    step, rows, pending = 0, [], []
+    pending = []
     best = {"mse": math.inf, "step": 0, "state": copy.deepcopy(model.state_dict()), "bad": 0}
     perm, done = None, False
-    ckpt = load_checkpoint(out_dir / CHECKPOINT, what="reward",
-                           expect={"config": dataclasses.asdict(cfg), "seed": seed})
-    if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        set_rng_state(ckpt["rng"])
-        order.set_state(ckpt["order"])
-        step, rows, pending, best = ckpt["step"], ckpt["metrics"], ckpt["pending"], ckpt["best"]
-        perm, done = ckpt["perm"], ckpt["done"]
-        perm = None if perm is None else perm.to(device)
-        log.info("resuming reward model training at step %d", step)
-    wall_before = rows[-1]["wall_time"] if rows else 0.0
-    t0 = time.perf_counter()
+    ckpt = Checkpointer(out_dir / CHECKPOINT, {"config": dataclasses.asdict(cfg), "seed": seed},
+                        every=cfg.checkpoint_every, what="reward", columns=COLUMNS)
+    if ckpt.resumed:
+        model.load_state_dict(ckpt.state["model"])
+        opt.load_state_dict(ckpt.state["optimizer"])
+        order.set_state(ckpt.state["order"])
+        pending, best, done = ckpt.state["pending"], ckpt.state["best"], ckpt.state["done"]
+        perm = None if ckpt.state["perm"] is None else ckpt.state["perm"].to(device)
+    step = ckpt.start
 
-    def checkpoint() -> None:
-        save_checkpoint(out_dir / CHECKPOINT, {
-            "model": model.state_dict(), "optimizer": opt.state_dict(), "rng": rng_state(),
-            "order": order.get_state(), "step": step, "metrics": rows, "pending": pending,
-            "best": best, "perm": perm, "done": done, "seed": seed,
-            "config": dataclasses.asdict(cfg)})
-        with atomic_path(out_dir / METRICS) as tmp:
-            pd.DataFrame(rows, columns=COLUMNS).to_parquet(tmp)
+    def state() -> dict:
+        return {"model": model.state_dict(), "optimizer": opt.state_dict(),
+                "order": order.get_state(), "pending": pending, "best": best, "perm": perm,
+                "done": done}
 
     @torch.no_grad()
     def holdout_mse() -> float:
@@ -180,7 +161,6 @@ def train_reward_model(dataset: Dataset, cfg: RewardModelConfig | dict, out_dir:
     scale = float(model.r_std) ** 2  # standardised loss -> raw units
     bar = tqdm(total=cfg.train_steps, initial=step, disable=not progress, desc="reward model")
     model.train()
-    last_ckpt = step
     while not done:
         k = step % steps_per_epoch
         if k == 0 or perm is None:  # a fresh shuffle each epoch (the authors' order)
@@ -197,9 +177,8 @@ def train_reward_model(dataset: Dataset, cfg: RewardModelConfig | dict, out_dir:
         at_cap = cfg.train_steps is not None and step >= cfg.train_steps
         if step % eval_every == 0 or at_cap:
             mse = holdout_mse()
-            row = {"step": step, "train_loss": sum(pending) / len(pending), "holdout_mse": mse,
-                   "wall_time": wall_before + time.perf_counter() - t0}
-            rows.append(row)
+            row = ckpt.log({"step": step, "train_loss": sum(pending) / len(pending),
+                            "holdout_mse": mse})
             pending = []
             if mse < best["mse"]:
                 best = {"mse": mse, "step": step, "state": copy.deepcopy(model.state_dict()),
@@ -210,16 +189,10 @@ def train_reward_model(dataset: Dataset, cfg: RewardModelConfig | dict, out_dir:
             bar.set_postfix(holdout_mse=f"{mse:.4g}", best=f"{best['mse']:.4g}")
             if log_fn is not None:
                 log_fn({"reward_train_loss": row["train_loss"], "reward_holdout_mse": mse}, step)
-            interrupted = stop_at is not None and step >= stop_at
-            if done or interrupted or step - last_ckpt >= cfg.checkpoint_every:
-                checkpoint()
-                last_ckpt = step
-            if interrupted and not done:
+            if ckpt.maybe_save(step, done, state, stop_at):
                 bar.close()
                 return {"steps": step, "interrupted": True}
     bar.close()
-    if ckpt is not None and ckpt["done"]:
-        checkpoint()  # resumed a finished run: make sure metrics.parquet exists
     # Best holdout weights (the final ones when there is no holdout to choose by).
     final_state = best["state"] if len(ho) else model.state_dict()
     var = float(rew[ho].var()) if len(ho) > 1 else math.nan
@@ -228,9 +201,9 @@ def train_reward_model(dataset: Dataset, cfg: RewardModelConfig | dict, out_dir:
                "best_step": best["step"] if len(ho) else step,
                "holdout_mse": best["mse"] if len(ho) else math.nan,
                "holdout_reward_var": var, "holdout_size": len(ho), "train_size": len(tr),
-               "final_train_loss": rows[-1]["train_loss"] if rows else math.nan,
+               "final_train_loss": ckpt.rows[-1]["train_loss"] if ckpt.rows else math.nan,
                "parameters": sum(p.numel() for p in model.net.parameters()),
-               "wall_time": rows[-1]["wall_time"] if rows else 0.0}
+               "wall_time_s": ckpt.rows[-1]["wall_time_s"] if ckpt.rows else 0.0}
     save_checkpoint(out_dir / MODEL, {
         "model": final_state, "config": dataclasses.asdict(cfg), "obs_dim": dataset.obs_dim,
         "act_dim": dataset.act_dim, "name": dataset.name, "summary": summary})
@@ -243,12 +216,12 @@ def load_reward_model(out_dir: str | Path, device: torch.device | str = "cpu") -
     path = Path(out_dir) / MODEL
     state = load_checkpoint(path)
     if state is None:
-        raise FileNotFoundError(f"no reward model at {path} (run `dydiff-bench train-model --model reward` first)")
+        raise FileNotFoundError(f"no reward model at {path}"
+                                " (run `dydiff-bench train-model --model reward` first)")
     cfg = from_dict(RewardModelConfig, state["config"], where=f"{path}:config")
     model = RewardModel(state["obs_dim"], state["act_dim"], cfg.hidden)
     model.load_state_dict(state["model"])
     return model.to(device).eval().requires_grad_(False)
 
 
-__all__ = ["RewardModelConfig", "RewardModel", "train_reward_model", "load_reward_model",
-           "holdout_split"]
+__all__ = ["RewardModelConfig", "RewardModel", "train_reward_model", "load_reward_model"]

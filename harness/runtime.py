@@ -18,14 +18,12 @@ def seed_everything(seed: int) -> np.random.Generator:
     return np.random.default_rng(seed)
 
 
-
 def device() -> torch.device:
     """`DYDIFF_DEVICE` if set, else CUDA when available, else CPU."""
     name = os.environ.get("DYDIFF_DEVICE")
     if name:
         return torch.device(name)
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
 
 
 def start_training(out_dir: str | os.PathLike, seed: int, on: torch.device | str | None = None
@@ -35,7 +33,6 @@ def start_training(out_dir: str | os.PathLike, seed: int, on: torch.device | str
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     return out_dir, device() if on is None else torch.device(on), seed_everything(seed)
-
 
 
 def git_sha(default: str = "unknown") -> str:

@@ -232,17 +232,17 @@ def to_markdown(s: dict) -> str:
         lines += [f"Reward model (paper defaults): holdout MSE {r['holdout_mse']:.4g} = "
                   f"{100 * r['holdout_mse_over_var']:.2f}% of the holdout reward variance; "
                   f"{r['steps']} steps ({r['epochs']:.0f} epochs, early stopped: "
-                  f"{r['early_stopped']}), {r['wall_time']:.0f} s.", ""]
+                  f"{r['early_stopped']}), {r['wall_time_s']:.0f} s.", ""]
     if "diffusion" in s:
         d = s["diffusion"]
         lines += [f"Diffusion: {d['config']}, {d['parameters']} parameters, {d['steps']} steps, "
-                  f"final loss {d['final_loss']:.4f}, {d['wall_time']:.0f} s.", ""]
+                  f"final loss {d['final_loss']:.4f}, {d['wall_time_s']:.0f} s.", ""]
     if "ensemble" in s:
         e = s["ensemble"]
         lines += [f"Ensemble (MBPO/MOPO defaults): {e['epochs']} epochs, elite holdout MSE "
                   f"{e['holdout_mse_elites']:.4g} (state dims {e['holdout_obs_mse_elites']:.4g}; "
                   f"trivial next=current {e['holdout_obs_mse_trivial']:.4g}), "
-                  f"{e['wall_time']:.0f} s.", ""]
+                  f"{e['wall_time_s']:.0f} s.", ""]
     if "policy" in s:
         p = s["policy"]
         lines += [f"TD3+BC: {p.get('steps')} steps, normalised score "

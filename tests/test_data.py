@@ -300,7 +300,7 @@ def test_online_sac_resume_equals_uninterrupted(tmp_path):
     full = OnlineSAC("hopper", cfg, seed=3, ckpt_path=tmp_path / "a.pt")
     full.run(need_expert=True, progress=False)
     part = OnlineSAC("hopper", cfg, seed=3, ckpt_path=tmp_path / "b.pt")
-    part.run(need_expert=True, progress=False, stop_at_step=300)
+    part.run(need_expert=True, progress=False, stop_at=300)
     assert 300 <= part.step < 600
     resumed = OnlineSAC("hopper", cfg, seed=3, ckpt_path=tmp_path / "b.pt")  # fresh object
     assert resumed.step == part.step
@@ -316,7 +316,7 @@ def test_online_sac_resume_equals_uninterrupted(tmp_path):
 def test_online_sac_checkpoint_from_other_config_is_rejected(tmp_path):
     cfg = from_dict(GenerateConfig, TINY)
     OnlineSAC("hopper", cfg, seed=0, ckpt_path=tmp_path / "c.pt").save()
-    with pytest.raises(ConfigError, match="another config/seed"):
+    with pytest.raises(ConfigError, match="different SAC seed"):
         OnlineSAC("hopper", cfg, seed=1, ckpt_path=tmp_path / "c.pt")
 
 

@@ -228,7 +228,7 @@ def test_loss_decreases_on_toy_data(tmp_path):
     summary = train_diffusion(toy_dataset(), cfg, tmp_path, seed=0, progress=False,
                               device="cpu")
     m = pd.read_parquet(tmp_path / "metrics.parquet")
-    assert list(m.columns) == ["step", "loss", "lr", "wall_time"] and len(m) == 6
+    assert list(m.columns) == ["step", "loss", "lr", "wall_time_s"] and len(m) == 6
     assert m["loss"].iloc[-1] < 0.8 * m["loss"].iloc[0]
     assert summary["steps"] == 150
     dyn = load_diffusion(tmp_path, "cpu", sampler={"num_steps": 4})
@@ -247,8 +247,28 @@ def test_resume_equals_uninterrupted(tmp_path):
     for k in a["ema"]:
         assert torch.equal(a["ema"][k], b["ema"][k]), k
     ma, mb = (pd.read_parquet(tmp_path / d / "metrics.parquet") for d in "ab")
-    pd.testing.assert_frame_equal(ma.drop(columns="wall_time"), mb.drop(columns="wall_time"))
+    pd.testing.assert_frame_equal(ma.drop(columns="wall_time_s"), mb.drop(columns="wall_time_s"))
     # A different seed gives different weights (the test can fail).
     train_diffusion(ds, TINY, tmp_path / "c", seed=4, progress=False, device="cpu")
     c = torch.load(tmp_path / "c" / "model.pt", weights_only=False)
     assert not all(torch.equal(a["ema"][k], c["ema"][k]) for k in a["ema"])
+
+
+def test_stop_at_then_resume_equals_uninterrupted(tmp_path):
+    ds = toy_dataset()
+    full = train_diffusion(ds, TINY, tmp_path / "a", seed=3, progress=False, device="cpu")
+    # Pre-empted at step 3 (between the checkpoints at 2 and 4), then restarted.
+    part = train_diffusion(ds, TINY, tmp_path / "b", seed=3, progress=False, device="cpu",
+                           stop_at=3)
+    assert part == {"steps": 3, "interrupted": True}
+    assert not (tmp_path / "b" / "model.pt").exists()
+    resumed = train_diffusion(ds, TINY, tmp_path / "b", seed=3, progress=False, device="cpu")
+    assert resumed["final_loss"] == full["final_loss"]
+    a = torch.load(tmp_path / "a" / "model.pt", weights_only=False)
+    b = torch.load(tmp_path / "b" / "model.pt", weights_only=False)
+    assert all(torch.equal(a["ema"][k], b["ema"][k]) for k in a["ema"])
+    # A longer run may continue it; another config or seed may not.
+    with pytest.raises(ConfigError, match="different diffusion config"):
+        train_diffusion(ds, {**TINY, "lr": 1e-2}, tmp_path / "b", seed=3, progress=False)
+    with pytest.raises(ConfigError, match="different diffusion seed"):
+        train_diffusion(ds, TINY, tmp_path / "b", seed=4, progress=False)

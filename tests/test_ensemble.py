@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from baselines.ensemble import EnsembleConfig, EnsembleLinear, EnsembleNet, dataset_tensors, \
-    holdout_size, load_ensemble, member_mse, split_indices, train_ensemble
+    load_ensemble, member_mse, split_indices, train_ensemble
 from harness.config import ConfigError, from_dict
 from harness.data.dataset import Dataset
 
@@ -110,7 +110,7 @@ def test_nll_decreases_and_learned_std_matches_true_noise(toy_model):
     out, summary, _ = toy_model
     rows = pd.read_parquet(out / "metrics.parquet")
     assert list(rows.columns) == ["epoch", "train_loss", "holdout_mse", "holdout_mse_elites",
-                                  "wall_time"]
+                                  "wall_time_s"]
     assert rows["epoch"].tolist() == list(range(1, summary["epochs"] + 1))
     assert rows["train_loss"].iloc[-1] < rows["train_loss"].iloc[0] - 5.0
     # holdout MSE reaches the noise floor (sigma^2 = 0.0025), far below "next = current"
@@ -139,7 +139,7 @@ def test_log_fn_gets_prefixed_epoch_metrics(toy_model):
     _, summary, logged = toy_model
     assert [s for s, _ in logged] == list(range(1, summary["epochs"] + 1))
     assert set(logged[0][1]) == {"ensemble_train_loss", "ensemble_holdout_mse",
-                                 "ensemble_holdout_mse_elites", "ensemble_wall_time"}
+                                 "ensemble_holdout_mse_elites", "ensemble_wall_time_s"}
 
 
 def test_early_stopping_and_best_snapshots(tmp_path):
@@ -152,8 +152,7 @@ def test_early_stopping_and_best_snapshots(tmp_path):
 
 def test_holdout_split_rule():
     cfg = EnsembleConfig()
-    assert holdout_size(1000, cfg) == 200
-    assert holdout_size(1_000_000, cfg) == 5000  # capped at max_holdout
+    assert len(split_indices(1_000_000, cfg, seed=0)[1]) == 5000  # capped at max_holdout
     train, hold = split_indices(1000, cfg, seed=3)
     assert len(hold) == 200 and len(train) == 800
     assert sorted(torch.cat([train, hold]).tolist()) == list(range(1000))
@@ -178,8 +177,8 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path):
     cfg = {**SMALL, "max_epochs": 5, "checkpoint_every": 2}
     full = train_ensemble(ds, cfg, tmp_path / "full", seed=0, progress=False, device="cpu")
     part = train_ensemble(ds, cfg, tmp_path / "cut", seed=0, progress=False, device="cpu",
-                          stop_at_epoch=3)
-    assert part == {"epochs": 3, "stopped_at_epoch": 3}
+                          stop_at=3)
+    assert part == {"epochs": 3, "interrupted": True}
     assert not (tmp_path / "cut" / "model.pt").exists()
     resumed = train_ensemble(ds, cfg, tmp_path / "cut", seed=0, progress=False, device="cpu")
     a, b = state(tmp_path / "full"), state(tmp_path / "cut")
@@ -187,7 +186,7 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path):
     assert resumed["holdout_mse"] == full["holdout_mse"] and resumed["epochs"] == 5
     ra = pd.read_parquet(tmp_path / "full" / "metrics.parquet")
     rb = pd.read_parquet(tmp_path / "cut" / "metrics.parquet")
-    pd.testing.assert_frame_equal(ra.drop(columns="wall_time"), rb.drop(columns="wall_time"))
+    pd.testing.assert_frame_equal(ra.drop(columns="wall_time_s"), rb.drop(columns="wall_time_s"))
     # resuming a finished run changes nothing; a different config is refused
     again = train_ensemble(ds, cfg, tmp_path / "cut", seed=0, progress=False, device="cpu")
     assert again["holdout_mse"] == full["holdout_mse"]

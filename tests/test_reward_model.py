@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from harness.config import ConfigError, from_dict
-from harness.data.dataset import Dataset
-from dydiff.reward_model import (RewardModel, RewardModelConfig, holdout_split,
-                                 load_reward_model, train_reward_model)
+from harness.data.dataset import Dataset, holdout_split
+from dydiff.reward_model import (RewardModel, RewardModelConfig, load_reward_model,
+                                 train_reward_model)
 
 
 def known_reward(obs: np.ndarray, act: np.ndarray) -> np.ndarray:
@@ -40,7 +40,7 @@ def test_learns_a_known_reward_function(tmp_path):
     assert summary["holdout_size"] == 800 and summary["train_size"] == 3200
     assert summary["holdout_mse"] < 0.02 * var, (summary, var)
     m = pd.read_parquet(tmp_path / "metrics.parquet")
-    assert list(m.columns) == ["step", "train_loss", "holdout_mse", "wall_time"]
+    assert list(m.columns) == ["step", "train_loss", "holdout_mse", "wall_time_s"]
     assert m["step"].tolist() == list(range(100, summary["steps"] + 1, 100))
     assert m["holdout_mse"].iloc[-1] < 0.1 * m["holdout_mse"].iloc[0]
     # The loaded model predicts raw reward units on fresh inputs: (M,) output.
@@ -68,10 +68,12 @@ def test_early_stopping_stops_and_keeps_best(tmp_path):
 
 def test_holdout_split_sizes_and_disjoint():
     cfg = RewardModelConfig()
-    tr, ho = holdout_split(30_000, cfg, np.random.default_rng(0))
+    split = lambda n: holdout_split(np.random.default_rng(0).permutation(n),  # noqa: E731
+                                    cfg.holdout_ratio, cfg.max_holdout)
+    tr, ho = split(30_000)
     assert len(ho) == 5000 and len(tr) == 25_000  # capped at max_holdout
     assert len(np.intersect1d(tr, ho)) == 0
-    tr, ho = holdout_split(1000, cfg, np.random.default_rng(0))
+    tr, ho = split(1000)
     assert len(ho) == 200
 
 
@@ -98,9 +100,9 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path):
     b = torch.load(tmp_path / "b" / "model.pt", weights_only=False)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
     ma, mb = (pd.read_parquet(tmp_path / d / "metrics.parquet") for d in "ab")
-    pd.testing.assert_frame_equal(ma.drop(columns="wall_time"), mb.drop(columns="wall_time"))
-    assert {k: v for k, v in full.items() if k != "wall_time"} == \
-        {k: v for k, v in resumed.items() if k != "wall_time"}
+    pd.testing.assert_frame_equal(ma.drop(columns="wall_time_s"), mb.drop(columns="wall_time_s"))
+    assert {k: v for k, v in full.items() if k != "wall_time_s"} == \
+        {k: v for k, v in resumed.items() if k != "wall_time_s"}
     # Rerunning a finished job is a no-op; a different config in the same folder is refused.
     again = train_reward_model(ds, FAST, tmp_path / "b", seed=5, progress=False, device="cpu")
     assert again["steps"] == 40

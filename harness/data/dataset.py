@@ -121,6 +121,14 @@ def concatenate(datasets: list[Dataset], name: str) -> Dataset:
                    cat("qpos") if states else None, cat("qvel") if states else None)
 
 
+def holdout_split(perm, holdout_ratio: float, max_holdout: int):
+    """(train, holdout) rows of `perm`, a random permutation of the n row indices (numpy or
+    torch): the first min(max_holdout, int(n * holdout_ratio)) are held out (MBPO's rule).
+    The caller draws `perm`, so each model keeps its own seeded draw."""
+    n_hold = min(max_holdout, int(len(perm) * holdout_ratio))
+    return perm[n_hold:], perm[:n_hold]
+
+
 def validate_arrays(arrays: dict[str, np.ndarray | None]) -> list[str]:
     """Every problem with a dict of D4RL arrays (missing key, shapes, lengths, dtype, NaN/inf)."""
     problems = []

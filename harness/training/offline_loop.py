@@ -12,13 +12,11 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import time
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import pandas as pd
 import torch
 from tqdm.auto import tqdm
@@ -27,13 +25,10 @@ from harness.config import require
 from harness.data.dataset import Dataset
 from harness.training.buffers import KEYS, RealBuffer, RingBuffer
 from harness.training.evaluation import evaluate
-from harness.checkpoint import atomic_path, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from harness.checkpoint import CHECKPOINT, Checkpointer
 from harness.runtime import device_of, seed_everything
 
 log = logging.getLogger(__name__)
-
-CHECKPOINT = "checkpoint.pt"
-METRICS = "metrics.parquet"
 
 
 @dataclass
@@ -49,7 +44,8 @@ class OfflineConfig:
     checkpoint_every: int = 10_000
 
     def validate(self) -> None:
-        for key in ("total_steps", "batch_size", "rollout_freq", "model_retain_epochs", "eval_every", "eval_episodes", "log_every",
+        for key in ("total_steps", "batch_size", "rollout_freq", "model_retain_epochs",
+                    "eval_every", "eval_episodes", "log_every",
                     "checkpoint_every"):
             require(getattr(self, key) >= 1, key, f"must be >= 1, got {getattr(self, key)}")
         require(0.0 <= self.real_ratio <= 1.0, "real_ratio",
@@ -77,24 +73,8 @@ def _rollout(generator, agent, real: RealBuffer, model: RingBuffer, n_start: int
     return stats
 
 
+# Leading metrics columns; the losses follow, sorted, then wall_time_s.
 FIRST = ("step", "return_mean", "return_std", "normalized_score", "normalized_score_std")
-
-
-def metrics_frame(rows: list[dict]) -> pd.DataFrame:
-    """Rows -> table with columns step, evaluation, losses..., wall_time_s (NaN where absent)."""
-    df = pd.DataFrame(rows)
-    for col in FIRST + ("wall_time_s",):
-        if col not in df:
-            df[col] = np.nan
-    rest = sorted(c for c in df.columns if c not in FIRST and c != "wall_time_s")
-    return df[list(FIRST) + rest + ["wall_time_s"]]
-
-
-def _write_metrics(rows: list[dict], out_dir: Path) -> pd.DataFrame:
-    df = metrics_frame(rows)
-    with atomic_path(out_dir / METRICS) as tmp:
-        df.to_parquet(tmp, index=False)
-    return df
 
 
 def offline_loop(agent, dataset: Dataset, cfg: OfflineConfig, out_dir, seed: int,
@@ -105,7 +85,8 @@ def offline_loop(agent, dataset: Dataset, cfg: OfflineConfig, out_dir, seed: int
     generator: None (model-free) or an object with `generate(agent, start_obs) -> dict`,
       `rollout_batch_size` (start states it wants per call: its own setting, the only one) and
       `max_transitions_per_call` (optionally `state_dict`/`load_state_dict` for its own state).
-    stop_at: return right after checkpointing step `stop_at` (simulates pre-emption; tests).
+    stop_at: return right after checkpointing gradient step `stop_at` (simulates pre-emption;
+      tests).
     Rows of the table: step, return_mean, return_std, normalized_score, mean losses since the
     last row, wall_time_s (training time so far, summed across restarts).
     """
@@ -128,47 +109,31 @@ def offline_loop(agent, dataset: Dataset, cfg: OfflineConfig, out_dir, seed: int
         log.warning("offline.real_ratio is 1.0: the rollout generator is never used")
     n_real = cfg.n_real if model is not None else cfg.batch_size
 
-    rows: list[dict] = []
     sums: dict[str, float] = defaultdict(float)   # losses since the last log row
     counts: dict[str, int] = defaultdict(int)
-    start, wall_before = 0, 0.0
-    ckpt = load_checkpoint(out_dir / CHECKPOINT, what="offline",
-                           expect={"config": dataclasses.asdict(cfg), "seed": seed})
-    if ckpt is not None:
-        agent.load_training_state(ckpt["agent"])
-        real.load_state_dict(ckpt["real_buffer"])
+    ckpt = Checkpointer(out_dir / CHECKPOINT, {"config": dataclasses.asdict(cfg), "seed": seed},
+                        every=cfg.checkpoint_every, what="offline", columns=FIRST)
+    if ckpt.resumed:
+        agent.load_training_state(ckpt.state["agent"])
+        real.load_state_dict(ckpt.state["real_buffer"])
         if model is not None:
-            model.load_state_dict(ckpt["model_buffer"])
-        if generator is not None and ckpt.get("generator") is not None:
-            generator.load_state_dict(ckpt["generator"])
-        set_rng_state(ckpt["rng"])
-        if torch.cuda.is_available() and ckpt.get("cuda_rng") is not None:
-            torch.cuda.set_rng_state_all(ckpt["cuda_rng"])
-        start, wall_before, rows = ckpt["step"], ckpt["wall_time_s"], ckpt["rows"]
-        sums.update(ckpt["sums"])
-        counts.update(ckpt["counts"])
-        log.info("resuming %s from step %d", out_dir, start)
+            model.load_state_dict(ckpt.state["model_buffer"])
+        if generator is not None and ckpt.state.get("generator") is not None:
+            generator.load_state_dict(ckpt.state["generator"])
+        sums.update(ckpt.state["sums"])
+        counts.update(ckpt.state["counts"])
     else:
         seed_everything(seed)
+    start = ckpt.start
     if start >= cfg.total_steps:
-        return metrics_frame(rows)
+        return ckpt.table()
 
-    t0 = time.perf_counter()
-    wall = lambda: wall_before + time.perf_counter() - t0  # noqa: E731
-
-    def checkpoint(step: int) -> None:
-        state = {"step": step, "seed": seed, "config": dataclasses.asdict(cfg),
-                 "agent": agent.training_state(), "real_buffer": real.state_dict(),
-                 "model_buffer": model.state_dict() if model is not None else None,
-                 "generator": (generator.state_dict()
-                               if hasattr(generator, "state_dict") else None),
-                 "rng": rng_state(),
-                 "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available()
-                 else None,
-                 "rows": rows, "sums": dict(sums), "counts": dict(counts),
-                 "wall_time_s": wall()}
-        _write_metrics(rows, out_dir)
-        save_checkpoint(out_dir / CHECKPOINT, state)
+    def state() -> dict:
+        return {"agent": agent.training_state(), "real_buffer": real.state_dict(),
+                "model_buffer": model.state_dict() if model is not None else None,
+                "generator": (generator.state_dict()
+                              if hasattr(generator, "state_dict") else None),
+                "sums": dict(sums), "counts": dict(counts)}
 
     bar = tqdm(total=cfg.total_steps, initial=start, disable=not progress,
                desc=f"train {dataset.name}", dynamic_ncols=True)
@@ -201,14 +166,11 @@ def offline_loop(agent, dataset: Dataset, cfg: OfflineConfig, out_dir, seed: int
                        normalized_score_std=res["normalized_score_std"])
             bar.set_postfix(score=f"{res['normalized_score']:.1f}")
         if row:
-            row = {"step": step, **row, "wall_time_s": wall()}
-            rows.append(row)
+            row = ckpt.log({"step": step, **row})
             if log_fn is not None:
                 log_fn({k: v for k, v in row.items() if k != "step"}, step)
         bar.update(1)
-        if step % cfg.checkpoint_every == 0 or step == cfg.total_steps or step == stop_at:
-            checkpoint(step)
-            if step == stop_at and step < cfg.total_steps:
-                break
+        if ckpt.maybe_save(step, step == cfg.total_steps, state, stop_at):
+            break
     bar.close()
-    return metrics_frame(rows)
+    return ckpt.table()

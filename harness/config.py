@@ -115,10 +115,6 @@ def require(cond: bool, key: str, msg: str) -> None:
         raise ConfigError(f"{key}: {msg}")
 
 
-def to_dict(obj: Any) -> dict:
-    return dataclasses.asdict(obj)
-
-
 def config_hash(obj: Any) -> str:
     """Stable short hash of a config (dataclass or plain data) for tagging results."""
     data = dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else obj

@@ -12,11 +12,12 @@ the P(improvement) statistics.
 """
 from __future__ import annotations
 
-import copy
 import importlib
 import os
 from dataclasses import dataclass, field, replace
 from typing import Any
+
+from harness.config import deep_merge
 
 
 @dataclass(frozen=True)
@@ -127,7 +128,7 @@ def variant_of(base: str, name: str, label: str, color: str, overrides: dict,
     """Register a variant of `base`: its settings plus `overrides`, compared with `base`."""
     parent = METHODS[base]
     return register_method(replace(parent, name=name, label=label, color=color,
-                                   overrides=_merge(parent.overrides, overrides), base=base,
+                                   overrides=deep_merge(parent.overrides, overrides), base=base,
                                    source=source, published=(), **changes))
 
 
@@ -144,14 +145,6 @@ def families() -> dict[str, list[str]]:
     for m in METHODS.values():
         if m.base is not None:
             out.setdefault(m.base, [m.base]).append(m.name)
-    return out
-
-
-def _merge(base: dict, override: dict) -> dict:
-    out = copy.deepcopy(base)
-    for key, value in override.items():
-        out[key] = (_merge(out[key], value) if isinstance(value, dict)
-                    and isinstance(out.get(key), dict) else copy.deepcopy(value))
     return out
 
 

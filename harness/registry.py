@@ -32,10 +32,12 @@ class Agent:
 @dataclass(frozen=True)
 class Model:
     """A dynamics/reward model trained once per task (`train(dataset, cfg, out_dir, seed,
-    log_fn, progress)` writes out_dir/model.pt); settings in `models.<name>`."""
+    log_fn, progress)` writes out_dir/model.pt, `load(out_dir, device)` reads it back);
+    settings in `models.<name>`."""
     name: str
     config: str
     train: str
+    load: str
 
 
 @dataclass(frozen=True)
@@ -155,11 +157,18 @@ register_agent(Agent("sac", "agents.sac:SAC", "agents.sac:SACConfig"))
 
 # ---- the models (trained once per task, shared by every method that needs them) ------------
 register_model(Model("ensemble", "baselines.ensemble:EnsembleConfig",
-                     "baselines.ensemble:train_ensemble"))
+                     "baselines.ensemble:train_ensemble", "baselines.ensemble:load_ensemble"))
 register_model(Model("reward", "dydiff.reward_model:RewardModelConfig",
-                     "dydiff.reward_model:train_reward_model"))
+                     "dydiff.reward_model:train_reward_model",
+                     "dydiff.reward_model:load_reward_model"))
 register_model(Model("diffusion", "dydiff.diffusion:DiffusionConfig",
-                     "dydiff.diffusion:train_diffusion"))
+                     "dydiff.diffusion:train_diffusion", "dydiff.diffusion:load_diffusion"))
+
+
+def load_model(name: str, out_dir, device="cpu"):
+    """A trained model read back through the registry: how a method uses another layer's
+    model (DyDiff starts its rollouts from the ensemble of baselines/) without importing it."""
+    return resolve(MODELS[name].load)(out_dir, device)
 
 # ---- the methods (table and figure order) ----------------------------------------------------
 register_method(Method(

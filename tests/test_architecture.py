@@ -42,7 +42,7 @@ def test_no_module_imports_a_higher_layer_or_a_sibling_package():
 
 def test_every_registry_reference_resolves():
     refs = [ref for a in registry.AGENTS.values() for ref in (a.cls, a.config)]
-    refs += [ref for m in registry.MODELS.values() for ref in (m.config, m.train)]
+    refs += [ref for m in registry.MODELS.values() for ref in (m.config, m.train, m.load)]
     refs += [ref for m in registry.METHODS.values() for ref in (m.generator, m.rollout_config)
              if ref]
     refs += list(registry.STEPS.values())

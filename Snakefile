@@ -29,7 +29,7 @@ slurm_compat.patch_cancelled_state()
 # `--config key=value` values arrive as strings ('0', 'false'): give them their YAML types.
 update_config(config, typed(workflow.config_settings.overwrite_config))
 try:
-    plan.validate(config)  # schema (shape), then every job's settings (values)
+    config.update(plan.resolve(config))  # schema (shape), ablations -> methods, job settings
 except ConfigError as err:
     sys.exit(f"Invalid config: {err}")
 

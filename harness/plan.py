@@ -76,6 +76,7 @@ def schema() -> dict:
     out = yaml.safe_load(_schema_text())
     props = out["properties"]
     props["methods"]["items"]["enum"] = list(registry.METHODS)
+    props["ablations"]["items"]["enum"] = registry.ablation_groups()
     props["models"]["properties"].update({m: {"type": "object"} for m in registry.MODELS})
     props["policy"]["properties"].update({a: {"type": "object"} for a in registry.AGENTS})
     props["policy"]["properties"]["methods"]["propertyNames"] = {"enum": list(registry.METHODS)}
@@ -83,12 +84,21 @@ def schema() -> dict:
 
 
 def load_config(path: str | Path, overrides: dict | None = None) -> dict:
-    """Read a YAML experiment config, apply overrides and validate it (ConfigError if bad)."""
+    """Read a YAML experiment config, apply overrides, validate and resolve it (ConfigError
+    naming the file and key if bad)."""
     cfg = deep_merge(read_yaml(path), overrides)
     try:
-        validate(cfg)
+        return resolve(cfg)
     except ConfigError as err:
         raise ConfigError(f"{path}: {err}") from None
+
+
+def resolve(cfg: dict) -> dict:
+    """The config a run uses: validated, its `ablations` groups expanded into `methods`
+    (registry.with_ablations: every variant of the group whose base is run)."""
+    check_schema(cfg, schema())
+    cfg = {**cfg, "methods": registry.with_ablations(cfg["methods"], cfg.get("ablations") or [])}
+    validate(cfg)
     return cfg
 
 
@@ -196,17 +206,20 @@ def model_job(cfg: dict, model: str, task: str) -> dict:
 
 
 def policy_settings(cfg: dict, method: str, task: str) -> dict:
-    """A method's training settings: the shared `policy` sections, then the method's registry
-    overrides, then `policy.methods.<method>` (+ the task's `per_task` overrides), validated.
-    Only the method's own agent section is kept, so another agent's change reruns nothing."""
+    """A method's training settings: the shared `policy` sections, then for the method and each
+    method it is derived from (root first) its registry overrides and its
+    `policy.methods.<name>` section (+ the task's `per_task` overrides), validated. Only the
+    method's own agent section is kept, so another agent's change reruns nothing."""
     spec = registry.method(method)
     policy = task_config(cfg, task).get("policy") or {}
-    shared = {k: v for k, v in policy.items() if k != "methods"}
+    merged = {k: v for k, v in policy.items() if k != "methods"}
+    for m in registry.lineage(method):
+        section = (policy.get("methods") or {}).get(m.name, {})
+        unknown = sorted(set(section) - {"offline", "rollout", *registry.AGENTS})
+        if unknown:
+            raise ConfigError(f"policy.methods.{m.name}: unknown key(s) {unknown}")
+        merged = deep_merge(deep_merge(merged, m.overrides), section)
     given = (policy.get("methods") or {}).get(method, {})
-    unknown = sorted(set(given) - {"offline", "rollout", *registry.AGENTS})
-    if unknown:
-        raise ConfigError(f"policy.methods.{method}: unknown key(s) {unknown}")
-    merged = deep_merge(deep_merge(shared, spec.overrides), given)
     rollout = merged.get("rollout") or {}
     where = f"policy.methods.{method}.rollout"
     if not spec.model_based:

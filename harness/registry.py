@@ -17,7 +17,6 @@ import os
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from harness.config import deep_merge
 
 
 @dataclass(frozen=True)
@@ -47,11 +46,15 @@ class Method:
     generator: "module:make_generator" (`make_generator(dataset, cfg, model_dirs, device)`),
         None for a model-free method; `rollout_config` validates `policy.methods.<name>.rollout`.
     pinned_rollout: rollout settings that define the method; a user value for them is an error.
-    overrides: config overrides under `policy` the method applies before the user's own
-        `policy.methods.<name>` (how a variant differs from its base).
+    parent: the method a variant is derived from: it inherits the parent's settings, config
+        section (`policy.methods.<parent>`) included, then applies its own.
+    overrides: config overrides under `policy` the method applies after its parent's settings
+        and before the user's own `policy.methods.<name>` (how a variant differs).
     base: the method it is compared with for P(improvement) (DyDiff-X vs X; a variant vs its
         base); methods sharing a base form one family table.
     published: source ids in analysis/published.yaml whose numbers sit next to this method.
+    ablation: the ablation group a variant belongs to; a config's `ablations: [group, ...]`
+        adds every variant of that group whose base it runs.
     """
     name: str
     label: str
@@ -62,9 +65,11 @@ class Method:
     rollout_config: str | None = None
     models: tuple[str, ...] = ()
     pinned_rollout: dict[str, Any] = field(default_factory=dict)
+    parent: str | None = None
     overrides: dict[str, Any] = field(default_factory=dict)
     base: str | None = None
     published: tuple[str, ...] = ()
+    ablation: str | None = None
 
     @property
     def model_based(self) -> bool:
@@ -128,10 +133,28 @@ def register_method(method: Method) -> Method:
 def variant_of(base: str, name: str, label: str, color: str, overrides: dict,
                source: str, **changes) -> Method:
     """Register a variant of `base`: its settings plus `overrides`, compared with `base`."""
-    parent = METHODS[base]
-    return register_method(replace(parent, name=name, label=label, color=color,
-                                   overrides=deep_merge(parent.overrides, overrides), base=base,
-                                   source=source, published=(), **changes))
+    return register_method(replace(METHODS[base], name=name, label=label, color=color,
+                                   parent=base, overrides=overrides, base=base, source=source,
+                                   published=(), **changes))
+
+
+def lineage(name: str) -> list[Method]:
+    """The method and the methods it is derived from, root first."""
+    chain = [method(name)]
+    while chain[0].parent is not None:
+        chain.insert(0, METHODS[chain[0].parent])
+    return chain
+
+
+def ablation_groups() -> list[str]:
+    return list(dict.fromkeys(m.ablation for m in METHODS.values() if m.ablation))
+
+
+def with_ablations(methods: list[str], groups: list[str]) -> list[str]:
+    """`methods` plus every variant of the named ablation groups whose base is in `methods`."""
+    extra = [m.name for m in METHODS.values()
+             if m.ablation in groups and m.base in methods and m.name not in methods]
+    return list(methods) + extra
 
 
 def method(name: str) -> Method:
@@ -177,7 +200,7 @@ register_method(Method(
 register_method(Method(
     "dydiff-td3bc", "DyDiff-TD3BC", "#ff7f0e", agent="td3bc", base="td3bc",
     generator="dydiff.rollout:make_generator", rollout_config="dydiff.rollout:DyDiffConfig",
-    models=("diffusion", "reward"), published=("dydiff-paper",),
+    models=("diffusion", "reward", "ensemble"), published=("dydiff-paper",),
     source="Zhao et al. 2024 (arXiv 2405.19189); github.com/FineArtz/DyDiff"))
 register_method(Method(
     "cql", "CQL", "#2ca02c", agent="cql", published=("corl", "offlinerl-kit"),
@@ -185,7 +208,7 @@ register_method(Method(
 register_method(Method(
     "dydiff-cql", "DyDiff-CQL", "#d62728", agent="cql", base="cql",
     generator="dydiff.rollout:make_generator", rollout_config="dydiff.rollout:DyDiffConfig",
-    models=("diffusion", "reward"), published=("dydiff-paper",),
+    models=("diffusion", "reward", "ensemble"), published=("dydiff-paper",),
     source="Zhao et al. 2024 (arXiv 2405.19189); github.com/FineArtz/DyDiff"))
 register_method(Method(
     "mopo", "MOPO", "#9467bd", agent="sac", generator="baselines.mopo:make_generator",
@@ -197,6 +220,32 @@ register_method(Method(
     rollout_config="baselines.mopo:MOPOConfig", models=("ensemble",),
     pinned_rollout={"penalty": "none", "penalty_coef": 0.0}, published=("mopo-paper",),
     source="Janner et al. 2019, run offline as in the MOPO paper (MOPO without its penalty)"))
+
+
+# ---- DyDiff's variants: the authors' hardmax filter and the ablations that say why it works --
+# Each changes one component of the generator (dydiff/rollout.py DyDiffConfig); the full method
+# is compared with each (P(improvement)). Sources: docs/fidelity/dydiff-authors-code.md.
+ABLATIONS = {  # group -> [(suffix, label, rollout overrides)]
+    "filter": [("hardmax", "hardmax filter", {"filter": "hardmax"}),
+               ("nofilter", "no filter", {"filter": "none"})],
+    "injection": [("k0", "K=0", {"iterative_times": 0}),
+                  ("k1", "K=1", {"iterative_times": 1})],
+    "start": [("diffusion-start", "diffusion start", {"init": "diffusion"})],
+    "clipping": [("noclip", "no clipping", {"clip": False})],
+    "score": [("alive-score", "alive-rows score", {"score": "alive_rows"})],
+}
+_SHADES = {"dydiff-td3bc": ["#ffbb78", "#e6550d", "#fd8d3c", "#a63603", "#fdae6b", "#7f2704",
+                            "#fdd0a2"],
+           "dydiff-cql": ["#ff9896", "#a50f15", "#ef3b2c", "#67000d", "#fc9272", "#cb181d",
+                          "#fcbba1"]}
+for _base in ("dydiff-td3bc", "dydiff-cql"):
+    _colors = iter(_SHADES[_base])
+    for _group, _variants in ABLATIONS.items():
+        for _suffix, _what, _rollout in _variants:
+            variant_of(_base, f"{_base}-{_suffix}", f"{METHODS[_base].label} ({_what})",
+                       next(_colors), overrides={"rollout": _rollout}, ablation=_group,
+                       source=("authors' hardmax spec, exp_specs/*hardmax*.yaml"
+                               if _suffix == "hardmax" else f"ablation: {_what}"))
 
 
 def _load_plugins() -> None:

@@ -2,12 +2,12 @@
 file and the key."""
 import pytest
 
-from harness import plan
+from harness import plan, registry
 from harness.config import ConfigError, from_dict, overrides_from_pairs, typed
 from harness.training.offline_loop import OfflineConfig
 
 SMOKE = "config/smoke.yaml"
-METHODS = "['td3bc', 'dydiff-td3bc', 'cql', 'dydiff-cql', 'mopo', 'mbpo']"
+METHODS = str(list(registry.METHODS))  # every registered method and variant
 
 
 def test_smoke_and_paper_configs_are_valid():
@@ -27,7 +27,8 @@ def test_smoke_and_paper_configs_are_valid():
     ({"seeds": [-1]}, "seeds[0]: -1 is less than the minimum of 0"),
     ({"seeds": [0, 0]}, "seeds: [0, 0] has non-unique elements"),
     ({"learning_rate": 3},
-     "learning_rate: unknown key; known: ['analysis', 'data', 'evaluation', 'methods', 'mlflow', "
+     "learning_rate: unknown key; known: ['ablations', 'analysis', 'data', 'evaluation', "
+     "'methods', 'mlflow', "
      "'models', 'name', 'per_task', 'policy', 'resources', 'results_dir', 'rollout_error', "
      "'seeds', 'tasks']"),
     ({"policy": {"offline": {"real_ratio": 1.5}}},
@@ -131,13 +132,13 @@ def test_paper_config_uses_mopo_published_settings_per_task():
 
 
 def test_paper_grid_job_counts():
-    """12 tasks x 6 methods x 5 seeds, D4RL files imported, every model once per task."""
+    """12 tasks x 8 methods x 5 seeds, D4RL files imported, every model once per task."""
     cfg = plan.load_config("config/paper.yaml")
     counts: dict[str, int] = {}
     for spec in plan.all_jobs(cfg):
         counts[spec["step"]] = counts.get(spec["step"], 0) + 1
-    assert counts == {"import-dataset": 12, "train-model": 36, "train-policy": 360,
-                      "evaluate": 360, "rollout-error": 12, "analyze": 1}
+    assert counts == {"import-dataset": 12, "train-model": 36, "train-policy": 480,
+                      "evaluate": 480, "rollout-error": 12, "analyze": 1}
 
 
 def test_every_output_path_is_under_the_results_folder_and_distinct():
@@ -166,3 +167,23 @@ def test_cli_builds_the_spec_the_dag_runs():
     cfg = plan.load_config(SMOKE)
     assert _spec(args) == plan.with_context(cfg, plan.policy_job(cfg, "mopo",
                                                                  "hopper-medium-replay", 1))
+
+
+def test_a_variant_inherits_its_parents_settings_and_changes_only_its_own():
+    cfg = plan.load_config("config/paper.yaml")
+    task = cfg["tasks"][0]
+    full = plan.policy_job(cfg, "dydiff-td3bc", task, 0)["config"]["policy"]
+    hard = plan.policy_job(cfg, "dydiff-td3bc-hardmax", task, 0)["config"]["policy"]
+    assert full["offline"] == hard["offline"] and full["offline"]["rollout_freq"] == 500
+    assert {k for k in full["rollout"] if full["rollout"][k] != hard["rollout"][k]} == {"filter"}
+    assert hard["rollout"]["filter"] == "hardmax"
+
+
+def test_ablations_add_the_variants_of_the_dydiff_methods_run():
+    cfg = plan.load_config(SMOKE, {"methods": ["td3bc", "dydiff-td3bc"],
+                                   "ablations": ["injection", "start"]})
+    assert cfg["methods"] == ["td3bc", "dydiff-td3bc", "dydiff-td3bc-k0", "dydiff-td3bc-k1",
+                              "dydiff-td3bc-diffusion-start"]
+    assert all(registry.method(m).base == "dydiff-td3bc" for m in cfg["methods"][2:])
+    with pytest.raises(ConfigError, match=r"ablations\[0\]: 'dropout' is not one of"):
+        plan.load_config(SMOKE, {"ablations": ["dropout"]})

@@ -118,6 +118,21 @@ def test_loop_mixes_real_and_model_transitions_in_ratio(hopper_random, tmp_path)
     assert df["normalized_score"].notna().sum() == 1  # final evaluation only
 
 
+def test_model_buffer_size_bounds_the_model_buffer(hopper_random, tmp_path, monkeypatch):
+    """model_buffer_size (DyDiff's 2e6 transitions) overrides retain_epochs x per-call."""
+    from harness.training import offline_loop as loop
+    sizes = []
+    real_ring = loop.RingBuffer
+    monkeypatch.setattr(loop, "RingBuffer", lambda n, *a, **k: sizes.append(n) or
+                        real_ring(n, *a, **k))
+    agent = TD3BC.from_dataset(hopper_random, TD3BCConfig(hidden=TINY))
+    for extra in ({}, {"model_buffer_size": 45}):
+        offline_loop(agent, hopper_random, cfg(real_ratio=0.5, total_steps=2, **extra),
+                     tmp_path / str(len(sizes)), seed=0, generator=NoisyGenerator(),
+                     progress=False)
+    assert sizes == [2 * 3 * 20, 45]  # model_retain_epochs x horizon x rollout_batch_size
+
+
 def run_td3bc(ds, out, gen=None, stop_at=None, **kw):
     torch.manual_seed(0)
     agent = TD3BC.from_dataset(ds, TD3BCConfig(hidden=TINY))

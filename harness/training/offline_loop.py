@@ -37,7 +37,8 @@ class OfflineConfig:
     batch_size: int = 256
     real_ratio: float = 1.0          # 1.0 = model-free; MOPO 0.05, DyDiff 0.6
     rollout_freq: int = 1000         # generator call every this many gradient steps
-    model_retain_epochs: int = 5     # model buffer holds this many generator calls
+    model_retain_epochs: int = 5     # model buffer holds this many generator calls ...
+    model_buffer_size: int | None = None  # ... unless given here in transitions (DyDiff: 2e6)
     eval_every: int = 5000           # CORL's eval_freq
     eval_episodes: int = 10
     log_every: int = 1000
@@ -48,6 +49,8 @@ class OfflineConfig:
                     "eval_every", "eval_episodes", "log_every",
                     "checkpoint_every"):
             require(getattr(self, key) >= 1, key, f"must be >= 1, got {getattr(self, key)}")
+        require(self.model_buffer_size is None or self.model_buffer_size >= 1,
+                "model_buffer_size", f"must be >= 1 or null, got {self.model_buffer_size}")
         require(0.0 <= self.real_ratio <= 1.0, "real_ratio",
                 f"must be in [0, 1], got {self.real_ratio}")
 
@@ -103,8 +106,9 @@ def offline_loop(agent, dataset: Dataset, cfg: OfflineConfig, out_dir, seed: int
         if per_call is None:
             raise AttributeError(f"{type(generator).__name__} must expose "
                                  f"`max_transitions_per_call` (sizes the model buffer)")
-        model = RingBuffer(cfg.model_retain_epochs * int(per_call), dataset.obs_dim,
-                           dataset.act_dim, seed=seed + 1, device=dev)
+        capacity = (cfg.model_buffer_size if cfg.model_buffer_size is not None
+                    else cfg.model_retain_epochs * int(per_call))
+        model = RingBuffer(capacity, dataset.obs_dim, dataset.act_dim, seed=seed + 1, device=dev)
     elif generator is not None:
         log.warning("offline.real_ratio is 1.0: the rollout generator is never used")
     n_real = cfg.n_real if model is not None else cfg.batch_size

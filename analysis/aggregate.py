@@ -177,17 +177,19 @@ def probability_of_improvement(x: np.ndarray, y: np.ndarray) -> float:
 
 def improvement_probabilities(df: pd.DataFrame, reps: int = 2000, seed: int = 0,
                               notes: list[str] | None = None) -> pd.DataFrame:
-    """P(X > base of X) for every registered pair present (DyDiff-X vs X, a variant vs its
-    base), on the tasks both ran, with
+    """P(X > Y) for every registered comparison present (registry.comparisons: DyDiff-X over
+    X, a method over each of its ablations), on the tasks both ran, with
     stratified independent bootstrap 95 % CIs. Pairs with a missing member are skipped and
     the reason appended to `notes`."""
     notes = [] if notes is None else notes
     rows = []
     present = set(df.method)
-    for x, y in ((m.name, m.base) for m in registry.METHODS.values() if m.base):
+    for x, y in registry.comparisons():
         if x not in present or y not in present:
             missing = [m for m in (x, y) if m not in present]
-            notes.append(f"P({x} > {y}) skipped: no runs of {missing}")
+            # A pair half run is worth a note, unless the missing half is an optional ablation.
+            if len(missing) == 1 and not registry.METHODS[missing[0]].ablation:
+                notes.append(f"P({x} > {y}) skipped: no runs of {missing}")
             continue
         tasks = common_tasks(df, [x, y])
         if not tasks:
@@ -276,7 +278,7 @@ def plot_improvement(poi: pd.DataFrame):
     ax.set_ylabel("pair X > Y")
     ax.set_title("Probability of improvement, 95 % CIs (0.5 = no difference)")
     if not len(poi):  # the report always has this figure; say why it is empty
-        ax.text(0.5, 0.0, "no DyDiff-X / X pair in these runs", ha="center", va="center",
+        ax.text(0.5, 0.0, "no compared pair (DyDiff-X / X, method / ablation) in these runs", ha="center", va="center",
                 color="grey", transform=ax.get_yaxis_transform())
     return fig
 

@@ -191,7 +191,10 @@ def make_tables(df: pd.DataFrame, published: list[Published]) -> dict[str, dict]
     out = {}
     present = set(df.method)
     for base, methods in registry.families().items():
-        if not present & set(methods):
+        # A primary family (TD3+BC: TD3+BC, DyDiff-TD3BC) whenever one of it ran; a method's
+        # ablation family (DyDiff-TD3BC and its variants) only when a variant ran.
+        shown = present & set(methods if registry.method(base).base is None else methods[1:])
+        if not shown:
             continue
         title = f"{label(base)} family"
         table = build_table(df, methods, published)

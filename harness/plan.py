@@ -93,9 +93,26 @@ def load_config(path: str | Path, overrides: dict | None = None) -> dict:
         raise ConfigError(f"{path}: {err}") from None
 
 
+def with_extends(cfg: dict) -> dict:
+    """`extends: config/paper.yaml` (a path from the repository root, where Snakemake runs):
+    that config's values under this one's, so a variant grid states only what differs."""
+    if not cfg.get("extends"):
+        return cfg
+    base = with_extends(read_yaml(cfg["extends"]))
+    out = {k: v for k, v in deep_merge(base, cfg).items() if k != "extends"}
+    # The base's per-task settings for tasks this grid leaves out do not apply here.
+    inherited = set(base.get("per_task") or {}) - set(cfg.get("per_task") or {})
+    dropped = inherited - set(out.get("tasks") or [])
+    if dropped:
+        out["per_task"] = {t: v for t, v in out["per_task"].items() if t not in dropped}
+    return out
+
+
 def resolve(cfg: dict) -> dict:
-    """The config a run uses: validated, its `ablations` groups expanded into `methods`
-    (registry.with_ablations: every variant of the group whose base is run)."""
+    """The config a run uses: its `extends` merged in, validated, its `ablations` groups
+    expanded into `methods` (registry.with_ablations: every variant of the group whose base
+    is run)."""
+    cfg = with_extends(cfg)
     check_schema(cfg, schema())
     cfg = {**cfg, "methods": registry.with_ablations(cfg["methods"], cfg.get("ablations") or [])}
     validate(cfg)

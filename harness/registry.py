@@ -146,6 +146,13 @@ def lineage(name: str) -> list[Method]:
     return chain
 
 
+def comparisons() -> list[tuple[str, str]]:
+    """The (X, Y) pairs of P(X > Y): DyDiff-X over X (does the model help?) and each method
+    over its ablation variants (does the removed component help?)."""
+    return [(m.base, m.name) if m.ablation else (m.name, m.base)
+            for m in METHODS.values() if m.base is not None]
+
+
 def ablation_groups() -> list[str]:
     return list(dict.fromkeys(m.ablation for m in METHODS.values() if m.ablation))
 

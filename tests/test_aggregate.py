@@ -62,13 +62,19 @@ def test_probability_of_improvement():
     assert agg.probability_of_improvement(x, y) == pytest.approx(
         metrics.probability_of_improvement(x, y))
     assert agg.probability_of_improvement(x + 1000, y) == 1.0
-    rows = [(m, f"t{j}", i, x[i, j]) for m in ("td3bc", "dydiff-td3bc")
+    rows = [(m, f"t{j}", i, x[i, j]) for m in ("td3bc", "dydiff-td3bc", "cql")
             for i in range(5) for j in range(3)]
     notes = []
     poi = agg.improvement_probabilities(_df(rows), reps=200, seed=0, notes=notes)
     assert len(poi) == 1 and poi.probability.iloc[0] == pytest.approx(0.5)
     assert poi.ci_low.iloc[0] <= 0.5 <= poi.ci_high.iloc[0]
-    assert any("cql" in n and "skipped" in n for n in notes)  # missing pair is reported
+    # A half-run pair is reported; pairs of which nothing ran (the ablations) are not.
+    assert notes == ["P(dydiff-cql > cql) skipped: no runs of ['dydiff-cql']"]
+    ablation = [("dydiff-td3bc-k0", f"t{j}", i, x[i, j] - 5) for i in range(5) for j in range(3)]
+    poi = agg.improvement_probabilities(_df(rows + ablation), reps=200, seed=0)
+    assert poi[["x", "y"]].values.tolist() == [["dydiff-td3bc", "td3bc"],
+                                               ["dydiff-td3bc", "dydiff-td3bc-k0"]]
+    assert poi.probability.iloc[1] > 0.5  # the full method over its ablation
 
 
 def test_one_seed_one_task_and_unequal_seeds():

@@ -28,7 +28,7 @@ def test_smoke_and_paper_configs_are_valid():
     ({"seeds": [0, 0]}, "seeds: [0, 0] has non-unique elements"),
     ({"learning_rate": 3},
      "learning_rate: unknown key; known: ['ablations', 'analysis', 'data', 'evaluation', "
-     "'methods', 'mlflow', "
+     "'extends', 'methods', 'mlflow', "
      "'models', 'name', 'per_task', 'policy', 'resources', 'results_dir', 'rollout_error', "
      "'seeds', 'tasks']"),
     ({"policy": {"offline": {"real_ratio": 1.5}}},

@@ -161,6 +161,27 @@ def test_changing_final_episodes_reruns_only_evaluation_and_analysis(tiny_run):
     assert job_counts(res.stdout) == {"evaluate": n, "analyze": 1, "all": 1}
 
 
+def test_tiny_ablations_run_next_to_the_full_method(tiny_run, tmp_path):
+    """config/ablations.yaml at test size: only the variants train; each is compared with the
+    full method (P(full > variant)) and gets its family table."""
+    import pandas as pd
+    results, _ = tiny_run
+    shutil.copytree(results / "tiny", tmp_path / "tiny")
+    config = ROOT / "tests" / "configs" / "tiny-ablations.yaml"
+    res = snakemake("--cores", "2", "--configfile", str(config), "--config",
+                    f"results_dir={tmp_path}")
+    assert res.returncode == 0, tail(res) + _logs(tmp_path)
+    ran = re.findall(r"policies/([\w-]+)/[\w-]+/seed0/final\.json", res.stdout + res.stderr)
+    assert set(ran) == {"dydiff-td3bc-k0", "dydiff-td3bc-k1"}  # the full method is reused
+    cfg = plan.load_config(config, {"results_dir": str(tmp_path)})
+    assert cfg["methods"] == ["dydiff-td3bc", "dydiff-td3bc-k0", "dydiff-td3bc-k1"]
+    poi = pd.read_csv(plan.path(cfg, "analysis_dir") / "improvement.csv")
+    assert poi[["x", "y"]].values.tolist() == [["dydiff-td3bc", "dydiff-td3bc-k0"],
+                                               ["dydiff-td3bc", "dydiff-td3bc-k1"]]
+    table = (plan.path(cfg, "tables").parent / "table_dydiff-td3bc.md").read_text()
+    assert "DyDiff-TD3BC (K=0) (ours)" in table and "DyDiff-TD3BC (K=1) (ours)" in table
+
+
 def _pids_running(fragment: str) -> list[int]:
     pids = []
     for proc in Path("/proc").iterdir():

@@ -1,13 +1,22 @@
 """DyDiff rollout generator: policy-injected diffusion trajectories, rewards, truncation, filter.
 
 Per call (authors' exp_specs: rollout_batch_size 2048, rollout_length -1 = the diffusion
-horizon, iterative_times 2, filter softmax/hardmax with threshold 0.6 and softmax_temp 0.05):
-  1. sample trajectories from start states with policy injection (dydiff.sampler),
+horizon, iterative_times 2, filter softmax/hardmax with threshold 0.6 and softmax_temp 0.05;
+authors' `OfflineTrainer._rollout_model`, rlkit/trainer.py:248-313):
+  1. sample trajectories from start states with policy injection (dydiff.sampler), starting the
+     loop from the ensemble's closed-loop policy rollout (`init`, generate_rl.py:99-110), with
+     states and actions clipped to the dataset's range at every model -> env conversion
+     (`clip`, the authors' LimitsNormalizer),
   2. rewards r(s, a) from the learned reward model,
-  3. truncate every trajectory after its first terminal state (harness.envs.termination_fn),
-  4. keep a fraction `threshold` of the trajectories, ranked by summed predicted reward:
-     hardmax keeps the top ones; softmax samples without replacement with probabilities
-     softmax(zscore(return) / temp) (Gumbel top-k, so zero-probability ties cannot fail).
+  3. score every trajectory by its summed predicted reward (`score`: the authors sum all rows,
+     rlkit/trainer.py:271-279, before any truncation),
+  4. keep a fraction `threshold` of the trajectories by score: hardmax keeps the top ones;
+     softmax samples without replacement with probabilities softmax(zscore(score) / temp)
+     (Gumbel top-k, so zero-probability ties cannot fail); none keeps all (rlkit/trainer.py:
+     235-246),
+  5. truncate every kept trajectory after its first terminal state (harness.envs.
+     termination_fn on the clipped next states; the terminal transition is stored,
+     rlkit/trainer.py:286-313).
 """
 from __future__ import annotations
 
@@ -19,8 +28,12 @@ import torch
 
 from harness.config import from_dict, require
 from harness.data.dataset import Dataset
-from dydiff.sampler import DiffusionDynamics
+from dydiff.sampler import DiffusionDynamics, Limits
 from harness.envs import alive_mask, termination_fn
+
+INITS = ("ensemble", "diffusion", "policy")
+FILTERS = ("softmax", "hardmax", "none")
+SCORES = ("all_rows", "alive_rows")
 
 
 @dataclass
@@ -28,11 +41,21 @@ class DyDiffConfig:
     iterative_times: int = 2
     rollout_length: int = -1          # transitions per trajectory; -1 = diffusion horizon - 1
     rollout_batch_size: int = 2048    # trajectories per generate call (first N start states)
-    filter: Literal["softmax", "hardmax"] = "softmax"
-    threshold: float = 0.6            # fraction of trajectories kept
+    filter: Literal["softmax", "hardmax", "none"] = "softmax"  # none: keep every trajectory
+    threshold: float = 0.6            # fraction of trajectories kept (softmax / hardmax)
     temp: float = 0.05                # softmax temperature on z-scored returns
     average_states: bool = True       # authors: s^k = (DM(s_0, a^{k-1}) + s^{k-1}) / 2
-    init: Literal["diffusion", "policy"] = "diffusion"
+    # s^0 of the injection loop. ensemble (authors, generate_rl.py:99-110): the single-step
+    # ensemble (models.ensemble) rolled out by the learning policy; diffusion: an
+    # action-unconditioned diffusion sample; policy: diffusion conditioned on pi(s_0) repeated.
+    init: Literal["ensemble", "diffusion", "policy"] = "ensemble"
+    # Clip states and actions to the dataset's per-dimension [min, max] at every model -> env
+    # conversion (authors' LimitsNormalizer, training/dataset.py:455-472); false: never clip.
+    clip: bool = True
+    # Filter score: all_rows (authors, rlkit/trainer.py:271-279): sum of r(s_t, a_t) over every
+    # row t = 0..T of the trajectory, before truncating at the first terminal; alive_rows: only
+    # the transitions up to and including the first terminal.
+    score: Literal["all_rows", "alive_rows"] = "all_rows"
     sampler_steps: int | None = None  # override the model's sampler num_steps for rollouts
 
     def validate(self) -> None:
@@ -44,6 +67,12 @@ class DyDiffConfig:
         require(0.0 < self.threshold <= 1.0, "threshold",
                 f"must be in (0, 1], got {self.threshold}")
         require(self.temp > 0, "temp", f"must be > 0, got {self.temp}")
+        require(self.init in INITS, "init", f"must be one of {list(INITS)}, got {self.init!r}")
+        require(self.filter in FILTERS, "filter",
+                f"must be one of {list(FILTERS)}, got {self.filter!r}")
+        require(self.score in SCORES, "score",
+                f"must be one of {list(SCORES)}, got {self.score!r}")
+        require(isinstance(self.clip, bool), "clip", f"must be true/false, got {self.clip!r}")
         require(self.sampler_steps is None or self.sampler_steps >= 1, "sampler_steps",
                 "must be >= 1 or null")
 
@@ -53,14 +82,19 @@ def n_kept(n: int, fraction: float) -> int:
 
 
 def filter_trajectories(returns: torch.Tensor, fraction: float,
-                        kind: Literal["softmax", "hardmax"] = "softmax", temp: float = 0.05,
-                        generator: torch.Generator | None = None) -> torch.Tensor:
-    """Indices of the kept trajectories (exactly round(fraction * N), at least one)."""
+                        kind: Literal["softmax", "hardmax", "none"] = "softmax",
+                        temp: float = 0.05, generator: torch.Generator | None = None
+                        ) -> torch.Tensor:
+    """Indices of the kept trajectories: exactly round(fraction * N), at least one, for
+    softmax / hardmax; every trajectory, in order, for none (the authors' `filter_idx` without
+    a keep_condition, rlkit/trainer.py:245-246)."""
+    if kind == "none":
+        return torch.arange(len(returns), device=returns.device)
     k = n_kept(len(returns), fraction)
     if kind == "hardmax":
         return returns.topk(k).indices
     if kind != "softmax":
-        raise ValueError(f"filter must be 'softmax' or 'hardmax', got {kind!r}")
+        raise ValueError(f"filter must be 'softmax', 'hardmax' or 'none', got {kind!r}")
     z = (returns - returns.mean()) / (returns.std(unbiased=False) + 1e-8)
     # Top-k of logits + Gumbel noise = sampling k without replacement from softmax(logits).
     u = torch.rand(returns.shape, generator=generator, device=returns.device)
@@ -68,10 +102,50 @@ def filter_trajectories(returns: torch.Tensor, fraction: float,
     return (z / temp + gumbel).topk(k).indices
 
 
+def trajectory_scores(rewards: torch.Tensor, done: torch.Tensor,
+                      last_rewards: torch.Tensor | None = None,
+                      rule: Literal["all_rows", "alive_rows"] = "all_rows") -> torch.Tensor:
+    """Filter score per trajectory from rewards (N, T) of its T transitions, their terminal
+    flags done (N, T), and last_rewards (N,) = r(s_T, pi(s_T)) of the row after the last
+    transition.
+
+    all_rows (authors, rlkit/trainer.py:271-279): sum over all T + 1 rows (the last row
+    included when given), terminals ignored: rows after a predicted terminal count too.
+    alive_rows: sum over the transitions up to and including the first terminal (the ones
+    that are stored); the last row is not counted."""
+    if rule == "all_rows":
+        total = rewards.sum(1)
+        return total if last_rewards is None else total + last_rewards
+    if rule == "alive_rows":
+        return (rewards * alive_mask(done.bool())).sum(1)
+    raise ValueError(f"score must be 'all_rows' or 'alive_rows', got {rule!r}")
+
+
+def dataset_limits(dataset: Dataset, device: torch.device | str = "cpu") -> Limits:
+    """The dataset's per-dimension range: states over observations and next_observations,
+    actions over actions (the authors' LimitsNormalizer takes min/max over the D4RL
+    observations and actions, training/dataset.py:259-264,429-440)."""
+    obs = [torch.as_tensor(x, dtype=torch.float32)
+           for x in (dataset.observations, dataset.next_observations)]
+    act = torch.as_tensor(dataset.actions, dtype=torch.float32)
+    return Limits(torch.minimum(obs[0].amin(0), obs[1].amin(0)).to(device),
+                  torch.maximum(obs[0].amax(0), obs[1].amax(0)).to(device),
+                  act.amin(0).to(device), act.amax(0).to(device))
+
+
 class DyDiffGenerator:
+    """ensemble: the single-step ensemble (EnsembleDynamics) for init='ensemble'; limits: the
+    dataset's range (`dataset_limits`) for clip=True."""
+
     def __init__(self, dynamics: DiffusionDynamics, reward_fn: Callable, done_fn: Callable,
-                 cfg: DyDiffConfig):
+                 cfg: DyDiffConfig, ensemble=None, limits: Limits | None = None):
+        if cfg.init == "ensemble" and ensemble is None:
+            raise ValueError("init='ensemble' needs the single-step ensemble (ensemble=...)")
+        if cfg.clip and limits is None:
+            raise ValueError("clip=True needs the dataset's limits (limits=dataset_limits(...))")
         self.dynamics, self.reward_fn, self.done_fn, self.cfg = dynamics, reward_fn, done_fn, cfg
+        self.ensemble = ensemble
+        self.limits = None if limits is None else limits.to(dynamics.device)
         self.length = (dynamics.horizon - 1 if cfg.rollout_length == -1 else cfg.rollout_length)
 
     @property
@@ -81,21 +155,28 @@ class DyDiffGenerator:
 
     @property
     def max_transitions_per_call(self) -> int:
-        return n_kept(self.cfg.rollout_batch_size, self.cfg.threshold) * self.length
+        n = self.cfg.rollout_batch_size
+        return (n if self.cfg.filter == "none" else n_kept(n, self.cfg.threshold)) * self.length
 
     @torch.no_grad()
     def generate(self, agent, start_obs: torch.Tensor) -> dict:
         cfg, dyn = self.cfg, self.dynamics
         start = torch.as_tensor(start_obs, dtype=torch.float32, device=dyn.device)
         start = start[:cfg.rollout_batch_size]
+        limits = self.limits if cfg.clip else None
         roll = dyn.policy_rollout(start, agent, self.length, cfg.iterative_times,
-                                  cfg.average_states, cfg.init)
+                                  cfg.average_states, cfg.init, limits, self.ensemble)
+        # With clip, every state / action below is already clipped (the authors' model -> env
+        # conversion), except obs[:, 0] = the real start state (rlkit/trainer.py:284-297):
+        # reward-model and termination inputs are the clipped trajectory.
         obs, act, nxt = roll["obs"], roll["actions"], roll["next_obs"]
         n, t, o = obs.shape
         rew = self.reward_fn(obs.reshape(n * t, o), act.reshape(n * t, -1)).reshape(n, t)
         done = torch.as_tensor(self.done_fn(nxt), device=obs.device).bool()
         alive = alive_mask(done)
-        returns = (rew * alive).sum(1)
+        last = (self.reward_fn(roll["last_obs"], roll["last_action"]).reshape(n)
+                if cfg.score == "all_rows" else None)
+        returns = trajectory_scores(rew, done, last, cfg.score)
         keep = filter_trajectories(returns, cfg.threshold, cfg.filter, cfg.temp)
         mask = alive[keep]
         pick = lambda x: x[keep][mask]  # noqa: E731  (flat, in trajectory order)
@@ -116,12 +197,19 @@ def _reward_fn(model) -> Callable:
 
 def make_generator(dataset: Dataset, cfg: dict | DyDiffConfig, model_dirs: dict[str, Path],
                    device: torch.device | str = "cpu") -> DyDiffGenerator:
+    """The DyDiff generator from trained models: model_dirs["diffusion"], ["reward"], and
+    ["ensemble"] when init == 'ensemble' (loaded through harness.registry.load_model, so
+    dydiff/ does not import baselines/). Clip limits come from `dataset` (`dataset_limits`)."""
     if not isinstance(cfg, DyDiffConfig):
         cfg = from_dict(DyDiffConfig, cfg, where="policy.rollout")
-    missing = sorted({"diffusion", "reward"} - set(model_dirs))
+    need = {"diffusion", "reward"} | ({"ensemble"} if cfg.init == "ensemble" else set())
+    missing = sorted(need - set(model_dirs))
     if missing:
+        hint = (" (policy.rollout.init 'ensemble' starts policy injection from the trained "
+                "single-step ensemble; init 'diffusion' or 'policy' runs without it)"
+                if "ensemble" in missing else "")
         raise KeyError(f"DyDiff rollouts need trained models {missing} in model_dirs "
-                       f"(got {sorted(model_dirs)})")
+                       f"(got {sorted(model_dirs)}){hint}")
     from dydiff.diffusion import load_diffusion
     from dydiff.reward_model import load_reward_model
     sampler = {} if cfg.sampler_steps is None else {"num_steps": cfg.sampler_steps}
@@ -130,9 +218,19 @@ def make_generator(dataset: Dataset, cfg: dict | DyDiffConfig, model_dirs: dict[
         raise ValueError(f"diffusion model at {model_dirs['diffusion']} has obs/act dims "
                          f"{dyn.obs_dim}/{dyn.act_dim}, dataset {dataset.name} has "
                          f"{dataset.obs_dim}/{dataset.act_dim}")
+    ensemble = None
+    if cfg.init == "ensemble":
+        from harness.registry import load_model
+        ensemble = load_model("ensemble", model_dirs["ensemble"], device)
+        if ensemble.obs_dim != dataset.obs_dim or ensemble.act_dim != dataset.act_dim:
+            raise ValueError(f"ensemble at {model_dirs['ensemble']} has obs/act dims "
+                             f"{ensemble.obs_dim}/{ensemble.act_dim}, dataset {dataset.name} "
+                             f"has {dataset.obs_dim}/{dataset.act_dim}")
     reward = load_reward_model(model_dirs["reward"], device)
-    return DyDiffGenerator(dyn, _reward_fn(reward), termination_fn(dataset.name), cfg)
+    limits = dataset_limits(dataset, dyn.device) if cfg.clip else None
+    return DyDiffGenerator(dyn, _reward_fn(reward), termination_fn(dataset.name), cfg,
+                           ensemble, limits)
 
 
-__all__ = ["DyDiffConfig", "DyDiffGenerator", "filter_trajectories",
-           "make_generator", "n_kept"]
+__all__ = ["DyDiffConfig", "DyDiffGenerator", "Limits", "dataset_limits", "filter_trajectories",
+           "make_generator", "n_kept", "trajectory_scores"]

@@ -9,13 +9,26 @@ before it is denoised, since training always shows the network clean conditioned
 
 `DiffusionDynamics` is the loaded model: `sample`, `inject` (policy injection), and the
 dynamics-model interface `open_loop` / `policy_rollout` used by the rollout-error study.
-Policy injection (Zhao et al. 2024, Alg. 1; authors' `dynamics_recursive_sampler`):
+Policy injection (Zhao et al. 2024, Alg. 1; authors' `dynamics_recursive_sampler`,
+generate_rl.py:91-122):
   s^0 = initial states, a^0 = pi(s^0)
   for k in 1..K:  s~ = DM(s_0, a^{k-1});  s^k = (s~ + s^{k-1}) / 2;  a^k = pi(s^k)
-The authors initialise s^0 with a single-step ensemble rolled out by the policy; here the
-generator only has the diffusion model, so s^0 is an action-unconditioned diffusion sample
-(the model is trained with action dropout for this, see edm.py). `init='policy'` instead
-conditions the first pass on pi applied to the start state repeated (no extra model needed).
+`init` chooses s^0:
+  'ensemble' (the authors', generate_rl.py:99-110): the single-step probabilistic ensemble rolled
+      out closed loop by the learning policy from s_0 (H - 1 transitions, a_i = pi(s_i)
+      deterministic, plus a_{H-1} = pi(s_{H-1})); needs `ensemble` (baselines' EnsembleDynamics,
+      reached through harness.registry.load_model, so this module never imports baselines/).
+  'diffusion': an action-unconditioned diffusion sample (the model is trained with action
+      dropout for this, see edm.py); no extra model.
+  'policy': a diffusion sample conditioned on pi(s_0) repeated over the window.
+
+Clipping (`limits`, the authors' LimitsNormalizer, training/dataset.py:455-472): the authors keep
+trajectories in the normaliser's [-1, 1] "model space" unclipped and clip every model -> env
+conversion. Here trajectories are in raw units, so every such conversion is a per-dimension
+clamp to the dataset's [min, max]: states fed to the policy (rlkit/fake_env.py:109-117), states
+and actions fed to the ensemble (run_scripts/dydiff_cql_script.py:194-200) and the returned
+trajectory (rlkit/fake_env.py:42-50). The states held inside the loop (averaging included) and
+the conditioning actions stay unclipped, as in the authors' model space (generate_rl.py:118).
 """
 from __future__ import annotations
 
@@ -92,11 +105,83 @@ def edm_sample(denoiser: EDMDenoiser, shape: tuple[int, int, int], obs_dim: int,
     return x_next
 
 
-def _policy(agent, states: torch.Tensor) -> torch.Tensor:
-    """Deterministic policy on (N, H, o) states, one batched call over N * H."""
+@dataclass(frozen=True)
+class Limits:
+    """Per-dimension [lo, hi] of states and actions (the dataset's range): the clamp the
+    authors' LimitsNormalizer applies on every model -> env conversion (training/dataset.py:
+    455-472 clips the normalised array to [-1, 1], i.e. each dimension to [min_d, max_d]).
+
+    Their clip is skipped when no entry exceeds [-1, 1] by more than 1e-4 (a whole-array
+    tolerance); this clamp has no tolerance band, so values within 1e-4 * half-range outside
+    the range are clipped here and not there."""
+    obs_lo: torch.Tensor  # (o,)
+    obs_hi: torch.Tensor
+    act_lo: torch.Tensor  # (a,)
+    act_hi: torch.Tensor
+
+    def to(self, device: torch.device | str) -> "Limits":
+        return Limits(*(x.to(device) for x in (self.obs_lo, self.obs_hi, self.act_lo,
+                                                 self.act_hi)))
+
+    def obs(self, x: torch.Tensor) -> torch.Tensor:
+        """States (..., o) clamped per dimension."""
+        return torch.clamp(x, self.obs_lo, self.obs_hi)
+
+    def act(self, x: torch.Tensor) -> torch.Tensor:
+        """Actions (..., a) clamped per dimension."""
+        return torch.clamp(x, self.act_lo, self.act_hi)
+
+
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+def _clippers(limits: Limits | None):
+    """(clip_obs, clip_act): the limits' clamps, or identities without limits."""
+    return (_identity, _identity) if limits is None else (limits.obs, limits.act)
+
+
+def _policy(agent, states: torch.Tensor, limits: Limits | None = None) -> torch.Tensor:
+    """Deterministic policy on (N, H, o) states, one batched call over N * H. With limits the
+    policy sees the clipped states (authors' `_wrapped_policy`, rlkit/fake_env.py:109-117); its
+    actions are returned unclipped (they condition the diffusion model in model space)."""
     n, h, o = states.shape
+    clip_obs, _ = _clippers(limits)
     with torch.no_grad():
-        return agent.act(states.reshape(n * h, o), deterministic=True).reshape(n, h, -1)
+        return agent.act(clip_obs(states).reshape(n * h, o), deterministic=True).reshape(n, h, -1)
+
+
+@torch.no_grad()
+def ensemble_rollout(ensemble, start_obs: torch.Tensor, agent, horizon: int,
+                     limits: Limits | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """s^0 of the authors' injection loop (generate_rl.py:99-110): the ensemble rolled out
+    closed loop by the learning policy for horizon - 1 transitions, a_i = pi(s_i)
+    (deterministic), s_{i+1} = f(s_i, a_i), and the last row's action a_{H-1} = pi(s_{H-1}).
+    Returns states (N, H, o) (s_0 = start_obs) and actions (N, H, a).
+
+    `ensemble` is an EnsembleDynamics; its `mean_step` is the mean over the elites' means.
+    The authors instead use the mean of ONE elite drawn at random per sample and step
+    (`deterministic=True`, rlkit/dynamics_model_trainer.py:212-215); we keep the elite mean,
+    which makes s^0 deterministic and, without limits, exactly `ensemble.policy_rollout(
+    start_obs, agent, horizon - 1)` (same calls in the same order; tested).
+    With limits, the policy and the ensemble see clipped states and the ensemble clipped
+    actions, as the authors' `dynamics_wrapper` (run_scripts/dydiff_cql_script.py:194-200)
+    and `_wrapped_policy` do; the predicted states and the recorded actions are not clipped
+    (the authors hold them in model space, where `env_to_model` does not clip)."""
+    clip_obs, clip_act = _clippers(limits)
+    device = start_obs.device
+    act_of = lambda s: torch.as_tensor(agent.act(clip_obs(s), deterministic=True),  # noqa: E731
+                                       dtype=torch.float32, device=device)
+    state = start_obs
+    states, actions = [state], []
+    for _ in range(horizon - 1):  # a recurrence: each state needs the previous one
+        action = act_of(state)
+        nxt, _ = ensemble.mean_step(clip_obs(state), clip_act(action))
+        state = torch.as_tensor(nxt, dtype=torch.float32, device=device)
+        states.append(state)
+        actions.append(action)
+    actions.append(act_of(state))
+    return torch.stack(states, 1), torch.stack(actions, 1)
 
 
 class DiffusionDynamics:
@@ -146,24 +231,41 @@ class DiffusionDynamics:
         return states, acts
 
     def inject(self, start_obs: torch.Tensor, agent, iterative_times: int = 2,
-               average_states: bool = True, init: Literal["diffusion", "policy"] = "diffusion",
-               generator: torch.Generator | None = None) -> dict:
+               average_states: bool = True,
+               init: Literal["ensemble", "diffusion", "policy"] = "diffusion",
+               generator: torch.Generator | None = None, limits: Limits | None = None,
+               ensemble=None) -> dict:
         """Policy injection; returns states (N,H,o), actions = pi(states) (N,H,a), cond_actions
         (the actions the last states were generated with) and action_gap per iteration:
-        mean ||cond_actions - pi(states)|| (index 0 = before injection)."""
+        mean ||cond_actions - pi(states)|| (index 0 = before injection; 0 for init='ensemble',
+        whose s^0 is generated with the policy's own actions).
+
+        init='ensemble' needs `ensemble` (see `ensemble_rollout`); with K = 0 it returns that
+        rollout unchanged. `limits`: the policy (and the ensemble) see clipped states; the
+        returned states and actions are not clipped (see the module docstring)."""
         start_obs = torch.as_tensor(start_obs, dtype=torch.float32, device=self.device)
-        if init == "diffusion":
-            states, cond_actions = self.sample(start_obs, None, generator)
+        if init == "ensemble":
+            if ensemble is None:
+                raise ValueError("init='ensemble' needs the single-step ensemble "
+                                 "(pass ensemble=...)")
+            states, actions = ensemble_rollout(ensemble, start_obs, agent, self.horizon, limits)
+            states, actions = states.to(self.device), actions.to(self.device)
+            cond_actions = actions  # authors: cond_actions = trajs[..., obs_dim:] (line 111)
+        elif init in ("diffusion", "policy"):
+            if init == "diffusion":
+                states, cond_actions = self.sample(start_obs, None, generator)
+            else:
+                a0 = _policy(agent, start_obs[:, None], limits).expand(-1, self.horizon, -1)
+                states, cond_actions = self.sample(start_obs, a0, generator)
+            actions = _policy(agent, states, limits)
         else:
-            a0 = _policy(agent, start_obs[:, None]).expand(-1, self.horizon, -1)
-            states, cond_actions = self.sample(start_obs, a0, generator)
-        actions = _policy(agent, states)
+            raise ValueError(f"init must be 'ensemble', 'diffusion' or 'policy', got {init!r}")
         gaps = [float((cond_actions - actions).norm(dim=-1).mean())]
-        for _ in range(iterative_times):
+        for _ in range(iterative_times):  # generate_rl.py:112-121
             cond_actions = actions
             new_states, _ = self.sample(start_obs, cond_actions, generator)
             states = (new_states + states) / 2 if average_states else new_states
-            actions = _policy(agent, states)
+            actions = _policy(agent, states, limits)
             gaps.append(float((cond_actions - actions).norm(dim=-1).mean()))
         return {"states": states, "actions": actions, "cond_actions": cond_actions,
                 "action_gap": gaps}
@@ -187,20 +289,34 @@ class DiffusionDynamics:
 
     def policy_rollout(self, start_obs: torch.Tensor, agent, H: int, iterative_times: int = 2,
                        average_states: bool = True,
-                       init: Literal["diffusion", "policy"] = "diffusion") -> dict:
-        """Policy-injected rollout of H transitions: dict(obs, actions, next_obs) each (N,H,.)
-        plus action_gap (per injection iteration, first window). Longer than horizon - 1
-        transitions are chained windows, each starting from the previous window's last state."""
+                       init: Literal["ensemble", "diffusion", "policy"] = "diffusion",
+                       limits: Limits | None = None, ensemble=None,
+                       generator: torch.Generator | None = None) -> dict:
+        """Policy-injected rollout of H transitions: dict(obs, actions, next_obs) each (N,H,.),
+        last_obs (N,o) / last_action (N,a) (the row after the last transition: s_H and
+        pi(s_H), which the authors' filter score also counts), and action_gap (per injection
+        iteration, first window). Longer than horizon - 1 transitions are chained windows,
+        each starting from the previous window's last state.
+
+        With `limits`, the returned states and actions are clipped to them (authors'
+        `TrajFakeEnv.step`, rlkit/fake_env.py:42-50), except obs[:, 0], which stays the given
+        start state (the authors store the real start obs, rlkit/trainer.py:284,289); a chained
+        window starts from the clipped last state, so obs[:, t + 1] == next_obs[:, t]."""
         start = torch.as_tensor(start_obs, dtype=torch.float32, device=self.device)
+        clip_obs, clip_act = _clippers(limits)
         obs, acts, nxt, gaps = [], [], [], None
         step = self.horizon - 1
         for lo in range(0, H, step):
             k = min(step, H - lo)
-            out = self.inject(start, agent, iterative_times, average_states, init)
+            out = self.inject(start, agent, iterative_times, average_states, init, generator,
+                              limits, ensemble)
             gaps = gaps or out["action_gap"]
-            obs.append(out["states"][:, :k])
-            acts.append(out["actions"][:, :k])
-            nxt.append(out["states"][:, 1:k + 1])
-            start = nxt[-1][:, -1]
+            states = torch.cat([start[:, None], clip_obs(out["states"][:, 1:k + 1])], 1)
+            actions = clip_act(out["actions"])
+            obs.append(states[:, :k])
+            acts.append(actions[:, :k])
+            nxt.append(states[:, 1:k + 1])
+            start, last_action = states[:, k], actions[:, k]
         return {"obs": torch.cat(obs, 1), "actions": torch.cat(acts, 1),
-                "next_obs": torch.cat(nxt, 1), "action_gap": gaps}
+                "next_obs": torch.cat(nxt, 1), "last_obs": start, "last_action": last_action,
+                "action_gap": gaps}

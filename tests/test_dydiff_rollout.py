@@ -13,7 +13,7 @@ from dydiff.diffusion import load_diffusion, train_diffusion
 from harness.envs import termination_fn
 from agents.sac import SAC
 from dydiff.rollout import (DyDiffConfig, DyDiffGenerator, _reward_fn, alive_mask,
-                            filter_trajectories, make_generator, n_kept)
+                            dataset_limits, filter_trajectories, make_generator, n_kept)
 
 
 # --- filter -----------------------------------------------------------------------------------
@@ -143,22 +143,38 @@ class RewardStandIn(nn.Module):
         return (obs[:, 0] - 0.1 * (act ** 2).sum(-1))[:, None]
 
 
+TINY_DIFFUSION = {"horizon": 8, "dim": 16, "dim_mults": [1, 2], "batch_size": 32,
+                  "train_steps": 30, "lr_rampup_kimg": 0.0, "log_every": 10,
+                  "checkpoint_every": 30, "sampler": {"num_steps": 4}}
+# Seconds to train (tests/test_mopo.py's ensemble): 4 members, 2 elites, 64 x 64, 3 epochs.
+TINY_ENSEMBLE = dict(num_members=4, num_elites=2, hidden=[64, 64],
+                     weight_decay=[0.0, 0.0, 0.0], max_epochs=3)
+
+
 @pytest.fixture(scope="module")
 def hopper_diffusion(hopper_random, tmp_path_factory):
     out = tmp_path_factory.mktemp("diffusion")
-    cfg = {"horizon": 8, "dim": 16, "dim_mults": [1, 2], "batch_size": 32, "train_steps": 30,
-           "lr_rampup_kimg": 0.0, "log_every": 10, "checkpoint_every": 30,
-           "sampler": {"num_steps": 4}}
-    train_diffusion(hopper_random, cfg, out, seed=0, progress=False, device="cpu")
+    train_diffusion(hopper_random, TINY_DIFFUSION, out, seed=0, progress=False, device="cpu")
+    return out
+
+
+@pytest.fixture(scope="module")
+def hopper_ensemble(hopper_random, tmp_path_factory):
+    from baselines.ensemble import train_ensemble  # tests may use any layer
+    out = tmp_path_factory.mktemp("ensemble")
+    train_ensemble(hopper_random, TINY_ENSEMBLE, out, seed=0, progress=False, device="cpu")
     return out
 
 
 def test_generator_outputs_truncated_filtered_transitions(hopper_random, hopper_diffusion):
     torch.manual_seed(0)
     agent = SAC(11, 3)
-    cfg = from_dict(DyDiffConfig, {"rollout_batch_size": 20, "filter": "hardmax"})
+    # The diffusion-only start (the pre-ensemble default), so no ensemble is needed here.
+    cfg = from_dict(DyDiffConfig, {"rollout_batch_size": 20, "filter": "hardmax",
+                                   "init": "diffusion"})
+    limits = dataset_limits(hopper_random)
     gen = DyDiffGenerator(load_diffusion(hopper_diffusion), _reward_fn(RewardStandIn()),
-                          termination_fn("hopper"), cfg)
+                          termination_fn("hopper"), cfg, limits=limits)
     assert gen.length == 7 and gen.max_transitions_per_call == 12 * 7
     start = torch.as_tensor(hopper_random.observations[:30])
     torch.manual_seed(1)
@@ -172,7 +188,8 @@ def test_generator_outputs_truncated_filtered_transitions(hopper_random, hopper_
     done = termination_fn("hopper")(out["next_obs"])
     assert torch.equal(out["terminals"].bool(), done)
     assert out["terminals"].sum() <= 12
-    assert torch.equal(out["actions"], agent.act(out["obs"], deterministic=True))
+    # Stored actions: the policy's on the (clipped) stored states, clipped to the data range.
+    assert torch.equal(out["actions"], limits.act(agent.act(out["obs"], deterministic=True)))
     assert out["action_gap_after"] < out["action_gap_before"]
     # Same seed -> same rollouts.
     torch.manual_seed(1)
@@ -183,6 +200,10 @@ def test_generator_outputs_truncated_filtered_transitions(hopper_random, hopper_
 def test_make_generator_errors(hopper_random, hopper_diffusion, tmp_path):
     with pytest.raises(KeyError, match="reward"):
         make_generator(hopper_random, {}, {"diffusion": hopper_diffusion}, "cpu")
+    # The default (authors') start needs the ensemble, and says so.
+    with pytest.raises(KeyError, match=r"\['ensemble'\].*init 'diffusion' or 'policy'"):
+        make_generator(hopper_random, {}, {"diffusion": hopper_diffusion, "reward": tmp_path},
+                       "cpu")
     with pytest.raises(ConfigError, match="policy.rollout.threshold"):
         make_generator(hopper_random, {"threshold": 0.0}, {}, "cpu")
     with pytest.raises(FileNotFoundError, match="train-model --model diffusion"):
@@ -190,17 +211,25 @@ def test_make_generator_errors(hopper_random, hopper_diffusion, tmp_path):
 
 
 def test_make_generator_with_trained_reward_model_end_to_end(hopper_random, hopper_diffusion,
-                                                             tmp_path):
+                                                             hopper_ensemble, tmp_path):
     from dydiff.reward_model import load_reward_model, train_reward_model
     train_reward_model(hopper_random, {"hidden": [32, 32], "lr": 1e-3, "eval_every": 10,
                                        "train_steps": 30}, tmp_path, seed=0, progress=False,
                        device="cpu")
+    # Defaults: the authors' ensemble start, clipping and all-rows score.
     gen = make_generator(hopper_random, {"rollout_batch_size": 16, "sampler_steps": 3},
-                         {"diffusion": hopper_diffusion, "reward": tmp_path}, "cpu")
+                         {"diffusion": hopper_diffusion, "reward": tmp_path,
+                          "ensemble": hopper_ensemble}, "cpu")
     assert gen.dynamics.sampler.num_steps == 3 and gen.length == 7
+    assert gen.ensemble is not None and gen.limits is not None
     torch.manual_seed(0)
     agent = SAC(11, 3)
+    torch.manual_seed(1)
     out = gen.generate(agent, torch.as_tensor(hopper_random.observations[:16]))
+    torch.manual_seed(1)
+    again = gen.generate(agent, torch.as_tensor(hopper_random.observations[:16]))
+    assert all(torch.equal(out[k], again[k]) for k in ("obs", "actions", "rewards",
+                                                       "next_obs", "terminals"))
     m = len(out["obs"])
     assert n_kept(16, 0.6) <= m <= gen.max_transitions_per_call
     assert out["next_obs"].shape == (m, 11) and out["rewards"].shape == (m,)

@@ -1,7 +1,13 @@
 """Rollout error of learned dynamics models against the MuJoCo simulator, vs horizon.
 
-Start states are dataset rows with stored simulator states (Dataset.qpos/qvel). For each start
-the ground truth comes from the simulator put exactly in that state (harness.envs.restore_state):
+Start states are dataset rows. For each start the ground truth comes from the simulator put in
+that row's state (harness.envs.restore_state): the stored qpos/qvel, or, for datasets without
+them (some Minari datasets), the state reconstructed from the observation
+(`states_from_observations`: D4RL's observation is qpos[1:] ++ qvel, so qpos = [0, obs[:nq-1]],
+qvel = obs[nq-1:]; the x position, set to 0, changes neither the dynamics nor the rewards).
+Hopper and Walker2d clip the observed velocities to +-10: where a start's velocity sits at that
+clip, the simulator starts from the clipped velocity, the state the observation shows (a warning
+counts those starts).
 
 * behaviour (open loop): the dataset's own next H actions are replayed in the simulator and fed
   to `model.open_loop(start_obs, actions)`. Past the end of the dataset episode there are no
@@ -10,12 +16,28 @@ the ground truth comes from the simulator put exactly in that state (harness.env
   states; the model's own `policy_rollout(start_obs, agent, H)` (the policy acting on the
   model's states) is compared with it. A deterministic policy makes the two comparable.
 
+Models: "ensemble" (the MBPO/MOPO ensemble's elite mean), "diffusion" (the diffusion model
+alone: `DiffusionDynamics.policy_rollout` with its defaults) and "dydiff" (`DyDiffModel`: the
+trajectories the DyDiff generator produces in training, before its reward, filter and
+truncation: ensemble start, K injections, state averaging, clipping to the dataset's range,
+with the generator's own settings). The DyDiff generator acts only with the policy, so
+"dydiff" has no open-loop mode and is skipped with dataset actions.
+
 Metric: per start n and step t, the state MSE normalised by the dataset's per-dimension
 observation std, mean_d ((s_hat - s) / sigma_d)^2, averaged over starts valid at t, with a
 bootstrap 95 % CI over starts. Termination: once the simulator reaches a terminal state
 (task termination function, e.g. Hopper falling) at step t, steps after t are masked: there is
 no ground truth for a dead robot. The model is not told; its states keep being compared until
 the true termination.
+
+Action gap (policy mode): per start n and step t, ||a_t - pi(s_t)||, a_t the action the model's
+transition s_t -> s_{t+1} was generated with ("cond_actions" for the diffusion models: the
+actions the last injection iteration conditioned on, `DiffusionDynamics.inject`; "actions"
+otherwise), pi(s_t) the policy's deterministic action at the generated state s_t. It is the
+per-step form of the sampler's own `action_gap`: 0 for models that step with pi exactly (the
+ensemble, the simulator), nonzero where the states changed after the actions were injected
+(except at a window's first row, the given start state, where pi(s_0) is what was injected).
+It needs no ground truth, so it is averaged over all starts (bootstrap CI as above).
 
 Return error (when rewards are available): |sum_{t<=h} r_hat_t - sum_{t<=h} r_t| over the
 valid steps, averaged over all starts. True rewards come from the simulator (for the
@@ -31,6 +53,7 @@ serves all starts and the policy still acts on all N states in one batched call 
 """
 from __future__ import annotations
 
+import copy
 import inspect
 import logging
 import warnings
@@ -44,8 +67,10 @@ import torch
 from tqdm.auto import tqdm
 
 from analysis import plotting
+from dydiff.rollout import DyDiffConfig, DyDiffGenerator, make_generator
+from dydiff.sampler import DiffusionDynamics
 from harness.data.dataset import Dataset, DatasetError
-from harness.envs import alive_mask, make_env, restore_state, termination_fn
+from harness.envs import alive_mask, family_of, make_env, restore_state, termination_fn
 from harness.checkpoint import atomic_write_text
 
 log = logging.getLogger("dydiff.analysis")
@@ -57,6 +82,37 @@ def default_loaders() -> dict[str, Callable]:
     from baselines.ensemble import load_ensemble
     from dydiff.diffusion import load_diffusion
     return {"diffusion": load_diffusion, "ensemble": load_ensemble}
+
+
+# ---- simulator states from observations ----------------------------------------------------
+
+# The observation's velocity clip of gymnasium's v5 envs (Hopper/Walker2d `_get_obs` clip qvel
+# to +-10; HalfCheetah does not clip), as in D4RL's -v2 envs.
+VELOCITY_CLIP = {"hopper": 10.0, "walker2d": 10.0}
+
+
+def states_from_observations(obs, nq: int, nv: int) -> tuple[np.ndarray, np.ndarray]:
+    """(qpos, qvel) of D4RL-layout observations (..., nq - 1 + nv) = qpos[1:] ++ qvel of the
+    locomotion tasks: qpos = [0, obs[:nq-1]] (x = 0: neither the dynamics nor the rewards,
+    which use x differences, depend on it), qvel = obs[nq-1:]. Exact unless a velocity was
+    clipped in the observation (`clipped_velocities`)."""
+    obs = np.asarray(obs, dtype=np.float64)
+    if obs.shape[-1] != nq - 1 + nv:
+        raise DatasetError(f"observations have {obs.shape[-1]} dims, not nq - 1 + nv = "
+                           f"{nq - 1 + nv} (qpos without x, then qvel): cannot reconstruct "
+                           f"simulator states from them")
+    qpos = np.concatenate([np.zeros(obs.shape[:-1] + (1,)), obs[..., :nq - 1]], -1)
+    return qpos, obs[..., nq - 1:].copy()
+
+
+def clipped_velocities(task: str, obs, nq: int) -> np.ndarray:
+    """(N,) bool: the observation shows a velocity at the task's observation clip, so the true
+    velocity (and the reconstructed state's next observation) may differ."""
+    clip = VELOCITY_CLIP.get(family_of(task))
+    obs = np.asarray(obs)
+    if clip is None:
+        return np.zeros(obs.shape[:-1], bool)
+    return (np.abs(obs[..., nq - 1:]) >= clip).any(-1)
 
 
 # ---- the simulator as a (perfect) model ---------------------------------------------------
@@ -86,15 +142,11 @@ class SimulatorModel:
 
     def states_for(self, start_obs) -> tuple[np.ndarray, np.ndarray]:
         obs = np.ascontiguousarray(torch.as_tensor(start_obs).cpu().numpy(), dtype=np.float32)
-        qpos = np.zeros((len(obs), self.nq))
-        qvel = np.zeros((len(obs), self.nv))
+        qpos, qvel = states_from_observations(obs, self.nq, self.nv)
         for n, row in enumerate(obs):
             i = self._lookup.get(row.tobytes())
             if i is not None:
                 qpos[n], qvel[n] = self._dataset.qpos[i], self._dataset.qvel[i]
-            else:
-                qpos[n, 1:] = row[:self.nq - 1]
-                qvel[n] = row[self.nq - 1:self.nq - 1 + self.nv]
         return qpos, qvel
 
     def _set(self, qpos, qvel) -> np.ndarray:
@@ -145,6 +197,60 @@ class SimulatorModel:
         return {k: torch.as_tensor(v) for k, v in sim.items()}
 
 
+# ---- the diffusion models in policy mode ---------------------------------------------------
+
+def diffusion_policy_rollout(dyn: DiffusionDynamics, start_obs, agent, H: int, **kwargs) -> dict:
+    """`dyn.policy_rollout(start_obs, agent, H, **kwargs)` unchanged, plus cond_actions (N,H,a):
+    per transition, the actions its states were sampled with in the last injection iteration
+    (`inject`'s cond_actions, recorded window by window on a shallow copy of `dyn` whose
+    `inject` is wrapped; the rollout itself is dyn's own code)."""
+    windows = []
+    recording = copy.copy(dyn)
+
+    def inject(*args, **kw):
+        out = type(dyn).inject(recording, *args, **kw)
+        windows.append(out["cond_actions"])
+        return out
+
+    recording.inject = inject
+    out = recording.policy_rollout(start_obs, agent, H, **kwargs)
+    step = dyn.horizon - 1
+    los = range(0, H, step)
+    if len(windows) != len(los):
+        raise RuntimeError(f"policy_rollout made {len(windows)} injection calls for {len(los)} "
+                           f"windows of {step} transitions")
+    cond = torch.cat([w[:, :min(step, H - lo)] for w, lo in zip(windows, los)], 1)
+    return {**out, "cond_actions": cond}
+
+
+class DyDiffModel:
+    """The DyDiff generator's trajectories as a rollout model (policy mode only): what
+    `DyDiffGenerator.generate` samples before its reward model, filter and truncation, i.e.
+    `DiffusionDynamics.policy_rollout` with the generator's settings (init, K = iterative_times,
+    average_states, its ensemble, clipping to its limits). Unlike `generate`, every start is
+    rolled out (no cut to rollout_batch_size) for any H (longer than the diffusion horizon - 1:
+    chained windows, as `policy_rollout` does)."""
+
+    def __init__(self, generator: DyDiffGenerator):
+        self.generator = generator
+
+    @classmethod
+    def from_dirs(cls, dataset: Dataset, model_dirs: dict[str, Path],
+                  cfg: dict | DyDiffConfig | None = None, device="cpu") -> "DyDiffModel":
+        """Through dydiff.rollout.make_generator, as training builds it (`cfg` None: the
+        DyDiffConfig defaults; model_dirs: diffusion, reward and, for init 'ensemble',
+        ensemble; clip limits from `dataset`)."""
+        return cls(make_generator(dataset, {} if cfg is None else cfg, model_dirs, device))
+
+    def policy_rollout(self, start_obs, agent, H: int) -> dict:
+        gen, cfg = self.generator, self.generator.cfg
+        start = torch.as_tensor(start_obs, dtype=torch.float32, device=gen.dynamics.device)
+        return diffusion_policy_rollout(
+            gen.dynamics, start, agent, H, iterative_times=cfg.iterative_times,
+            average_states=cfg.average_states, init=cfg.init,
+            limits=gen.limits if cfg.clip else None, ensemble=gen.ensemble)
+
+
 # ---- metrics --------------------------------------------------------------------------------
 
 def bootstrap_masked_mean(values: np.ndarray, mask: np.ndarray, reps: int,
@@ -171,11 +277,33 @@ def _to_np(x) -> np.ndarray:
     return torch.as_tensor(x).detach().cpu().numpy().astype(np.float64)
 
 
+def action_gap(agent, obs, actions) -> np.ndarray:
+    """(N,H) ||actions[:, t] - pi(obs[:, t])||, pi the agent's deterministic action: one call per
+    step on the (N, o) states, as the models call it."""
+    obs = torch.as_tensor(obs).float()
+    with torch.no_grad():
+        pi = np.stack([_to_np(agent.act(obs[:, t].contiguous(), deterministic=True))
+                       for t in range(obs.shape[1])], 1)
+    return np.linalg.norm(_to_np(actions) - pi, axis=-1)
+
+
+def start_states(dataset: Dataset, starts: np.ndarray, sim: "SimulatorModel"):
+    """(qpos, qvel) of the start rows: stored, or reconstructed from the observations."""
+    if dataset.has_states:
+        return dataset.qpos[starts], dataset.qvel[starts]
+    obs = dataset.observations[starts]
+    qpos, qvel = states_from_observations(obs, sim.nq, sim.nv)
+    clipped = clipped_velocities(dataset.name, obs, sim.nq)
+    log.warning("dataset %s stores no qpos/qvel: simulator states reconstructed from the "
+                "observations (x position = 0, which the dynamics do not depend on); %d of %d "
+                "starts show a velocity at the observation clip, so the simulator starts from "
+                "the clipped velocity", dataset.source or dataset.name, int(clipped.sum()),
+                len(starts))
+    return qpos, qvel
+
+
 def select_starts(dataset: Dataset, n_starts: int, rng: np.random.Generator) -> np.ndarray:
     """Random dataset rows (without replacement) to start rollouts from."""
-    if not dataset.has_states:
-        raise DatasetError(f"dataset {dataset.source or dataset.name} has no qpos/qvel: the "
-                           f"rollout-error study needs simulator states to restore")
     if n_starts < 1:
         raise ValueError(f"n_starts must be >= 1, got {n_starts}")
     return np.sort(rng.choice(len(dataset), size=min(n_starts, len(dataset)), replace=False))
@@ -198,19 +326,27 @@ def rollout_error_study(dataset: Dataset, models: dict, agent=None, horizon: int
     """Error vs horizon of each model against the simulator; see the module docstring.
 
     Returns one row per (mode, model, horizon h = 1..H): state_mse, state_mse_lo/hi, n_valid,
-    return_err, return_err_lo/hi (NaN without rewards). Modes: 'behaviour' always, 'policy'
-    when an agent is given."""
+    return_err, return_err_lo/hi (NaN without rewards), action_gap, action_gap_lo/hi (policy
+    mode; NaN with dataset actions). Modes: 'behaviour' always, for the models with an
+    `open_loop` (the others, e.g. DyDiffModel, are skipped there); 'policy' when an agent is
+    given."""
     if not 1 <= horizon <= 1000:
         raise ValueError(f"horizon must be in [1, 1000], got {horizon}")
+    open_loop = {k: m for k, m in models.items() if callable(getattr(m, "open_loop", None))}
+    policy_only = sorted(set(models) - set(open_loop))
+    if policy_only and agent is None:
+        raise ValueError(f"models {policy_only} only roll out with the policy (no open_loop): "
+                         f"pass agent=...")
     rng = np.random.default_rng(seed)
     starts = select_starts(dataset, n_starts, rng)
     sigma = dataset.observations.std(0).astype(np.float64) + 1e-6
     sim = SimulatorModel(dataset.name, dataset, progress=progress)
     start_obs = torch.as_tensor(dataset.observations[starts])
-    qpos, qvel = dataset.qpos[starts], dataset.qvel[starts]
+    qpos, qvel = start_states(dataset, starts, sim)
     rows = []
+    nan = np.full(horizon, np.nan)
 
-    def score(mode, name, pred_next, truth, valid, pred_rewards):
+    def score(mode, name, pred_next, truth, valid, pred_rewards, gap=None):
         err = (((pred_next - truth["next_obs"]) / sigma) ** 2).mean(-1)
         mask = valid & alive_mask(truth["terminals"])
         # Own bootstrap stream per curve: a model's CI does not depend on the other models.
@@ -220,12 +356,16 @@ def rollout_error_study(dataset: Dataset, models: dict, agent=None, horizon: int
             ret = np.abs(np.cumsum(np.where(mask, pred_rewards - truth["rewards"], 0.0), 1))
             r_point, r_lo, r_hi = bootstrap_masked_mean(ret, np.ones_like(mask), reps, boot)
         else:
-            r_point = r_lo = r_hi = np.full(horizon, np.nan)
+            r_point = r_lo = r_hi = nan
+        g_point, g_lo, g_hi = (nan, nan, nan) if gap is None else bootstrap_masked_mean(
+            gap, np.ones_like(mask), reps, boot)
         for t in range(horizon):
             rows.append({"mode": mode, "model": name, "horizon": t + 1,
                          "state_mse": point[t], "state_mse_lo": lo[t], "state_mse_hi": hi[t],
                          "n_valid": int(mask[:, t].sum()), "return_err": r_point[t],
-                         "return_err_lo": r_lo[t], "return_err_hi": r_hi[t]})
+                         "return_err_lo": r_lo[t], "return_err_hi": r_hi[t],
+                         "action_gap": g_point[t], "action_gap_lo": g_lo[t],
+                         "action_gap_hi": g_hi[t]})
 
     def rewards_of(out, obs, acts, nxt):
         if isinstance(out, dict) and "rewards" in out:
@@ -238,9 +378,12 @@ def rollout_error_study(dataset: Dataset, models: dict, agent=None, horizon: int
         return None
 
     # (i) behaviour actions, open loop
+    for name in policy_only:
+        log.info("model %r acts only with the policy (no open-loop mode): skipped with "
+                 "dataset actions", name)
     acts, valid = behaviour_actions(dataset, starts, horizon)
     truth = sim.simulate(qpos, qvel, actions=acts)
-    for name, model in tqdm(models.items(), desc="open-loop models", disable=not progress):
+    for name, model in tqdm(open_loop.items(), desc="open-loop models", disable=not progress):
         with torch.no_grad():
             # Models that predict rewards themselves (the ensemble) return them on request.
             extra = ({"with_rewards": True} if "with_rewards" in
@@ -255,11 +398,14 @@ def rollout_error_study(dataset: Dataset, models: dict, agent=None, horizon: int
         truth = sim.simulate(qpos, qvel, agent=agent, horizon=horizon)
         for name, model in tqdm(models.items(), desc="policy models", disable=not progress):
             with torch.no_grad():
-                out = model.policy_rollout(start_obs, agent, horizon)
+                out = (diffusion_policy_rollout(model, start_obs, agent, horizon)
+                       if isinstance(model, DiffusionDynamics)
+                       else model.policy_rollout(start_obs, agent, horizon))
             nxt = _to_np(out["next_obs"])
             _check_shape(name, "policy_rollout", nxt, (len(starts), horizon, dataset.obs_dim))
+            gap = action_gap(agent, out["obs"], out.get("cond_actions", out["actions"]))
             score("policy", name, nxt, truth, np.ones(nxt.shape[:2], bool),
-                  rewards_of(out, _to_np(out["obs"]), _to_np(out["actions"]), nxt))
+                  rewards_of(out, _to_np(out["obs"]), _to_np(out["actions"]), nxt), gap)
     return pd.DataFrame(rows)
 
 
@@ -271,42 +417,56 @@ def _check_shape(name, fn, arr, want):
 # ---- figures and the CLI step -------------------------------------------------------------
 
 def plot_rollout_error(df: pd.DataFrame, out_dir: Path, task: str = "") -> list[Path]:
-    """State error (log scale) and, where available, return error vs horizon; one column per
-    mode, CI bands per model. Saves rollout_error.png/.pdf in out_dir."""
+    """State error (log scale), where available return error, and the action gap (policy mode)
+    vs horizon; one column per mode, CI bands per model. Saves rollout_error.png/.pdf in
+    out_dir."""
     modes = [m for m in ("behaviour", "policy") if m in set(df["mode"])]
     has_ret = df.return_err.notna().any()
-    nrows = 2 if has_ret else 1
+    has_gap = "action_gap" in df and df.action_gap.notna().any()
+    panels = ["state_mse"] + (["return_err"] if has_ret else []) + (
+        ["action_gap"] if has_gap else [])
+    nrows = len(panels)
     fig, axes = plotting.new_figure(5.0 * len(modes), 3.6 * nrows, ncols=len(modes), nrows=nrows)
     axes = np.array(axes, dtype=object).reshape(nrows, len(modes))
     titles = {"behaviour": "dataset actions (open loop)", "policy": "policy actions"}
+    ylabels = {"state_mse": "normalised state MSE (obs std units²)",
+               "return_err": "|predicted - true return| (reward units)",
+               "action_gap": "mean ||a_t - pi(s_t)|| (action units)"}
+    empty = {"return_err": "no predicted rewards\n(no reward model given)",
+             "action_gap": "no action gap: the dataset's actions\nare not the policy's"}
+    policy_only = sorted(set(df.model[df["mode"] == "policy"])
+                         - set(df.model[df["mode"] == "behaviour"]))
+    order = list(dict.fromkeys(df.model))  # one colour per model in every panel
     for j, mode in enumerate(modes):
         sub = df[df["mode"] == mode]
-        for i, (name, g) in enumerate(sub.groupby("model", sort=False)):
-            c = plotting.color(name, i)
-            ax = axes[0, j]
-            ax.plot(g.horizon, g.state_mse, color=c, label=name)
-            ax.fill_between(g.horizon, g.state_mse_lo, g.state_mse_hi, color=c, alpha=0.2)
-            if has_ret and g.return_err.notna().any():
-                axes[1, j].plot(g.horizon, g.return_err, color=c, label=name)
-                axes[1, j].fill_between(g.horizon, g.return_err_lo, g.return_err_hi, color=c,
-                                        alpha=0.2)
+        for name, g in sub.groupby("model", sort=False):
+            c = plotting.color(name, order.index(name))
+            for r, col in enumerate(panels):
+                if g[col].notna().any():
+                    axes[r, j].plot(g.horizon, g[col], color=c, label=name)
+                    axes[r, j].fill_between(g.horizon, g[f"{col}_lo"], g[f"{col}_hi"], color=c,
+                                            alpha=0.2)
         ax = axes[0, j]
         if (sub.state_mse > 0).any():
             ax.set_yscale("log")
         ax.set_title(f"{task} state error, {titles[mode]}".strip())
-        ax.set_xlabel("rollout horizon h (steps)")
-        ax.set_ylabel("normalised state MSE (obs std units²)")
-        ax.legend(frameon=False)
-        if has_ret:
-            axes[1, j].set_title(f"return error, {titles[mode]}")
-            axes[1, j].set_xlabel("rollout horizon h (steps)")
-            axes[1, j].set_ylabel("|predicted - true return| (reward units)")
-            if axes[1, j].has_data():
-                axes[1, j].legend(frameon=False)
+        if mode == "behaviour" and policy_only:
+            ax.text(0.02, 0.02, f"{', '.join(policy_only)}: policy actions only (no open-loop "
+                    f"mode)", transform=ax.transAxes, fontsize="small", color="grey")
+        for r, col in enumerate(panels):
+            ax = axes[r, j]
+            if r:
+                ax.set_title({"return_err": "return error", "action_gap": "action gap"}[col]
+                             + f", {titles[mode]}")
+            ax.set_xlabel("rollout horizon h (steps)")
+            ax.set_ylabel(ylabels[col])
+            if ax.has_data():
+                ax.legend(frameon=False)
             else:
-                axes[1, j].text(0.5, 0.5, "no predicted rewards\n(no reward model given)",
-                                ha="center", va="center", transform=axes[1, j].transAxes,
-                                color="grey")
+                ax.text(0.5, 0.5, empty[col], ha="center", va="center", transform=ax.transAxes,
+                        color="grey")
+                if col == "action_gap":
+                    ax.axis("off")  # not a missing input: the gap is undefined in this mode
     return plotting.save_figure(fig, Path(out_dir) / "rollout_error")
 
 
@@ -316,7 +476,8 @@ def run_rollout_error(dataset: str | Path | Dataset, model_dirs: dict[str, Path]
                       loaders: dict[str, Callable] | None = None,
                       include_simulator: bool = False,
                       reps: int = 1000, device: str = "cpu", progress: bool = True,
-                      reward_dir: Path | None = None) -> dict:
+                      reward_dir: Path | None = None,
+                      dydiff: dict | DyDiffConfig | None = None) -> dict:
     """The study end to end: load the dataset (path/name, see harness.data.sources.load_dataset) and
     each model (`model_dirs` {kind: dir}; `loaders` {kind: fn(dir, device)}, default
     `default_loaders()`), optionally the policy (`agent_loader(policy, device)`, default
@@ -324,7 +485,10 @@ def run_rollout_error(dataset: str | Path | Dataset, model_dirs: dict[str, Path]
     rollout_error.png/.pdf in out_dir.
     `include_simulator` adds the SimulatorModel as a zero-error reference curve.
     `reward_dir`: a trained reward model (dydiff.reward_model) that scores the returns of
-    models without their own reward prediction (the diffusion model)."""
+    models without their own reward prediction (the diffusion models).
+    `dydiff`: add the "dydiff" model (`DyDiffModel`, policy mode only), the DyDiff generator
+    built by dydiff.rollout.make_generator with this rollout config ({} = DyDiffConfig
+    defaults) from model_dirs' diffusion and ensemble and `reward_dir`."""
     if not isinstance(dataset, Dataset):
         from harness.data.sources import load_dataset
         dataset = load_dataset(str(dataset))
@@ -335,6 +499,11 @@ def run_rollout_error(dataset: str | Path | Dataset, model_dirs: dict[str, Path]
             raise KeyError(f"rollout_error: no loader for model kind {kind!r}; known: "
                            f"{sorted(loaders)} (pass loaders={{kind: fn(dir, device)}})")
         models[kind] = loaders[kind](Path(model_dir), device)
+    if dydiff is not None:
+        dirs = {k: Path(d) for k, d in (("diffusion", model_dirs.get("diffusion")),
+                                        ("ensemble", model_dirs.get("ensemble")),
+                                        ("reward", reward_dir)) if d is not None}
+        models["dydiff"] = DyDiffModel.from_dirs(dataset, dirs, dydiff, device)
     if include_simulator:
         models["simulator"] = SimulatorModel(dataset.name, dataset)
     agent = None
@@ -359,13 +528,20 @@ def run_rollout_error(dataset: str | Path | Dataset, model_dirs: dict[str, Path]
 
 
 def rollout_error_step(spec: dict, log_fn=None) -> dict:
-    """Job step: diffusion vs ensemble trajectories against the simulator for one task."""
+    """Job step: ensemble, diffusion-alone and DyDiff-generator trajectories against the
+    simulator for one task. The DyDiff generator runs with the DyDiffConfig defaults (the
+    authors' settings), or spec["config"]["dydiff_rollout"] when the plan gives one."""
     cfg, dirs = spec["config"], {k: Path(v) for k, v in spec["model_dirs"].items()}
+    torch.manual_seed(cfg["seed"])  # the diffusion samplers draw from the global stream
     result = run_rollout_error(spec["dataset"], {k: dirs[k] for k in ("ensemble", "diffusion")},
                                Path(spec["out"]), policy=Path(spec["policy_dir"]) / "policy.pt",
                                horizon=cfg["horizon"], n_starts=cfg["n_starts"], seed=cfg["seed"],
-                               reward_dir=dirs["reward"])
+                               reward_dir=dirs["reward"],
+                               dydiff=cfg.get("dydiff_rollout") or {})
     df = result["rollout_error"]
     last = df[df["horizon"] == df["horizon"].max()]
-    return {f"{r['mode']}/{r['model']}/state_mse_at_H": float(r["state_mse"])
-            for _, r in last.iterrows()}
+    out = {f"{r['mode']}/{r['model']}/state_mse_at_H": float(r["state_mse"])
+           for _, r in last.iterrows()}
+    gaps = df[df["mode"] == "policy"].groupby("model", sort=False).action_gap.mean()
+    out.update({f"policy/{m}/action_gap_mean": float(v) for m, v in gaps.items()})
+    return out

@@ -111,6 +111,37 @@ def _tables_section(tables: dict) -> list[str]:
     return lines
 
 
+MODEL_NOTES = {"diffusion": "the diffusion model alone",
+               "dydiff": "the DyDiff generator as training samples it (ensemble start, "
+                         "policy injections, clipping to the data range)"}
+
+
+def _action_gap_lines(g: pd.DataFrame) -> list[str]:
+    """Policy mode: how far each model's trajectory actions are from pi at its own states."""
+    if "action_gap" not in g or not g.action_gap.notna().any():
+        return []
+    H = int(g.horizon.max())
+    curves = {m: gm.set_index("horizon") for m, gm in g.groupby("model", sort=False)
+              if gm.action_gap.notna().any()}
+    lines = ["  Action gap ||a_t - pi(s_t)|| along each model's trajectory (action units), mean "
+             f"over h=1..{H}, then at h={H} [95% CI]: " + "; ".join(
+                 f"{m} {c.action_gap.mean():.3g}, {c.action_gap.iloc[-1]:.3g} "
+                 f"[{c.action_gap_lo.iloc[-1]:.3g}, {c.action_gap_hi.iloc[-1]:.3g}]"
+                 for m, c in curves.items()) + "."]
+    exact = [m for m, c in curves.items() if (c.action_gap == 0).all()]
+    if exact:
+        lines.append(f"  Gap 0 at every step for {', '.join(exact)}: they step with the "
+                     f"policy's own actions.")
+    if "diffusion" in curves and "dydiff" in curves:
+        d, y = curves["diffusion"], curves["dydiff"]
+        below = int((y.action_gap_hi < d.action_gap_lo).sum())
+        above = int((y.action_gap_lo > d.action_gap_hi).sum())
+        lines.append(f"  dydiff vs the diffusion model alone: mean gap {y.action_gap.mean():.3g} "
+                     f"vs {d.action_gap.mean():.3g}; their CIs are apart at {below} of {H} steps "
+                     f"with dydiff lower and at {above} with dydiff higher.")
+    return lines
+
+
 def _rollout_section(results) -> list[str]:
     if isinstance(results, pd.DataFrame) and "task" in results:
         results = [{"task": task, "rollout_error": g}
@@ -134,6 +165,9 @@ def _rollout_section(results) -> list[str]:
                      f"h={int(last.horizon)} (n={int(last.n_valid)} starts)"
                      for m, (first, last) in at.items()]
             lines.append(f"- {task} ({what}), normalised state MSE: " + "; ".join(parts) + ".")
+            if "dydiff" in at:
+                lines.append("  Models: " + "; ".join(
+                    f"{m} = {MODEL_NOTES[m]}" for m in at if m in MODEL_NOTES) + ".")
             if len(at) > 1:
                 best = min(at, key=lambda m: at[m][1].state_mse)
                 lines.append(f"  Lowest long-horizon error: {best}.")
@@ -142,6 +176,13 @@ def _rollout_section(results) -> list[str]:
             if rets:
                 lines.append("  Return error over the horizon: " + "; ".join(
                     f"{m} {v:.3g}" for m, v in rets.items()) + " (reward units).")
+            if mode == "behaviour":
+                policy_only = [m for m in df.model[df["mode"] == "policy"].unique() if m not in at]
+                if policy_only:
+                    lines.append(f"  {', '.join(policy_only)}: policy actions only (no "
+                                 f"open-loop mode), not in this comparison.")
+            else:
+                lines += _action_gap_lines(g)
         if (df.n_valid < df.groupby(["mode", "model"]).n_valid.transform("max")).any():
             lines.append(f"  Some simulated episodes terminate before h={H}; later steps are "
                          f"masked, so long-horizon averages use fewer starts.")

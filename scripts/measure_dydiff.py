@@ -7,7 +7,10 @@ Stages (each cached in --out and resumable: rerunning skips finished work):
   ensemble   probabilistic ensemble (baselines.ensemble, if present) on the same data
   policy     a briefly trained TD3+BC agent (deterministic; for the policy-mode curves)
   error      rollout error vs the MuJoCo simulator (behaviour actions, open loop; and the
-             policy's actions): normalised state MSE at horizons 1, 10, 25, 50, 100
+             policy's actions): normalised state MSE at horizons 1, 10, 25, 50, 100 for the
+             ensemble, the diffusion model alone and (with ensemble and reward model) the
+             DyDiff generator (policy actions only), plus each model's action gap
+             ||a_t - pi(s_t)|| along its policy-mode trajectories
   gap        action gap ||a_cond - pi(s_gen)|| of DiffusionDynamics.inject after 0/1/2
              injection iterations (diffusion / policy init, with and without state averaging)
 Writes <out>/summary.json and <out>/summary.md (results/ is git-ignored), plus each stage's
@@ -171,12 +174,17 @@ def stage_error(args, ds, summary):
     if (args.out / "ensemble" / "model.pt").exists():
         dirs["ensemble"] = args.out / "ensemble"
     policy = args.out / "td3bc" / "policy.pt"
+    reward = args.out / "reward"
+    # The DyDiff generator (DyDiffConfig defaults: ensemble start) needs the ensemble, the
+    # reward model and a policy to act with.
+    dydiff = "ensemble" in dirs and (reward / "model.pt").exists() and policy.exists()
     t0 = time.perf_counter()
     torch.manual_seed(args.seed)  # diffusion sampling draws from the global stream
     res = run_rollout_error(ds, dirs, args.out / "error", horizon=args.error_horizon,
                             n_starts=args.n_starts, seed=args.seed,
-                            policy=policy if policy.exists() else None,
-                            agent_loader="harness.training.policy:load_agent", reps=1000)
+                            policy=policy if policy.exists() else None, reps=1000,
+                            reward_dir=reward if dydiff else None,
+                            dydiff={} if dydiff else None)
     # Reference predictors on the same starts (same seed -> same rows): what an
     # uninformative model scores, to read the learned models' numbers against.
     from analysis.rollout_error import rollout_error_study
@@ -190,10 +198,12 @@ def stage_error(args, ds, summary):
         g = g.set_index("horizon")
         table[f"{mode}/{model}"] = {
             str(h): {"state_mse": float(g.state_mse[h]), "lo": float(g.state_mse_lo[h]),
-                     "hi": float(g.state_mse_hi[h]), "n_valid": int(g.n_valid[h])}
+                     "hi": float(g.state_mse_hi[h]), "n_valid": int(g.n_valid[h]),
+                     "action_gap": float(g.action_gap[h])}
             for h in HORIZONS if h in g.index}
     summary["error"] = {"horizon": args.error_horizon, "n_starts": args.n_starts,
-                        "models": sorted(dirs), "curves": table,
+                        "models": sorted(dirs) + (["dydiff"] if dydiff else []),
+                        "curves": table,
                         "diffusion_one_step_by_start": one_step_by_start(args, ds),
                         "wall_time": time.perf_counter() - t0}
 
@@ -259,6 +269,16 @@ def to_markdown(s: dict) -> str:
                      f"{c[str(h)]['hi']:.3g}] ({c[str(h)]['n_valid']})"
                      if str(h) in c else "" for h in hs]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        gaps = {name: c for name, c in e["curves"].items()
+                if any(np.isfinite(v.get("action_gap", np.nan)) for v in c.values())}
+        if gaps:
+            lines += ["", "Action gap mean ||a_t - pi(s_t)|| along the policy-mode "
+                      "trajectories (a_t: the action each transition was generated with)", "",
+                      "| mode/model | " + " | ".join(f"h={h}" for h in hs) + " |",
+                      "|---" * (len(hs) + 1) + "|"]
+            for name, c in gaps.items():
+                lines.append(f"| {name} | " + " | ".join(
+                    f"{c[str(h)]['action_gap']:.3g}" if str(h) in c else "" for h in hs) + " |")
         d = e.get("diffusion_one_step_by_start")
         if d:
             lines += ["", f"Diffusion 1-step error by start: {d['full_window']:.3g} with a full "

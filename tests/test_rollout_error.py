@@ -7,7 +7,9 @@ import torch
 from analysis import plotting
 from analysis import rollout_error as re
 from harness.data.dataset import Dataset, DatasetError
-from harness.envs import make_env
+from harness.envs import make_env, restore_state
+from test_dydiff_fidelity import models  # noqa: F401  (fixture: tiny trained diffusion,
+#                                           ensemble and reward model dirs on random Hopper)
 
 torch.set_num_threads(1)
 
@@ -128,16 +130,189 @@ def test_bootstrap_ci_contains_mean():
 
 
 def test_bad_inputs(data, tmp_path):
-    no_states = Dataset(data.observations, data.actions, data.rewards, data.next_observations,
-                        data.terminals, data.timeouts, name="hopper-random")
-    with pytest.raises(DatasetError, match="qpos"):
-        re.rollout_error_study(no_states, {}, horizon=5, n_starts=2, progress=False)
-
     class Wrong:
         def open_loop(self, s, a):
             return torch.zeros(len(s), 3, 11)
     with pytest.raises(ValueError, match="'wrong': open_loop returned shape"):
         re.rollout_error_study(data, {"wrong": Wrong()}, horizon=5, n_starts=2, progress=False)
+
+
+# --- datasets without qpos/qvel: states reconstructed from observations ----------------------
+
+@pytest.mark.parametrize("task", ["hopper", "walker2d", "halfcheetah"])
+def test_reconstructed_state_reproduces_the_simulators_next_observation(task):
+    from datagen.generate import random_dataset
+    ds = random_dataset(task, 200, seed=0)
+    env = make_env(task)
+    env.reset(seed=0)
+    nq, nv = env.unwrapped.model.nq, env.unwrapped.model.nv
+    qpos, qvel = re.states_from_observations(ds.observations, nq, nv)
+    assert (qpos[:, 0] == 0).all() and np.abs(ds.qpos[:, 0]).max() > 0.1  # x really differs
+    clipped = re.clipped_velocities(task, ds.observations, nq)
+    nxt, shown = [], []
+    for i in range(len(ds)):
+        shown.append(restore_state(env, qpos[i], qvel[i]))
+        nxt.append(env.unwrapped.step(ds.actions[i])[0])
+    # Every reconstructed state shows exactly the stored observation (clipped or not) ...
+    np.testing.assert_array_equal(np.array(shown, np.float32), ds.observations)
+    # ... and, where no velocity sits at the observation clip, the simulator steps from it to
+    # the stored next observation (float32 observations: ~1e-6 relative).
+    ok = ~clipped
+    assert ok.sum() >= 50
+    err = np.abs(np.array(nxt)[ok] - ds.next_observations[ok])
+    assert (err <= 1e-5 * (1 + np.abs(ds.next_observations[ok]))).all(), err.max()
+    if task == "hopper":
+        assert err.max() < 1e-6
+    # Where a velocity was clipped, the true velocity is lost (the warning counts those rows).
+    assert clipped.sum() == (np.abs(ds.qvel) > 10).any(1).sum() if task != "halfcheetah" \
+        else not clipped.any()
+
+
+def test_study_without_stored_states_reconstructs_them(data, caplog):
+    no_states = Dataset(data.observations, data.actions, data.rewards, data.next_observations,
+                        data.terminals, data.timeouts, name="hopper-random")
+    kw = dict(agent=LinearAgent(), horizon=6, n_starts=8, seed=0, reps=20, progress=False)
+    with caplog.at_level("WARNING", logger="dydiff.analysis"):
+        df = re.rollout_error_study(no_states, {"simulator": re.SimulatorModel(no_states.name)},
+                                    **kw)
+    assert "stores no qpos/qvel: simulator states reconstructed" in caplog.text
+    assert (df.state_mse == 0).all()
+    # The reconstructed truth is the stored-state truth (x shifted, which nothing sees):
+    # a noisy model scores the same against either.
+    noisy = lambda d: {"noisy": NoisyModel(re.SimulatorModel(d.name, d), 0.05)}  # noqa: E731
+    a = re.rollout_error_study(no_states, noisy(no_states), **kw)
+    b = re.rollout_error_study(data, noisy(data), **kw)
+    np.testing.assert_allclose(a.state_mse, b.state_mse, rtol=1e-4)
+    with pytest.raises(DatasetError, match="nq - 1 \\+ nv"):
+        re.states_from_observations(np.zeros((2, 10)), 6, 6)
+
+
+# --- the DyDiff generator as a third model, and the action gap --------------------------------
+
+def test_cond_actions_are_the_actions_each_transition_was_generated_with():
+    """On the exact oracle without averaging, s_{t+1} = f(s_t, a_t) holds for the recorded
+    a_t = cond_actions at every step, over chained windows; the gap to pi(s_t) is not 0."""
+    from test_dydiff_rollout import LinearPolicy, _oracle_dynamics
+    dyn, agent = _oracle_dynamics(horizon=6), LinearPolicy()
+    start = torch.randn(5, 3, generator=torch.Generator().manual_seed(2))
+    torch.manual_seed(0)
+    out = re.diffusion_policy_rollout(dyn, start, agent, 12, average_states=False)
+    torch.manual_seed(0)
+    ref = dyn.policy_rollout(start, agent, 12, average_states=False)
+    assert all(torch.equal(out[k], ref[k]) for k in ("obs", "actions", "next_obs"))
+    a = out["cond_actions"]
+    assert a.shape == (5, 12, 2)
+    f = 0.9 * out["obs"] + 0.3 * torch.cat([a, a[..., :1]], -1)
+    torch.testing.assert_close(out["next_obs"], f, atol=1e-5, rtol=0)
+    gap = re.action_gap(agent, out["obs"], a)
+    # Each window's first row is its given start state, so pi(s_0) is what was injected there.
+    assert gap.shape == (5, 12) and (gap[:, [0, 5, 10]] < 1e-6).all()
+    assert gap[:, 2:5].mean() > 1e-3
+    np.testing.assert_allclose(re.action_gap(agent, out["obs"], out["actions"]), 0, atol=1e-6)
+
+
+def _never_done(next_obs):
+    return torch.zeros(next_obs.shape[:-1], dtype=torch.bool)
+
+
+def test_dydiff_model_is_the_training_generators_rollout(hopper_random, models):
+    from dydiff.diffusion import load_diffusion
+    from dydiff.rollout import DyDiffConfig, dataset_limits
+    from harness.registry import load_model
+    model = re.DyDiffModel.from_dirs(hopper_random, models)
+    assert model.generator.cfg == DyDiffConfig()  # the authors' settings: ensemble, K=2, clip
+    assert model.generator.cfg.init == "ensemble" and model.generator.cfg.clip
+    agent, n = LinearAgent(), 12
+    start = torch.as_tensor(hopper_random.observations[:n])
+    # (1) what generate() samples in training (no filter, no truncation: every transition).
+    gen = re.DyDiffModel.from_dirs(hopper_random, models, {"filter": "none"}).generator
+    gen.done_fn, T = _never_done, gen.length
+    torch.manual_seed(0)
+    want = gen.generate(agent, start)
+    torch.manual_seed(0)
+    got = model.policy_rollout(start, agent, T)
+    for key in ("obs", "actions", "next_obs"):
+        assert torch.equal(got[key].reshape(n * T, -1), want[key]), key
+    # (2) chained windows: the sampler's own policy_rollout / inject with the same settings.
+    dyn = load_diffusion(models["diffusion"])
+    ens = load_model("ensemble", models["ensemble"])
+    lim = dataset_limits(hopper_random)
+    H = 2 * T + 3
+    torch.manual_seed(1)
+    got = model.policy_rollout(start, agent, H)
+    torch.manual_seed(1)
+    ref = dyn.policy_rollout(start, agent, H, 2, True, "ensemble", lim, ens)
+    for key in ("obs", "actions", "next_obs"):
+        assert torch.equal(got[key], ref[key]), key
+    torch.manual_seed(1)
+    first = dyn.inject(start, agent, 2, True, "ensemble", None, lim, ens)
+    assert torch.equal(got["cond_actions"][:, :T], first["cond_actions"][:, :T])
+    # Teeth: the diffusion model alone (diffusion start, no clipping) is another rollout.
+    torch.manual_seed(1)
+    alone = re.diffusion_policy_rollout(dyn, start, agent, H)
+    assert not torch.allclose(alone["next_obs"], got["next_obs"])
+
+
+def test_study_with_dydiff_and_action_gap(hopper_random, models, tmp_path):
+    from baselines.ensemble import load_ensemble
+    from dydiff.diffusion import load_diffusion
+    agent = LinearAgent()
+    study = {"ensemble": load_ensemble(models["ensemble"]),
+             "diffusion": load_diffusion(models["diffusion"]),
+             "dydiff": re.DyDiffModel.from_dirs(hopper_random, models),
+             "simulator": re.SimulatorModel(hopper_random.name, hopper_random)}
+    torch.manual_seed(0)
+    df = re.rollout_error_study(hopper_random, study, agent=agent, horizon=10, n_starts=8,
+                                seed=0, reps=50, progress=False)
+    assert {"action_gap", "action_gap_lo", "action_gap_hi"} <= set(df.columns)
+    beh, pol = df[df["mode"] == "behaviour"], df[df["mode"] == "policy"]
+    assert list(beh.model.unique()) == ["ensemble", "diffusion", "simulator"]  # no open loop
+    assert list(pol.model.unique()) == ["ensemble", "diffusion", "dydiff", "simulator"]
+    assert beh.action_gap.isna().all() and len(pol) == 4 * 10
+    gap = pol.groupby("model").action_gap
+    assert (gap.max()[["ensemble", "simulator"]] == 0).all()  # they step with pi exactly
+    later = pol[pol.horizon > 1].groupby("model").action_gap
+    assert (later.mean()[["diffusion", "dydiff"]] > 1e-3).all()
+    assert (pol[pol.horizon == 1].set_index("model").action_gap < 1e-6).all()  # s_0 is given
+    g = pol[pol.model == "dydiff"]
+    assert (g.action_gap_lo <= g.action_gap).all() and (g.action_gap <= g.action_gap_hi).all()
+    assert (pol[pol.model == "simulator"].state_mse == 0).all()
+    from analysis.summary import _rollout_section
+    text = "\n".join(_rollout_section(df))
+    assert "Gap 0 at every step for ensemble, simulator" in text
+    assert "dydiff: policy actions only" in text and "dydiff vs the diffusion model" in text
+    with pytest.raises(ValueError, match="only roll out with the policy"):
+        re.rollout_error_study(hopper_random, {"dydiff": study["dydiff"]}, horizon=3,
+                               n_starts=2, progress=False)
+    # End to end, as the job step builds it: dydiff from the step's ensemble/diffusion/reward.
+    out = re.run_rollout_error(hopper_random, {k: models[k] for k in ("ensemble", "diffusion")},
+                               tmp_path, policy=tmp_path / "policy.pt",
+                               agent_loader=lambda path, device: agent, horizon=4, n_starts=4,
+                               reps=20, progress=False, reward_dir=models["reward"], dydiff={})
+    csv = pd.read_csv(tmp_path / "rollout_error.csv")
+    assert set(csv.model[csv["mode"] == "policy"]) == {"ensemble", "diffusion", "dydiff"}
+    assert "dydiff" not in set(csv.model[csv["mode"] == "behaviour"])
+    assert csv[csv["mode"] == "policy"].action_gap.notna().all()
+    assert csv[csv["mode"] == "policy"].return_err.notna().all()  # the reward model scores it
+    assert (tmp_path / "rollout_error.png").exists() and out["task"] == "hopper-random"
+
+
+def test_rollout_error_step_adds_dydiff_from_the_steps_models(monkeypatch, tmp_path):
+    seen = {}
+
+    def fake(dataset, model_dirs, out_dir, **kw):
+        seen.update(model_dirs=model_dirs, **kw)
+        return {"rollout_error": pd.DataFrame(
+            [{"mode": "policy", "model": "dydiff", "horizon": 1, "state_mse": 1.0,
+              "action_gap": 0.5}])}
+    monkeypatch.setattr(re, "run_rollout_error", fake)
+    spec = {"dataset": "d.hdf5", "out": str(tmp_path), "policy_dir": str(tmp_path),
+            "model_dirs": {k: str(tmp_path / k) for k in ("ensemble", "diffusion", "reward")},
+            "config": {"horizon": 5, "n_starts": 2, "seed": 0}}
+    got = re.rollout_error_step(spec)
+    assert seen["dydiff"] == {} and seen["reward_dir"] == tmp_path / "reward"
+    assert set(seen["model_dirs"]) == {"ensemble", "diffusion"}
+    assert got == {"policy/dydiff/state_mse_at_H": 1.0, "policy/dydiff/action_gap_mean": 0.5}
 
 
 def test_plot_rollout_error(data, tmp_path, monkeypatch):
@@ -157,7 +332,9 @@ def test_plot_rollout_error(data, tmp_path, monkeypatch):
         ("hopper-random state error, policy actions", "rollout horizon h (steps)",
          "normalised state MSE (obs std units²)"),
         ("return error, policy actions", "rollout horizon h (steps)",
-         "|predicted - true return| (reward units)")]
+         "|predicted - true return| (reward units)"),
+        ("action gap, policy actions", "rollout horizon h (steps)",
+         "mean ||a_t - pi(s_t)|| (action units)")]
     assert [ax.get_yscale() for ax in shown[:2]] == ["log", "log"]
     assert all([t.get_text() for t in ax.get_legend().get_texts()] == ["noisy"] for ax in shown)
     png = tmp_path / "rollout_error.png"
@@ -185,3 +362,31 @@ def test_summary_reports_rollout_error_per_task():
     lines = [l for l in _rollout_section(pd.DataFrame(rows)) if l.startswith("- ")]
     assert [l.split(" (")[0] for l in lines] == ["- hopper-medium-replay", "- halfcheetah-random"]
     assert all("diffusion 1 at h=1 -> 2" in l for l in lines)
+
+
+def test_summary_reports_dydiff_and_the_action_gap():
+    from analysis.summary import _rollout_section
+    nan = float("nan")
+    gaps = {"ensemble": (0.0, 0.0, 0.0), "diffusion": (0.3, 0.25, 0.35),
+            "dydiff": (0.1, 0.08, 0.12)}
+    rows = [{"mode": mode, "model": m, "horizon": h, "state_mse": 0.1 * h, "state_mse_lo": 0.0,
+             "state_mse_hi": 1.0, "n_valid": 4, "return_err": nan, "return_err_lo": nan,
+             "return_err_hi": nan,
+             **dict(zip(("action_gap", "action_gap_lo", "action_gap_hi"),
+                        gaps[m] if mode == "policy" else (nan,) * 3))}
+            for mode in ("behaviour", "policy") for m in gaps
+            if not (mode == "behaviour" and m == "dydiff") for h in (1, 2)]
+    text = "\n".join(_rollout_section({"task": "hopper-medium", "rollout_error":
+                                       pd.DataFrame(rows)}))
+    assert "dydiff: policy actions only (no open-loop mode)" in text
+    assert "dydiff = the DyDiff generator as training samples it" in text
+    assert "ensemble 0, 0 [0, 0]; diffusion 0.3, 0.3 [0.25, 0.35]; dydiff 0.1" in text
+    assert "Gap 0 at every step for ensemble:" in text
+    assert "mean gap 0.1 vs 0.3; their CIs are apart at 2 of 2 steps with dydiff lower and " \
+           "at 0 with dydiff higher" in text
+    # Overlapping CIs: no separation claimed.
+    for r in rows:
+        if r["model"] == "dydiff":
+            r.update(action_gap=0.28, action_gap_lo=0.2, action_gap_hi=0.3)
+    text = "\n".join(_rollout_section(pd.DataFrame(rows)))
+    assert "apart at 0 of 2 steps with dydiff lower and at 0 with dydiff higher" in text

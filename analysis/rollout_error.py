@@ -529,8 +529,9 @@ def run_rollout_error(dataset: str | Path | Dataset, model_dirs: dict[str, Path]
 
 def rollout_error_step(spec: dict, log_fn=None) -> dict:
     """Job step: ensemble, diffusion-alone and DyDiff-generator trajectories against the
-    simulator for one task. The DyDiff generator runs with the DyDiffConfig defaults (the
-    authors' settings), or spec["config"]["dydiff_rollout"] when the plan gives one."""
+    simulator for one task. The DyDiff generator runs with the rollout settings of the grid's
+    first DyDiff method (spec["config"]["dydiff_rollout"], from harness.plan), else the
+    DyDiffConfig defaults (the authors' settings)."""
     cfg, dirs = spec["config"], {k: Path(v) for k, v in spec["model_dirs"].items()}
     torch.manual_seed(cfg["seed"])  # the diffusion samplers draw from the global stream
     result = run_rollout_error(spec["dataset"], {k: dirs[k] for k in ("ensemble", "diffusion")},

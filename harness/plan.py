@@ -289,7 +289,16 @@ def rollout_error_job(cfg: dict, task: str) -> dict:
             "policy_dir": str(path(cfg, "policy_dir", method=method, task=task, seed=seed)),
             "out": str(path(cfg, "rollout_error_dir", task=task)),
             "config": {"horizon": rcfg.get("horizon", 100), "n_starts": rcfg.get("n_starts", 64),
-                       "seed": rcfg.get("seed", 0), "policy_method": method}}
+                       "seed": rcfg.get("seed", 0), "policy_method": method,
+                       "dydiff_rollout": _dydiff_rollout(cfg, task)}}
+
+
+def _dydiff_rollout(cfg: dict, task: str) -> dict:
+    """The study's "dydiff" model samples as the first DyDiff method of the grid trains (its
+    rollout settings); {} = the generator's defaults when the grid runs none."""
+    dydiff = [m for m in cfg["methods"]
+              if registry.method(m).generator == registry.method("dydiff-td3bc").generator]
+    return policy_settings(cfg, dydiff[0], task)["rollout"] if dydiff else {}
 
 
 def eval_paths(cfg: dict) -> list[str]:

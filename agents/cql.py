@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from harness.config import require
-from agents.sac import SAC, SACConfig
+from harness.nets import Standardizer
+from agents.sac import SAC, SACConfig, fit_obs_stats
 
 
 @dataclass
@@ -32,9 +33,34 @@ class CQLConfig(SACConfig):
     lagrange_threshold: float = 10.0
     cql_alpha_lr: float = 3e-4
     max_action: float = 1.0
+    # Learning rates: the DyDiff authors use policy_lr 3e-5 (actor_lr), qf_lr 3e-4 (critic_lr),
+    # and their temperature optimiser reuses policy_lr, so set alpha_lr = actor_lr = 3e-5
+    # (rlkit/algo/cql.py:57-71; exp_specs/cql/cql_hopper_me.yaml). CORL: policy_lr 3e-5, qf_lr
+    # 3e-4, alpha optimiser on policy_lr too (algorithms/offline/cql.py:43-44,504-509).
+    # Standardise observations, (o - mean) / (std + obs_std_eps), with the real dataset's
+    # mean/population std fitted in `from_dataset` and kept as buffers (saved with the policy).
+    # Authors: true with eps 1e-6 (rlkit/utils/buffer.py:453-483,
+    # run_scripts/dydiff_cql_script.py:92-101). CORL: true with eps 1e-3
+    # (algorithms/offline/cql.py:57,853-864). Ours (OfflineRL-Kit): false.
+    normalize_obs: bool = False
+    obs_std_eps: float = 1e-3
+    # Clamp log(alpha) to [lo, hi] for the temperature the actor loss uses (and the entropy
+    # backup, if on); the temperature's own loss uses the unclamped log(alpha). Authors:
+    # [-10.0, 0.5] (rlkit/algo/cql.py:11-12,123,132). CORL and ours: no clamp.
+    log_alpha_clamp: list[float] | None = None
+    # Update order. false (ours, CORL: algorithms/offline/cql.py:750-778, where the actor loss
+    # uses alpha before its step): actor with the current alpha, then alpha. true (authors:
+    # rlkit/algo/cql.py:116-135): alpha first, then the actor loss with the updated (clamped)
+    # alpha, on the same action sample.
+    alpha_before_actor: bool = False
 
     def validate(self) -> None:
         super().validate()
+        require(self.obs_std_eps >= 0, "obs_std_eps", f"must be >= 0, got {self.obs_std_eps}")
+        if self.log_alpha_clamp is not None:
+            require(len(self.log_alpha_clamp) == 2
+                    and self.log_alpha_clamp[0] <= self.log_alpha_clamp[1], "log_alpha_clamp",
+                    f"must be [lo, hi] with lo <= hi, got {self.log_alpha_clamp}")
         require(self.cql_weight >= 0, "cql_weight", f"must be >= 0, got {self.cql_weight}")
         require(self.temperature > 0, "temperature", f"must be positive, got {self.temperature}")
         require(self.num_repeat_actions >= 1, "num_repeat_actions",
@@ -48,13 +74,42 @@ class CQL(SAC):
         self.cfg: CQLConfig = cfg
         self.cql_log_alpha = nn.Parameter(torch.zeros(()))
         self.cql_alpha_opt = torch.optim.Adam([self.cql_log_alpha], lr=cfg.cql_alpha_lr)
+        # Only with normalize_obs, so the default agent's state_dict keeps its keys.
+        self.normalizer = (Standardizer(obs_dim, eps=cfg.obs_std_eps) if cfg.normalize_obs
+                           else None)
+
+    @classmethod
+    def from_dataset(cls, dataset, cfg: CQLConfig | None = None) -> "CQL":
+        agent = cls(dataset.obs_dim, dataset.act_dim, cfg)
+        agent.set_obs_stats(dataset.observations)
+        return agent
+
+    def set_obs_stats(self, observations) -> None:
+        """Fix the observation standardisation to the real dataset's statistics (if enabled)."""
+        if self.normalizer is not None:
+            fit_obs_stats(self.normalizer, observations, self.cfg.obs_std_eps)
+
+    def normalize(self, obs: torch.Tensor) -> torch.Tensor:
+        return obs if self.normalizer is None else self.normalizer(obs)
+
+    @property
+    def policy_alpha(self) -> torch.Tensor:
+        if self.cfg.log_alpha_clamp is None:
+            return self.alpha
+        lo, hi = self.cfg.log_alpha_clamp
+        return self.log_alpha.detach().clamp(lo, hi).exp()
+
+    @torch.no_grad()
+    def act(self, obs: torch.Tensor, deterministic: bool = True) -> torch.Tensor:
+        """Action for raw observations (standardised inside when `normalize_obs`)."""
+        return self.actor(self.normalize(obs), deterministic)[0]
 
     def td_target(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         with torch.no_grad():
             next_act, next_logp = self.actor(batch["next_obs"])
             next_q = self.critic_target(batch["next_obs"], next_act).min(0).values
             if not self.cfg.deterministic_backup:
-                next_q = next_q - self.alpha * next_logp
+                next_q = next_q - self.policy_alpha * next_logp
             return batch["rewards"] + self.cfg.gamma * (1 - batch["terminals"]) * next_q
 
     @torch.no_grad()
@@ -85,17 +140,35 @@ class CQL(SAC):
         t = self.cfg.temperature
         return t * torch.logsumexp(q_is / t, dim=-1).mean(-1) - q_data.mean(-1)
 
-    def update(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
-        # Actor and temperature first, then critics (OfflineRL-Kit's order).
-        aloss, logp = self.actor_loss(batch["obs"])
-        self.actor_opt.zero_grad(set_to_none=True)
-        aloss.backward()
-        self.actor_opt.step()
+    def update_alpha(self, logp: torch.Tensor) -> None:
         if self.cfg.auto_alpha:
             alpha_loss = -(self.log_alpha * (logp.detach() + self.target_entropy)).mean()
             self.alpha_opt.zero_grad(set_to_none=True)
             alpha_loss.backward()
             self.alpha_opt.step()
+
+    def update(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
+        """One step on a batch of raw observations."""
+        if self.normalizer is not None:
+            batch = {**batch, "obs": self.normalizer(batch["obs"]),
+                     "next_obs": self.normalizer(batch["next_obs"])}
+        # Actor and temperature first, then critics (OfflineRL-Kit's order).
+        if self.cfg.alpha_before_actor:  # the authors': alpha steps, then the actor uses it
+            act, logp = self.actor(batch["obs"])
+            self.update_alpha(logp)
+            policy_alpha = self.policy_alpha
+            q_pi = self.critic(batch["obs"], act).min(0).values
+            aloss = (policy_alpha * logp - q_pi).mean()
+            self.actor_opt.zero_grad(set_to_none=True)
+            aloss.backward()
+            self.actor_opt.step()
+        else:
+            policy_alpha = self.policy_alpha
+            aloss, logp = self.actor_loss(batch["obs"])
+            self.actor_opt.zero_grad(set_to_none=True)
+            aloss.backward()
+            self.actor_opt.step()
+            self.update_alpha(logp)
 
         q = self.critic(batch["obs"], batch["actions"])                       # (2, B)
         td_loss = F.mse_loss(q, self.td_target(batch).expand_as(q), reduction="none").mean(1)
@@ -119,6 +192,8 @@ class CQL(SAC):
         self.soft_update()
         info.update(critic_loss=td_loss.sum().item(), cql_loss=penalty.sum().item(),
                     q_mean=q.mean().item(), actor_loss=aloss.item(), alpha=self.alpha.item())
+        if self.cfg.log_alpha_clamp is not None:
+            info["policy_alpha"] = policy_alpha.item()
         return info
 
     def training_state(self) -> dict:

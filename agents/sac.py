@@ -11,13 +11,15 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass, field
+from typing import Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from harness.config import require
-from harness.nets import mlp
+from harness.nets import Standardizer, mlp
 
 
 @dataclass
@@ -31,24 +33,63 @@ class SACConfig:
     auto_alpha: bool = True
     alpha: float = 0.2          # initial (or fixed, if auto_alpha is false) temperature
     target_entropy: float | None = None  # default: -act_dim
+    # Clamp of the actor's log-std. Ours [-5, 2]; the DyDiff authors' TanhGaussianPolicy (also
+    # CORL's CQL) uses [-20, 2]: FineArtz/DyDiff rlkit/policy.py:12-13,32; CORL
+    # algorithms/offline/cql.py:276,286.
+    log_std_min: float = -5.0
+    log_std_max: float = 2.0
+    # Linear-layer initialisation of actor and critics. "torch": PyTorch's default (CORL's
+    # TD3+BC, OfflineRL-Kit). "edm": the DyDiff authors' EDM `Linear`, weight
+    # sqrt(1/fan_in) * N(0, 1) and bias 0 (FineArtz/DyDiff training/networks.py:28-53,938-980).
+    weight_init: Literal["torch", "edm"] = "torch"
 
     def validate(self) -> None:
         require(0 < self.gamma <= 1, "gamma", f"must be in (0, 1], got {self.gamma}")
         require(0 < self.tau <= 1, "tau", f"must be in (0, 1], got {self.tau}")
         require(all(h > 0 for h in self.hidden), "hidden", "widths must be positive")
+        require(self.log_std_min < self.log_std_max, "log_std_min",
+                f"must be below log_std_max, got [{self.log_std_min}, {self.log_std_max}]")
+
+
+@torch.no_grad()
+def init_weights_(module: nn.Module, kind: str) -> nn.Module:
+    """Re-initialise every nn.Linear of `module` in place: "torch" leaves PyTorch's default
+    alone; "edm" is the DyDiff authors' EDM Linear (weight sqrt(1/fan_in) * N(0, 1), bias 0)."""
+    if kind == "torch":
+        return module
+    if kind != "edm":
+        raise ValueError(f"weight_init must be 'torch' or 'edm', got {kind!r}")
+    for layer in module.modules():
+        if isinstance(layer, nn.Linear):
+            layer.weight.copy_(torch.randn_like(layer.weight) * math.sqrt(1.0 / layer.in_features))
+            if layer.bias is not None:
+                layer.bias.zero_()
+    return module
+
+
+@torch.no_grad()
+def fit_obs_stats(normalizer: Standardizer, observations, eps: float) -> None:
+    """Fix `normalizer` to the dataset's mean and population std + eps (as numpy computes it;
+    CORL adds 1e-3, the DyDiff authors 1e-6)."""
+    obs = torch.as_tensor(np.asarray(observations), dtype=torch.float32)
+    normalizer.mean.copy_(obs.mean(0))
+    normalizer.std.copy_(obs.std(0, correction=0) + eps)
 
 
 class TanhGaussianActor(nn.Module):
-    """pi(a|s) = tanh(N(mu(s), sigma(s))), log-std clamped to [-5, 2]."""
+    """pi(a|s) = tanh(N(mu(s), sigma(s))), log-std clamped to [log_std_min, log_std_max]
+    (default [-5, 2]); the deterministic action is tanh(mu)."""
 
-    def __init__(self, obs_dim: int, act_dim: int, hidden: list[int]):
+    def __init__(self, obs_dim: int, act_dim: int, hidden: list[int],
+                 log_std_min: float = -5.0, log_std_max: float = 2.0):
         super().__init__()
         self.net = mlp(obs_dim, 2 * act_dim, hidden)
+        self.log_std_min, self.log_std_max = log_std_min, log_std_max
 
     def forward(self, obs: torch.Tensor, deterministic: bool = False
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         mu, log_std = self.net(obs).chunk(2, dim=-1)
-        log_std = log_std.clamp(-5.0, 2.0)
+        log_std = log_std.clamp(self.log_std_min, self.log_std_max)
         if deterministic:
             return torch.tanh(mu), torch.zeros(obs.shape[:-1], device=obs.device)
         std = log_std.exp()
@@ -77,8 +118,10 @@ class SAC(nn.Module):
         super().__init__()
         self.cfg = cfg = cfg or SACConfig()
         self.obs_dim, self.act_dim = obs_dim, act_dim
-        self.actor = TanhGaussianActor(obs_dim, act_dim, cfg.hidden)
-        self.critic = TwinQ(obs_dim, act_dim, cfg.hidden)
+        self.actor = init_weights_(
+            TanhGaussianActor(obs_dim, act_dim, cfg.hidden, cfg.log_std_min, cfg.log_std_max),
+            cfg.weight_init)
+        self.critic = init_weights_(TwinQ(obs_dim, act_dim, cfg.hidden), cfg.weight_init)
         self.critic_target = copy.deepcopy(self.critic).requires_grad_(False)
         self.log_alpha = nn.Parameter(torch.tensor(math.log(cfg.alpha)))
         self.target_entropy = (cfg.target_entropy if cfg.target_entropy is not None
@@ -95,6 +138,11 @@ class SAC(nn.Module):
     @property
     def alpha(self) -> torch.Tensor:
         return self.log_alpha.exp().detach()
+
+    @property
+    def policy_alpha(self) -> torch.Tensor:
+        """The temperature the actor loss uses (CQL may clamp it)."""
+        return self.alpha
 
     @torch.no_grad()
     def act(self, obs: torch.Tensor, deterministic: bool = True) -> torch.Tensor:
@@ -115,7 +163,7 @@ class SAC(nn.Module):
     def actor_loss(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         act, logp = self.actor(obs)
         q = self.critic(obs, act).min(0).values
-        return (self.alpha * logp - q).mean(), logp
+        return (self.policy_alpha * logp - q).mean(), logp
 
     def update(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
         closs, info = self.critic_loss(batch)

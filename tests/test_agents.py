@@ -1,6 +1,9 @@
-"""TD3+BC and CQL: loss pieces against hand computation, shapes, delayed updates, exact state."""
+"""TD3+BC and CQL: loss pieces against hand computation, shapes, delayed updates, exact state;
+the DyDiff authors' options (stochastic TD3+BC actor, no target smoothing, BC weight, CQL
+observation standardisation, log-alpha clamp, update order, EDM init)."""
 import io
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -8,11 +11,25 @@ import torch
 
 from harness.config import ConfigError, from_dict
 from agents.cql import CQL, CQLConfig
-from agents.sac import SAC, SACConfig
+from agents.sac import SAC, SACConfig, TanhGaussianActor
 from agents.td3bc import TD3BC, TD3BCConfig, smoothed_target_action, td3bc_actor_loss
+from harness.training.policy import load_policy, save_policy
 
 torch.set_num_threads(1)
 O, A, B = 5, 3, 8
+
+
+def fake_dataset(n=400, seed=0):
+    """What `from_dataset` reads: dimensions and the real observations."""
+    obs = np.random.default_rng(seed).normal(3.0, 2.0, size=(n, O)).astype(np.float32)
+    return SimpleNamespace(obs_dim=O, act_dim=A, observations=obs)
+
+
+AUTHORS_TD3BC = dict(actor="tanh_gaussian", target_smoothing=False, bc_weight=0.5,
+                     obs_std_eps=1e-6, weight_init="edm")
+AUTHORS_CQL = dict(actor_lr=3e-5, critic_lr=3e-4, alpha_lr=3e-5, cql_weight=10.0,
+                   normalize_obs=True, obs_std_eps=1e-6, log_alpha_clamp=[-10.0, 0.5],
+                   alpha_before_actor=True, log_std_min=-20.0, weight_init="edm")
 
 
 def batch(b=B, seed=0):
@@ -134,7 +151,9 @@ def test_cql_update_penalises_and_lagrange_moves_alpha_prime():
     lambda: TD3BC(O, A, TD3BCConfig(hidden=[16, 16])),
     lambda: CQL(O, A, CQLConfig(hidden=[16, 16])),
     lambda: SAC(O, A, SACConfig(hidden=[16, 16])),
-])
+    lambda: TD3BC.from_dataset(fake_dataset(), TD3BCConfig(hidden=[16, 16], **AUTHORS_TD3BC)),
+    lambda: CQL.from_dataset(fake_dataset(), CQLConfig(hidden=[16, 16], **AUTHORS_CQL)),
+], ids=["td3bc", "cql", "sac", "td3bc-authors", "cql-authors"])
 def test_agent_shapes_and_exact_state_roundtrip(make):
     torch.manual_seed(0)
     agent = make()
@@ -167,3 +186,227 @@ def test_configs_reject_bad_values_naming_the_key():
     with pytest.raises(ConfigError, match="unknown key"):
         from_dict(CQLConfig, {"cql_wieght": 1.0}, where="cql")
     assert from_dict(CQLConfig, {"cql_weight": 10.0}).cql_weight == 10.0
+
+
+# ---- the DyDiff authors' TD3+BC variant (rlkit/algo/td3_bc.py) ------------------------------
+
+def test_td3bc_tanh_gaussian_actor_samples_in_training_and_is_deterministic_in_act():
+    torch.manual_seed(0)
+    agent = TD3BC.from_dataset(fake_dataset(), TD3BCConfig(hidden=[16, 16],
+                                                            actor="tanh_gaussian"))
+    assert isinstance(agent.actor, TanhGaussianActor)
+    assert isinstance(agent.actor_target, TanhGaussianActor)
+    x = batch()["obs"]
+    s = agent.normalizer(x)
+    # Evaluation action: tanh(mean) of the standardised observation, the same every call.
+    mu = agent.actor.net(s).chunk(2, dim=-1)[0]
+    assert torch.equal(agent.act(x), agent.act(x))
+    assert torch.allclose(agent.act(x, deterministic=True), torch.tanh(mu), atol=1e-6)
+    assert not torch.allclose(agent.act(x, deterministic=False), agent.act(x))
+    # Training action: a reparameterised sample tanh(mu + std * eps), so the actor loss
+    # reaches the log-std outputs (tanh(mean) would leave their weights without gradient).
+    torch.manual_seed(3)
+    pi = agent.policy(agent.actor, s)
+    torch.manual_seed(3)
+    mu, log_std = agent.actor.net(s).chunk(2, dim=-1)
+    want = torch.tanh(mu + log_std.clamp(-20.0, 2.0).exp() * torch.randn_like(mu))
+    assert torch.allclose(pi, want, atol=1e-6)
+    q = agent.critic.q1(torch.cat([s, pi], -1)).squeeze(-1)
+    loss, _ = td3bc_actor_loss(q, pi, batch()["actions"], 2.5, 0.5)
+    loss.backward()
+    last = agent.actor.net[-1].weight.grad
+    assert last[A:].abs().sum() > 0        # log-std rows
+    # update() asks the actor and its target for samples, never for tanh(mean).
+    modes = []
+    for net in (agent.actor, agent.actor_target):
+        net.register_forward_pre_hook(lambda m, args: modes.append(args[1]))
+    agent.update(batch(seed=1))
+    agent.update(batch(seed=2))           # the second step updates the actor
+    assert len(modes) == 3 and not any(modes)
+
+
+def test_td3bc_policy_file_rebuilds_the_configured_actor(tmp_path):
+    torch.manual_seed(0)
+    cfg = TD3BCConfig(hidden=[16, 16], **AUTHORS_TD3BC)
+    agent = TD3BC.from_dataset(fake_dataset(), cfg)
+    for i in range(4):
+        agent.update(batch(seed=i))
+    save_policy(agent, "td3bc", tmp_path / "policy.pt")
+    loaded, method = load_policy(tmp_path / "policy.pt")
+    assert method == "td3bc" and isinstance(loaded.actor, TanhGaussianActor)
+    assert loaded.cfg == cfg
+    x = batch(seed=5)["obs"]
+    assert torch.equal(loaded.act(x), agent.act(x))
+
+
+def test_td3bc_without_target_smoothing_uses_the_target_actors_action():
+    torch.manual_seed(0)
+    s2 = batch()["next_obs"]
+    plain = TD3BC(O, A, TD3BCConfig(hidden=[16, 16], target_smoothing=False))
+    state = torch.get_rng_state()
+    a2 = plain.target_action(s2)
+    assert torch.equal(a2, plain.actor_target(s2))
+    assert torch.equal(torch.get_rng_state(), state)     # no noise drawn
+    b = batch()
+    y = b["rewards"] + 0.99 * (1 - b["terminals"]) * plain.critic_target(
+        plain.normalizer(b["next_obs"]), plain.actor_target(plain.normalizer(b["next_obs"]))
+    ).min(0).values
+    assert torch.allclose(plain.td_target(b), y)
+    smoothed = TD3BC(O, A, TD3BCConfig(hidden=[16, 16]))
+    smoothed.load_state_dict(plain.state_dict())
+    assert not torch.equal(smoothed.target_action(s2), a2)
+    # Stochastic actor: the target action is the target actor's own sample, nothing added.
+    torch.manual_seed(0)
+    gauss = TD3BC(O, A, TD3BCConfig(hidden=[16, 16], actor="tanh_gaussian",
+                                    target_smoothing=False))
+    torch.manual_seed(4)
+    a2 = gauss.target_action(s2)
+    torch.manual_seed(4)
+    assert torch.equal(a2, gauss.actor_target(s2)[0])
+    gauss.cfg.target_smoothing = True
+    torch.manual_seed(4)
+    assert not torch.equal(gauss.target_action(s2), a2)
+
+
+def test_td3bc_bc_weight_scales_the_behaviour_cloning_term():
+    q = torch.tensor([2.0, -4.0, 6.0])
+    pi = torch.tensor([[0.5, 0.0], [0.1, -0.2], [1.0, 1.0]])
+    a = torch.tensor([[0.0, 0.0], [0.1, 0.2], [0.0, 1.0]])
+    full, _ = td3bc_actor_loss(q, pi, a, alpha=2.5)
+    half, _ = td3bc_actor_loss(q, pi, a, alpha=2.5, bc_weight=0.5)
+    bc = (0.25 + 0 + 0 + 0.16 + 1 + 0) / 6
+    assert full.item() - half.item() == pytest.approx(0.5 * bc)
+    # ... and update() passes it on: same seed, same critic step, actor loss differs by
+    # 0.5 * mean (pi(s) - a)^2 at the first actor step.
+    losses = {}
+    for w in (1.0, 0.5):
+        torch.manual_seed(0)
+        agent = TD3BC(O, A, TD3BCConfig(hidden=[16, 16], bc_weight=w))
+        agent.update(batch(seed=0))
+        b = batch(seed=1)
+        mse = ((agent.pi(b["obs"]) - b["actions"]) ** 2).mean().item()  # actor not yet moved
+        losses[w] = (agent.update(b)["actor_loss"], mse)
+    assert losses[1.0][1] == pytest.approx(losses[0.5][1])
+    assert losses[1.0][0] - losses[0.5][0] == pytest.approx(0.5 * losses[1.0][1], rel=1e-5)
+
+
+@pytest.mark.parametrize("cls, cfg_cls", [(TD3BC, TD3BCConfig), (CQL, CQLConfig)])
+def test_edm_weight_init(cls, cfg_cls):
+    torch.manual_seed(0)
+    agent = cls(O, A, cfg_cls(hidden=[512, 512], weight_init="edm"))
+    for net in (agent.actor, agent.critic):
+        for layer in (m for m in net.modules() if isinstance(m, torch.nn.Linear)):
+            assert torch.equal(layer.bias, torch.zeros_like(layer.bias))
+            want = math.sqrt(1.0 / layer.in_features)
+            assert layer.weight.std().item() == pytest.approx(want, rel=0.1)
+    assert all(torch.equal(p, q) for p, q in zip(agent.critic.parameters(),
+                                                  agent.critic_target.parameters()))
+
+
+def test_log_std_bounds_are_configurable():
+    actor = TanhGaussianActor(O, A, [16], log_std_min=-20.0, log_std_max=2.0)
+    default = TanhGaussianActor(O, A, [16])
+    default.load_state_dict(actor.state_dict())
+    with torch.no_grad():
+        for net in (actor, default):
+            net.net[-1].bias[A:] = -15.0
+            net.net[-1].weight[A:] = 0.0
+    x = torch.randn(64, O)
+    spread = lambda net: (net(x)[0] - net(x, True)[0]).abs().max().item()  # noqa: E731
+    assert spread(actor) < 1e-5 < spread(default)      # std e^-15 vs the e^-5 floor
+
+
+# ---- the DyDiff authors' CQL settings (rlkit/algo/cql.py) ------------------------------------
+
+def test_cql_normalize_obs_fits_stats_and_evaluates_identically_after_reload(tmp_path):
+    torch.manual_seed(0)
+    ds = fake_dataset()
+    cfg = CQLConfig(hidden=[16, 16], normalize_obs=True, obs_std_eps=1e-6)
+    agent = CQL.from_dataset(ds, cfg)
+    mean, std = ds.observations.mean(0), ds.observations.std(0) + 1e-6
+    assert np.allclose(agent.normalizer.mean.numpy(), mean, atol=1e-5)
+    assert np.allclose(agent.normalizer.std.numpy(), std, atol=1e-5)
+    for i in range(3):
+        agent.update(batch(seed=i))
+    x = torch.as_tensor(ds.observations[:6])
+    z = (x - torch.as_tensor(mean)) / torch.as_tensor(std)
+    assert torch.allclose(agent.act(x), agent.actor(z, True)[0], atol=1e-5)
+    assert not torch.allclose(agent.act(x), agent.actor(x, True)[0])
+    save_policy(agent, "cql", tmp_path / "policy.pt")
+    loaded, _ = load_policy(tmp_path / "policy.pt")
+    assert torch.equal(loaded.normalizer.mean, agent.normalizer.mean)
+    assert torch.equal(loaded.normalizer.std, agent.normalizer.std)
+    assert torch.equal(loaded.act(x), agent.act(x))
+    # The default agent has no statistics (its saved state keeps the old keys).
+    assert CQL(O, A, CQLConfig(hidden=[16, 16])).normalizer is None
+    assert not any("normalizer" in k for k in CQL(O, A).state_dict())
+
+
+def test_cql_update_standardises_the_batch():
+    ds = fake_dataset()
+    torch.manual_seed(0)
+    norm = CQL.from_dataset(ds, CQLConfig(hidden=[16, 16], normalize_obs=True))
+    torch.manual_seed(0)
+    plain = CQL(O, A, CQLConfig(hidden=[16, 16]))
+    b = batch()
+    z = {**b, "obs": norm.normalizer(b["obs"]), "next_obs": norm.normalizer(b["next_obs"])}
+    torch.manual_seed(1)
+    a = norm.update(b)
+    torch.manual_seed(1)
+    assert plain.update(z) == a      # same as an unnormalised agent fed standardised obs
+
+
+def test_cql_log_alpha_clamp_bounds_the_actor_losss_alpha():
+    torch.manual_seed(0)
+    agent = CQL(O, A, CQLConfig(hidden=[16, 16], log_alpha_clamp=[-10.0, 0.5]))
+    obs = batch()["obs"]
+
+    def expected(alpha):
+        torch.manual_seed(1)
+        act, logp = agent.actor(obs)
+        return (alpha * logp - agent.critic(obs, act).min(0).values).mean().item()
+
+    for log_alpha, used in ((3.0, 0.5), (-20.0, -10.0), (0.2, 0.2)):
+        with torch.no_grad():
+            agent.log_alpha.fill_(log_alpha)
+        assert agent.policy_alpha.item() == pytest.approx(math.exp(used), rel=1e-6)
+        torch.manual_seed(1)
+        loss, _ = agent.actor_loss(obs)
+        assert loss.item() == pytest.approx(expected(math.exp(used)), rel=1e-5)
+        assert agent.alpha.item() == pytest.approx(math.exp(log_alpha), rel=1e-6)
+    # The temperature's own loss is on the unclamped log-alpha: it still moves at 3.0.
+    with torch.no_grad():
+        agent.log_alpha.fill_(3.0)
+    info = agent.update(batch())
+    assert agent.log_alpha.item() != 3.0
+    assert info["policy_alpha"] == pytest.approx(math.exp(0.5))
+    unclamped = CQL(O, A, CQLConfig(hidden=[16, 16]))
+    with torch.no_grad():
+        unclamped.log_alpha.fill_(3.0)
+    assert unclamped.policy_alpha.item() == pytest.approx(math.exp(3.0))
+
+
+@pytest.mark.parametrize("first", [False, True])
+def test_cql_alpha_before_actor_uses_the_updated_alpha(first):
+    torch.manual_seed(0)
+    agent = CQL(O, A, CQLConfig(hidden=[16, 16], alpha_before_actor=first, alpha_lr=0.1,
+                                log_alpha_clamp=[-100.0, 100.0]))
+    before = agent.log_alpha.item()
+    info = agent.update(batch())
+    after = agent.log_alpha.item()
+    assert after != before
+    used = after if first else before
+    assert info["policy_alpha"] == pytest.approx(math.exp(used), rel=1e-6)
+
+
+def test_authors_settings_parse_and_bad_values_name_the_key():
+    assert from_dict(TD3BCConfig, AUTHORS_TD3BC).actor == "tanh_gaussian"
+    assert from_dict(CQLConfig, AUTHORS_CQL).log_alpha_clamp == [-10.0, 0.5]
+    with pytest.raises(ConfigError, match="td3bc.actor: 'gaussian' is not one of"):
+        from_dict(TD3BCConfig, {"actor": "gaussian"}, where="td3bc")
+    with pytest.raises(ConfigError, match="td3bc.bc_weight"):
+        from_dict(TD3BCConfig, {"bc_weight": -1.0}, where="td3bc")
+    with pytest.raises(ConfigError, match="cql.log_alpha_clamp"):
+        from_dict(CQLConfig, {"log_alpha_clamp": [0.5, -10.0]}, where="cql")
+    with pytest.raises(ConfigError, match="cql.weight_init"):
+        from_dict(CQLConfig, {"weight_init": "xavier"}, where="cql")

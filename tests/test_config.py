@@ -187,3 +187,34 @@ def test_ablations_add_the_variants_of_the_dydiff_methods_run():
     assert all(registry.method(m).base == "dydiff-td3bc" for m in cfg["methods"][2:])
     with pytest.raises(ConfigError, match=r"ablations\[0\]: 'dropout' is not one of"):
         plan.load_config(SMOKE, {"ablations": ["dropout"]})
+
+
+def test_paper_config_runs_the_dydiff_authors_protocol():
+    """The values of README "Fidelity" (docs/fidelity/dydiff-authors-code.md) in the resolved
+    paper config."""
+    cfg = plan.load_config("config/paper.yaml")
+    task = cfg["tasks"][0]
+    for method in ("dydiff-td3bc", "dydiff-cql"):
+        p = plan.policy_job(cfg, method, task, 0)["config"]["policy"]
+        assert {k: p["rollout"][k] for k in ("init", "iterative_times", "average_states", "clip",
+                                             "score", "filter", "threshold", "temp",
+                                             "rollout_batch_size", "rollout_length")} == {
+            "init": "ensemble", "iterative_times": 2, "average_states": True, "clip": True,
+            "score": "all_rows", "filter": "softmax", "threshold": 0.6, "temp": 0.05,
+            "rollout_batch_size": 2048, "rollout_length": -1}
+        assert {k: p["offline"][k] for k in ("rollout_freq", "model_buffer_size", "real_ratio",
+                                             "total_steps")} == {
+            "rollout_freq": 500, "model_buffer_size": 2_000_000, "real_ratio": 0.6,
+            "total_steps": 1_000_000}
+        base = plan.policy_job(cfg, registry.method(method).base, task, 0)["config"]["policy"]
+        assert base["agent"] == p["agent"] and base["offline"]["total_steps"] == 1_000_000
+    cql = plan.policy_job(cfg, "dydiff-cql", task, 0)["config"]["policy"]["agent"]
+    assert {k: cql[k] for k in ("hidden", "cql_weight", "actor_lr", "normalize_obs",
+                                "log_alpha_clamp")} == {
+        "hidden": [256, 256], "cql_weight": 10.0, "actor_lr": 3e-5, "normalize_obs": True,
+        "log_alpha_clamp": [-10.0, 0.5]}
+    diffusion = plan.model_job(cfg, "diffusion", task)["config"]["model"]
+    assert diffusion["train_steps"] == 375_000 and diffusion["horizon"] == 100
+    assert diffusion["sampler"]["num_steps"] == 34 and diffusion["sampler"]["S_churn"] == 60.0
+    assert {"ensemble", "diffusion", "reward"} <= set(
+        plan.policy_job(cfg, "dydiff-td3bc", task, 0)["model_dirs"])

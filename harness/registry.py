@@ -133,6 +133,7 @@ def register_method(method: Method) -> Method:
 def variant_of(base: str, name: str, label: str, color: str, overrides: dict,
                source: str, **changes) -> Method:
     """Register a variant of `base`: its settings plus `overrides`, compared with `base`."""
+    changes.setdefault("ablation", None)  # a variant of an ablation is not that ablation
     return register_method(replace(METHODS[base], name=name, label=label, color=color,
                                    parent=base, overrides=overrides, base=base, source=source,
                                    published=(), **changes))

@@ -153,21 +153,15 @@ class CQL(SAC):
             batch = {**batch, "obs": self.normalizer(batch["obs"]),
                      "next_obs": self.normalizer(batch["next_obs"])}
         # Actor and temperature first, then critics (OfflineRL-Kit's order).
+        sample = self.actor(batch["obs"])
         if self.cfg.alpha_before_actor:  # the authors': alpha steps, then the actor uses it
-            act, logp = self.actor(batch["obs"])
-            self.update_alpha(logp)
-            policy_alpha = self.policy_alpha
-            q_pi = self.critic(batch["obs"], act).min(0).values
-            aloss = (policy_alpha * logp - q_pi).mean()
-            self.actor_opt.zero_grad(set_to_none=True)
-            aloss.backward()
-            self.actor_opt.step()
-        else:
-            policy_alpha = self.policy_alpha
-            aloss, logp = self.actor_loss(batch["obs"])
-            self.actor_opt.zero_grad(set_to_none=True)
-            aloss.backward()
-            self.actor_opt.step()
+            self.update_alpha(sample[1])
+        policy_alpha = self.policy_alpha
+        aloss, logp = self.actor_loss(batch["obs"], sample)
+        self.actor_opt.zero_grad(set_to_none=True)
+        aloss.backward()
+        self.actor_opt.step()
+        if not self.cfg.alpha_before_actor:
             self.update_alpha(logp)
 
         q = self.critic(batch["obs"], batch["actions"])                       # (2, B)

@@ -160,8 +160,10 @@ class SAC(nn.Module):
         loss = F.mse_loss(q, self.td_target(batch).expand_as(q), reduction="none").mean(1).sum()
         return loss, {"critic_loss": loss.item(), "q_mean": q.mean().item()}
 
-    def actor_loss(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        act, logp = self.actor(obs)
+    def actor_loss(self, obs: torch.Tensor, sample: tuple[torch.Tensor, torch.Tensor] | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loss, log pi) on `sample` = (actions, log-probs) from the actor (drawn here if None)."""
+        act, logp = self.actor(obs) if sample is None else sample
         q = self.critic(obs, act).min(0).values
         return (self.policy_alpha * logp - q).mean(), logp
 

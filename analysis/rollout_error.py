@@ -53,7 +53,6 @@ serves all starts and the policy still acts on all N states in one batched call 
 """
 from __future__ import annotations
 
-import copy
 import inspect
 import logging
 import warnings
@@ -68,7 +67,6 @@ from tqdm.auto import tqdm
 
 from analysis import plotting
 from dydiff.rollout import DyDiffConfig, DyDiffGenerator, make_generator
-from dydiff.sampler import DiffusionDynamics
 from harness.data.dataset import Dataset, DatasetError
 from harness.envs import alive_mask, family_of, make_env, restore_state, termination_fn
 from harness.checkpoint import atomic_write_text
@@ -199,30 +197,6 @@ class SimulatorModel:
 
 # ---- the diffusion models in policy mode ---------------------------------------------------
 
-def diffusion_policy_rollout(dyn: DiffusionDynamics, start_obs, agent, H: int, **kwargs) -> dict:
-    """`dyn.policy_rollout(start_obs, agent, H, **kwargs)` unchanged, plus cond_actions (N,H,a):
-    per transition, the actions its states were sampled with in the last injection iteration
-    (`inject`'s cond_actions, recorded window by window on a shallow copy of `dyn` whose
-    `inject` is wrapped; the rollout itself is dyn's own code)."""
-    windows = []
-    recording = copy.copy(dyn)
-
-    def inject(*args, **kw):
-        out = type(dyn).inject(recording, *args, **kw)
-        windows.append(out["cond_actions"])
-        return out
-
-    recording.inject = inject
-    out = recording.policy_rollout(start_obs, agent, H, **kwargs)
-    step = dyn.horizon - 1
-    los = range(0, H, step)
-    if len(windows) != len(los):
-        raise RuntimeError(f"policy_rollout made {len(windows)} injection calls for {len(los)} "
-                           f"windows of {step} transitions")
-    cond = torch.cat([w[:, :min(step, H - lo)] for w, lo in zip(windows, los)], 1)
-    return {**out, "cond_actions": cond}
-
-
 class DyDiffModel:
     """The DyDiff generator's trajectories as a rollout model (policy mode only): what
     `DyDiffGenerator.generate` samples before its reward model, filter and truncation, i.e.
@@ -243,12 +217,7 @@ class DyDiffModel:
         return cls(make_generator(dataset, {} if cfg is None else cfg, model_dirs, device))
 
     def policy_rollout(self, start_obs, agent, H: int) -> dict:
-        gen, cfg = self.generator, self.generator.cfg
-        start = torch.as_tensor(start_obs, dtype=torch.float32, device=gen.dynamics.device)
-        return diffusion_policy_rollout(
-            gen.dynamics, start, agent, H, iterative_times=cfg.iterative_times,
-            average_states=cfg.average_states, init=cfg.init,
-            limits=gen.limits if cfg.clip else None, ensemble=gen.ensemble)
+        return self.generator.rollout(agent, start_obs, H)
 
 
 # ---- metrics --------------------------------------------------------------------------------
@@ -398,9 +367,7 @@ def rollout_error_study(dataset: Dataset, models: dict, agent=None, horizon: int
         truth = sim.simulate(qpos, qvel, agent=agent, horizon=horizon)
         for name, model in tqdm(models.items(), desc="policy models", disable=not progress):
             with torch.no_grad():
-                out = (diffusion_policy_rollout(model, start_obs, agent, horizon)
-                       if isinstance(model, DiffusionDynamics)
-                       else model.policy_rollout(start_obs, agent, horizon))
+                out = model.policy_rollout(start_obs, agent, horizon)
             nxt = _to_np(out["next_obs"])
             _check_shape(name, "policy_rollout", nxt, (len(starts), horizon, dataset.obs_dim))
             gap = action_gap(agent, out["obs"], out.get("cond_actions", out["actions"]))

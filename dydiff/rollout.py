@@ -31,10 +31,6 @@ from harness.data.dataset import Dataset
 from dydiff.sampler import DiffusionDynamics, Limits
 from harness.envs import alive_mask, termination_fn
 
-INITS = ("ensemble", "diffusion", "policy")
-FILTERS = ("softmax", "hardmax", "none")
-SCORES = ("all_rows", "alive_rows")
-
 
 @dataclass
 class DyDiffConfig:
@@ -67,12 +63,6 @@ class DyDiffConfig:
         require(0.0 < self.threshold <= 1.0, "threshold",
                 f"must be in (0, 1], got {self.threshold}")
         require(self.temp > 0, "temp", f"must be > 0, got {self.temp}")
-        require(self.init in INITS, "init", f"must be one of {list(INITS)}, got {self.init!r}")
-        require(self.filter in FILTERS, "filter",
-                f"must be one of {list(FILTERS)}, got {self.filter!r}")
-        require(self.score in SCORES, "score",
-                f"must be one of {list(SCORES)}, got {self.score!r}")
-        require(isinstance(self.clip, bool), "clip", f"must be true/false, got {self.clip!r}")
         require(self.sampler_steps is None or self.sampler_steps >= 1, "sampler_steps",
                 "must be >= 1 or null")
 
@@ -159,13 +149,19 @@ class DyDiffGenerator:
         return (n if self.cfg.filter == "none" else n_kept(n, self.cfg.threshold)) * self.length
 
     @torch.no_grad()
-    def generate(self, agent, start_obs: torch.Tensor) -> dict:
+    def rollout(self, agent, start_obs: torch.Tensor, H: int) -> dict:
+        """The generator's trajectories of H transitions from every start state, before reward,
+        filter and truncation (`DiffusionDynamics.policy_rollout` with its settings); the
+        rollout-error study samples the same way."""
         cfg, dyn = self.cfg, self.dynamics
         start = torch.as_tensor(start_obs, dtype=torch.float32, device=dyn.device)
-        start = start[:cfg.rollout_batch_size]
-        limits = self.limits if cfg.clip else None
-        roll = dyn.policy_rollout(start, agent, self.length, cfg.iterative_times,
-                                  cfg.average_states, cfg.init, limits, self.ensemble)
+        return dyn.policy_rollout(start, agent, H, cfg.iterative_times, cfg.average_states,
+                                  cfg.init, self.limits if cfg.clip else None, self.ensemble)
+
+    @torch.no_grad()
+    def generate(self, agent, start_obs: torch.Tensor) -> dict:
+        cfg = self.cfg
+        roll = self.rollout(agent, start_obs[:cfg.rollout_batch_size], self.length)
         # With clip, every state / action below is already clipped (the authors' model -> env
         # conversion), except obs[:, 0] = the real start state (rlkit/trainer.py:284-297):
         # reward-model and termination inputs are the clipped trajectory.

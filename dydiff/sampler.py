@@ -293,9 +293,11 @@ class DiffusionDynamics:
                        limits: Limits | None = None, ensemble=None,
                        generator: torch.Generator | None = None) -> dict:
         """Policy-injected rollout of H transitions: dict(obs, actions, next_obs) each (N,H,.),
-        last_obs (N,o) / last_action (N,a) (the row after the last transition: s_H and
-        pi(s_H), which the authors' filter score also counts), and action_gap (per injection
-        iteration, first window). Longer than horizon - 1 transitions are chained windows,
+        cond_actions (N,H,a) (per transition, the actions its states were sampled with in the
+        last injection iteration: `inject`'s cond_actions, unclipped), last_obs (N,o) /
+        last_action (N,a) (the row after the last transition: s_H and pi(s_H), which the
+        authors' filter score also counts), and action_gap (per injection iteration, first
+        window). Longer than horizon - 1 transitions are chained windows,
         each starting from the previous window's last state.
 
         With `limits`, the returned states and actions are clipped to them (authors'
@@ -304,7 +306,7 @@ class DiffusionDynamics:
         window starts from the clipped last state, so obs[:, t + 1] == next_obs[:, t]."""
         start = torch.as_tensor(start_obs, dtype=torch.float32, device=self.device)
         clip_obs, clip_act = _clippers(limits)
-        obs, acts, nxt, gaps = [], [], [], None
+        obs, acts, nxt, cond, gaps = [], [], [], [], None
         step = self.horizon - 1
         for lo in range(0, H, step):
             k = min(step, H - lo)
@@ -316,7 +318,8 @@ class DiffusionDynamics:
             obs.append(states[:, :k])
             acts.append(actions[:, :k])
             nxt.append(states[:, 1:k + 1])
+            cond.append(out["cond_actions"][:, :k])
             start, last_action = states[:, k], actions[:, k]
         return {"obs": torch.cat(obs, 1), "actions": torch.cat(acts, 1),
-                "next_obs": torch.cat(nxt, 1), "last_obs": start, "last_action": last_action,
-                "action_gap": gaps}
+                "next_obs": torch.cat(nxt, 1), "cond_actions": torch.cat(cond, 1),
+                "last_obs": start, "last_action": last_action, "action_gap": gaps}

@@ -120,9 +120,9 @@ def resolve(cfg: dict) -> dict:
 
 
 def validate(cfg: dict) -> None:
-    """Shape (schema), keys that must name each other, then every job's component configs
-    (each dataclass's from_dict + validate): all before a job starts."""
-    check_schema(cfg, schema())
+    """What the schema cannot check, on a config `resolve` has checked the shape of: task
+    names, keys that must name each other, then every job's component configs (each
+    dataclass's from_dict + validate): all before a job starts."""
     for task in cfg["tasks"]:
         split_task(task)
     unknown = sorted(set(cfg.get("per_task") or {}) - set(cfg["tasks"]))

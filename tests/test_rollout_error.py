@@ -196,7 +196,7 @@ def test_cond_actions_are_the_actions_each_transition_was_generated_with():
     dyn, agent = _oracle_dynamics(horizon=6), LinearPolicy()
     start = torch.randn(5, 3, generator=torch.Generator().manual_seed(2))
     torch.manual_seed(0)
-    out = re.diffusion_policy_rollout(dyn, start, agent, 12, average_states=False)
+    out = dyn.policy_rollout(start, agent, 12, average_states=False)
     torch.manual_seed(0)
     ref = dyn.policy_rollout(start, agent, 12, average_states=False)
     assert all(torch.equal(out[k], ref[k]) for k in ("obs", "actions", "next_obs"))
@@ -249,7 +249,7 @@ def test_dydiff_model_is_the_training_generators_rollout(hopper_random, models):
     assert torch.equal(got["cond_actions"][:, :T], first["cond_actions"][:, :T])
     # Teeth: the diffusion model alone (diffusion start, no clipping) is another rollout.
     torch.manual_seed(1)
-    alone = re.diffusion_policy_rollout(dyn, start, agent, H)
+    alone = dyn.policy_rollout(start, agent, H)
     assert not torch.allclose(alone["next_obs"], got["next_obs"])
 
 

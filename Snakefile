@@ -28,8 +28,11 @@ slurm_compat.patch_cancelled_state()
 
 # `--config key=value` values arrive as strings ('0', 'false'): give them their YAML types.
 update_config(config, typed(workflow.config_settings.overwrite_config))
+_overrides = typed(workflow.config_settings.config)  # the --config pairs alone
 try:
-    config.update(plan.resolve(config))  # schema (shape), ablations -> methods, job settings
+    # schema (shape), ablations -> methods, job settings; a grid narrowed by --config drops
+    # the file's per-task / per-method settings of what it no longer runs.
+    config.update(plan.resolve(config, _overrides))
 except ConfigError as err:
     sys.exit(f"Invalid config: {err}")
 

@@ -56,8 +56,13 @@ def cmd_init_tracking(args) -> int:
 
 
 def cmd_check_config(args) -> int:
-    """Validate a config and list the job grid it defines."""
+    """Validate a config (and that its D4RL / Minari datasets are there) and list the job
+    grid it defines."""
     cfg = _config(args)
+    try:
+        plan.check_datasets(cfg)
+    except ConfigError as err:
+        raise ConfigError(f"{args.configfile}: {err}") from None
     counts: dict[str, int] = {}
     for spec in plan.all_jobs(cfg):
         counts[spec["step"]] = counts.get(spec["step"], 0) + 1

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from harness import registry
 from harness.config import ConfigError, check_schema, deep_merge, from_dict, read_yaml
+from harness.data.dataset import DatasetError
 from harness.envs import DATASET_KINDS, family_of
 
 SCHEMA = Path(__file__).resolve().parent.parent / "workflow" / "schemas" / "config.schema.yaml"
@@ -86,11 +87,24 @@ def schema() -> dict:
 def load_config(path: str | Path, overrides: dict | None = None) -> dict:
     """Read a YAML experiment config, apply overrides, validate and resolve it (ConfigError
     naming the file and key if bad)."""
-    cfg = deep_merge(read_yaml(path), overrides)
+    cfg = read_yaml(path)  # its errors name the file and line already
     try:
-        return resolve(cfg)
+        return resolve(cfg, overrides)
     except ConfigError as err:
         raise ConfigError(f"{path}: {err}") from None
+
+
+def resolve(cfg: dict, overrides: dict | None = None) -> dict:
+    """The config a run uses: its `extends` merged in, then the overrides (`--set`,
+    `snakemake --config`), validated, its `ablations` groups expanded into `methods`
+    (registry.with_ablations: every variant of the group whose base is run)."""
+    cfg = with_extends(cfg)
+    if overrides:
+        cfg = layered(cfg, overrides)
+    check_schema(cfg, schema())
+    cfg = {**cfg, "methods": registry.with_ablations(cfg["methods"], cfg.get("ablations") or [])}
+    validate(cfg)
+    return cfg
 
 
 def with_extends(cfg: dict) -> dict:
@@ -98,25 +112,47 @@ def with_extends(cfg: dict) -> dict:
     that config's values under this one's, so a variant grid states only what differs."""
     if not cfg.get("extends"):
         return cfg
-    base = with_extends(read_yaml(cfg["extends"]))
-    out = {k: v for k, v in deep_merge(base, cfg).items() if k != "extends"}
-    # The base's per-task settings for tasks this grid leaves out do not apply here.
-    inherited = set(base.get("per_task") or {}) - set(cfg.get("per_task") or {})
-    dropped = inherited - set(out.get("tasks") or [])
-    if dropped:
-        out["per_task"] = {t: v for t, v in out["per_task"].items() if t not in dropped}
+    own = {k: v for k, v in cfg.items() if k != "extends"}
+    return layered(with_extends(read_yaml(cfg["extends"])), own)
+
+
+def layered(base: dict, layer: dict) -> dict:
+    """`layer` merged over `base`. A grid narrowed by the layer (fewer tasks or methods) drops
+    the base's per-task and per-method settings of what it no longer runs; the layer's own
+    such settings stay, and `validate` rejects them if they name nothing the grid runs."""
+    out = deep_merge(base, layer)
+    own_tasks = layer.get("per_task") or {}
+    if isinstance(out.get("per_task"), dict) and isinstance(out.get("tasks"), list):
+        out["per_task"] = {t: v for t, v in out["per_task"].items()
+                           if t in out["tasks"] or t in own_tasks}
+    configured = _configured_methods(out)
+
+    def keep_methods(merged, own) -> dict:
+        policy = merged.get("policy") if isinstance(merged, dict) else None
+        sections = policy.get("methods") if isinstance(policy, dict) else None
+        if not isinstance(sections, dict):
+            return merged
+        own_names = set(((own or {}).get("policy") or {}).get("methods") or {})
+        return {**merged, "policy": {**policy, "methods": {
+            m: v for m, v in sections.items() if m in configured or m in own_names}}}
+
+    out = keep_methods(out, layer)
+    if isinstance(out.get("per_task"), dict):
+        out["per_task"] = {t: keep_methods(v, own_tasks.get(t))
+                           for t, v in out["per_task"].items()}
     return out
 
 
-def resolve(cfg: dict) -> dict:
-    """The config a run uses: its `extends` merged in, validated, its `ablations` groups
-    expanded into `methods` (registry.with_ablations: every variant of the group whose base
-    is run)."""
-    cfg = with_extends(cfg)
-    check_schema(cfg, schema())
-    cfg = {**cfg, "methods": registry.with_ablations(cfg["methods"], cfg.get("ablations") or [])}
-    validate(cfg)
-    return cfg
+def _configured_methods(cfg: dict) -> set[str]:
+    """The grid's methods, its ablation variants and every method they derive from: the names
+    a `policy.methods.<name>` section may use."""
+    methods, groups = cfg.get("methods"), cfg.get("ablations") or []
+    if not isinstance(methods, list) or not isinstance(groups, list):
+        return set()
+    methods = registry.with_ablations(
+        [m for m in methods if isinstance(m, str) and m in registry.METHODS],
+        [g for g in groups if isinstance(g, str) and g in registry.ABLATIONS])
+    return {m.name for name in methods for m in registry.lineage(name)}
 
 
 def validate(cfg: dict) -> None:
@@ -128,12 +164,40 @@ def validate(cfg: dict) -> None:
     unknown = sorted(set(cfg.get("per_task") or {}) - set(cfg["tasks"]))
     if unknown:
         raise ConfigError(f"per_task: override(s) for task(s) {unknown} not in tasks")
+    for task in [None, *cfg["tasks"]]:
+        section = task_config(cfg, task) if task else cfg
+        where = f"per_task.{task}.policy.methods" if task else "policy.methods"
+        unused = sorted(set((section.get("policy") or {}).get("methods") or {})
+                        - _configured_methods(cfg))
+        if unused:
+            raise ConfigError(f"{where}: settings for method(s) {unused}, which the grid does "
+                              f"not run (methods: {cfg['methods']})")
     policy_method = (cfg.get("rollout_error") or {}).get("policy_method")
     if rollout_error_enabled(cfg) and policy_method is not None \
             and policy_method not in cfg["methods"]:
         raise ConfigError(f"rollout_error.policy_method: {policy_method!r} is not one of "
                           f"methods {cfg['methods']}")
     all_jobs(cfg, seeds=cfg["seeds"][:1])
+
+
+def check_datasets(cfg: dict) -> None:
+    """`data.source: d4rl | minari`: look up every dataset the grid imports and has not
+    imported yet, and name all missing ones in one error, before the first job starts."""
+    from harness.data.sources import HOW_TO_GET_DATA, locate_dataset
+    if data_source(cfg) == "local":
+        return
+    missing = []
+    for task in cfg["tasks"]:
+        job = import_job(cfg, task)
+        if not Path(job["out"]).exists():
+            try:
+                locate_dataset(job["config"]["name"])
+            except DatasetError as err:
+                missing.append(str(err).split(". ")[0])
+    if missing:
+        raise ConfigError(f"data.source: {data_source(cfg)}: {len(missing)} of "
+                          f"{len(cfg['tasks'])} dataset(s) not found: " + "; ".join(missing)
+                          + f". {HOW_TO_GET_DATA}")
 
 
 # ---- the grid --------------------------------------------------------------------------------

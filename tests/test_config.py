@@ -50,6 +50,13 @@ def test_smoke_and_paper_configs_are_valid():
     ({"policy": {"methods": {"td3bc": {"rollout": {"a": 1}}}}},
      "policy.methods.td3bc.rollout: td3bc is model-free and takes no rollout settings"),
     ({"data": {"source": "s3"}}, "data.source: 's3' is not one of ['local', 'd4rl', 'minari']"),
+    ({"methods": ["td3bc"], "policy": {"methods": {"mopo": {"offline": {"total_steps": 5}}}}},
+     "policy.methods: settings for method(s) ['mopo'], which the grid does not run "
+     "(methods: ['td3bc'])"),
+    ({"tasks": ["hopper-medium"], "methods": ["td3bc"],
+      "per_task": {"hopper-medium": {"policy": {"methods": {"cql": {}}}}}},
+     "per_task.hopper-medium.policy.methods: settings for method(s) ['cql'], which the grid "
+     "does not run (methods: ['td3bc'])"),
 ])
 def test_bad_values_are_one_line_naming_file_and_key(override, line):
     with pytest.raises(ConfigError) as err:
@@ -218,3 +225,48 @@ def test_paper_config_runs_the_dydiff_authors_protocol():
     assert diffusion["sampler"]["num_steps"] == 34 and diffusion["sampler"]["S_churn"] == 60.0
     assert {"ensemble", "diffusion", "reward"} <= set(
         plan.policy_job(cfg, "dydiff-td3bc", task, 0)["model_dirs"])
+
+
+def test_a_narrowed_grid_drops_the_settings_of_what_it_no_longer_runs():
+    """`--set tasks=[...] methods=[...]` on the paper grid: its per-task MOPO settings and
+    per-method sections of other tasks / methods no longer apply (and are no error)."""
+    cfg = plan.load_config("config/paper.yaml", {"tasks": ["hopper-medium"],
+                                                 "methods": ["td3bc", "mopo"]})
+    assert list(cfg["per_task"]) == ["hopper-medium"]
+    assert set(cfg["policy"]["methods"]) == {"mopo"}
+    assert set(cfg["per_task"]["hopper-medium"]["policy"]["methods"]) == {"mopo"}
+    # A variant keeps its parent's section: the parent is what it derives from.
+    cfg = plan.load_config("config/paper.yaml", {"methods": ["td3bc", "dydiff-td3bc-hardmax"]})
+    assert set(cfg["policy"]["methods"]) == {"dydiff-td3bc"}
+
+
+def test_missing_d4rl_datasets_are_all_named_before_any_job(tmp_path, monkeypatch):
+    monkeypatch.setenv("D4RL_DATASET_DIR", str(tmp_path / "d4rl"))
+    cfg = plan.load_config(SMOKE, {"data": {"source": "d4rl"}, "results_dir": str(tmp_path),
+                                   "tasks": ["hopper-medium", "walker2d-medium",
+                                             "halfcheetah-random"]})
+    with pytest.raises(ConfigError) as err:
+        plan.check_datasets(cfg)
+    message = str(err.value)
+    assert message.startswith("data.source: d4rl: 3 of 3 dataset(s) not found: ")
+    for name in ("hopper-medium-v2", "walker2d-medium-v2", "halfcheetah-random-v2"):
+        assert f"D4RL dataset '{name}' not found" in message
+    # One there, one already imported into results: only the third is missing.
+    (tmp_path / "d4rl").mkdir()
+    (tmp_path / "d4rl" / "hopper-medium-v2.hdf5").touch()
+    imported = plan.path(cfg, "dataset", task="walker2d-medium")
+    imported.parent.mkdir(parents=True, exist_ok=True)
+    imported.touch()
+    with pytest.raises(ConfigError, match=r"1 of 3 dataset\(s\) not found: D4RL dataset "
+                                          r"'halfcheetah-random-v2' not found"):
+        plan.check_datasets(cfg)
+    (tmp_path / "d4rl" / "halfcheetah-random-v2.hdf5").touch()
+    plan.check_datasets(cfg)
+
+
+def test_missing_minari_datasets_are_named(tmp_path, monkeypatch):
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "minari"))
+    cfg = plan.load_config(SMOKE, {"data": {"source": "minari"}, "results_dir": str(tmp_path)})
+    with pytest.raises(ConfigError, match=r"Minari dataset 'mujoco/hopper/medium-replay-v0' is "
+                                          r"not installed locally"):
+        plan.check_datasets(cfg)

@@ -75,6 +75,15 @@ def test_bad_config_stops_before_any_job(override, message, tmp_path):
     assert not any(tmp_path.iterdir())  # nothing was run or written
 
 
+def test_missing_datasets_stop_the_dag_before_any_job(tmp_path):
+    res = snakemake("--cores", "1", "--config", "data={'source':'d4rl'}",
+                    f"results_dir={tmp_path}",
+                    env={"D4RL_DATASET_DIR": str(tmp_path / "none"), "DYDIFF_MLFLOW": "0"})
+    assert res.returncode != 0
+    assert "dataset(s) not found: D4RL dataset 'hopper-medium-replay-v2' not found" in res.stderr
+    assert not (tmp_path / "smoke").exists()  # nothing was run or written
+
+
 # ---- the tiny grid, run for real ---------------------------------------------------------
 
 def _logs(results: Path, n: int = 3000) -> str:

@@ -59,10 +59,7 @@ def load_dataset(spec: str, *, minari_root: str | os.PathLike | None = None) -> 
     if is_minari_id(spec):
         dataset = _load_minari(spec, minari_root)
     elif is_path(spec):
-        path = Path(spec).expanduser()
-        if not path.exists():
-            raise DatasetError(f"no dataset file at {path}. {HOW_TO_GET_DATA}")
-        dataset = read_hdf5(path)
+        dataset = read_hdf5(locate_dataset(spec))
         # The name stored in the file's attrs wins; else the file name ('hopper-medium-v2.hdf5').
         if _family_or_none(dataset.name) is None:
             _check_family(d4rl_style_name(spec), spec)
@@ -89,16 +86,35 @@ def _check_family(name: str, spec: str) -> str:
 
 
 def _load_d4rl_name(name: str) -> Dataset:
-    _check_family(name, name)
-    candidates = [d4rl_path(name)]
-    if not _VERSION.search(name):  # 'hopper-medium' -> also try the usual D4RL versions
-        candidates += [d4rl_path(f"{name}-v{v}") for v in (2, 1, 0)]
+    return read_hdf5(locate_dataset(name), name=d4rl_style_name(name))
+
+
+def locate_dataset(spec: str, *, minari_root: str | os.PathLike | None = None) -> Path:
+    """Where `spec` (path, D4RL name or Minari id) would be read from, without reading it;
+    a DatasetError saying where we looked if it is not there (the planner checks every
+    dataset of a grid with this before the first job starts)."""
+    spec = str(spec)
+    if is_minari_id(spec):
+        _check_family(d4rl_style_name(spec), spec)
+        data_path = minari_dataset_dir(spec, minari_root) / "data"
+        if not data_path.exists():
+            raise DatasetError(f"Minari dataset {spec!r} is not installed locally: no "
+                               f"{data_path}. {HOW_TO_GET_DATA}")
+        return data_path
+    if is_path(spec):
+        path = Path(spec).expanduser()
+        if not path.exists():
+            raise DatasetError(f"no dataset file at {path}. {HOW_TO_GET_DATA}")
+        return path
+    _check_family(spec, spec)
+    candidates = [d4rl_path(spec)]
+    if not _VERSION.search(spec):  # 'hopper-medium' -> also try the usual D4RL versions
+        candidates += [d4rl_path(f"{spec}-v{v}") for v in (2, 1, 0)]
     for path in candidates:
         if path.exists():
-            dataset = read_hdf5(path, name=d4rl_style_name(name))
-            return dataset
+            return path
     looked = ", ".join(str(p) for p in candidates)
-    raise DatasetError(f"D4RL dataset {name!r} not found; looked at: {looked} "
+    raise DatasetError(f"D4RL dataset {spec!r} not found; looked at: {looked} "
                        f"(D4RL dir: {d4rl_dataset_dir()}). {HOW_TO_GET_DATA}")
 
 
@@ -110,20 +126,15 @@ def minari_dataset_dir(dataset_id: str, minari_root: str | os.PathLike | None = 
 
 
 def _load_minari(dataset_id: str, minari_root: str | os.PathLike | None) -> Dataset:
-    name = d4rl_style_name(dataset_id)
-    _check_family(name, dataset_id)
-    folder = minari_dataset_dir(dataset_id, minari_root)
-    data_path = folder / "data"
-    if not data_path.exists():
-        raise DatasetError(f"Minari dataset {dataset_id!r} is not installed locally: no "
-                           f"{data_path}. {HOW_TO_GET_DATA}")
+    data_path = locate_dataset(dataset_id, minari_root=minari_root)
     from minari import MinariDataset  # imported lazily: it is slow to import
 
     try:
         minari_ds = MinariDataset(str(data_path))
     except Exception as err:  # minari raises assorted types for broken folders
         raise DatasetError(f"Minari dataset at {data_path} could not be read: {err}") from None
-    return minari_to_dataset(minari_ds, name=name, source=f"minari:{dataset_id}")
+    return minari_to_dataset(minari_ds, name=d4rl_style_name(dataset_id),
+                             source=f"minari:{dataset_id}")
 
 
 def minari_to_dataset(minari_ds, name: str, source: str = "") -> Dataset:

@@ -32,6 +32,12 @@ for _key, _value in plan.tracking_env(config).items():
 
 
 onstart:
+    # Every D4RL / Minari dataset the grid still has to import is looked up now: all missing
+    # ones in one message rather than one failed job each, hours apart.
+    try:
+        plan.check_datasets(config)
+    except ConfigError as err:
+        sys.exit(f"Invalid config: {err}")
     # Create the MLflow store once, before parallel jobs: concurrent first use of a fresh
     # sqlite store crashes in MLflow's schema migration.
     from harness import tracking

@@ -168,12 +168,14 @@ class _Replay:
         return Dataset(name=name, source="generated", **{k: self.data[k][:n] for k in self.KEYS})
 
     def state_dict(self) -> dict:
-        return {"size": self.size, **{k: self.data[k][:self.size].copy() for k in self.KEYS}}
+        # Tensors (same dtypes), not arrays: checkpoints are loaded with weights_only=True.
+        return {"size": self.size,
+                **{k: torch.from_numpy(self.data[k][:self.size].copy()) for k in self.KEYS}}
 
     def load_state_dict(self, state: dict) -> None:
         self.size = state["size"]
         for key in self.KEYS:
-            self.data[key][:self.size] = state[key]
+            self.data[key][:self.size] = state[key].numpy()
 
 
 class OnlineSAC:
@@ -206,7 +208,9 @@ class OnlineSAC:
         return {"agent": self.agent.training_state(), "replay": self.replay.state_dict(),
                 "sac_rng": self.rng.bit_generator.state,
                 "env_rng": self.env.unwrapped.np_random.bit_generator.state,
-                "medium": self.medium, "expert": self.expert, "best": self.best,
+                # snapshots as plain dicts: weights_only refuses a dataclass
+                **{k: None if getattr(self, k) is None else dict(vars(getattr(self, k)))
+                   for k in ("medium", "expert", "best")},
                 "evals": self.evals, "next_eval": self.next_eval}
 
     def _resume(self) -> None:
@@ -220,8 +224,9 @@ class OnlineSAC:
         self.replay.load_state_dict(state["replay"])
         self.rng.bit_generator.state = state["sac_rng"]
         self.env.unwrapped.np_random.bit_generator.state = state["env_rng"]
-        for key in ("medium", "expert", "best", "evals", "next_eval"):
-            setattr(self, key, state[key])
+        for key in ("medium", "expert", "best"):
+            setattr(self, key, None if state[key] is None else _Snapshot(**state[key]))
+        self.evals, self.next_eval = state["evals"], state["next_eval"]
         self.step = self.ckpt.start
 
     def save(self) -> None:

@@ -65,7 +65,9 @@ class Normalizer:
         return self.shift, self.scale
 
     def state_dict(self) -> dict:
-        return {"kind": self.kind, "shift": self.shift.copy(), "scale": self.scale.copy()}
+        # tensors, not arrays: model.pt is loaded with weights_only=True
+        return {"kind": self.kind, "shift": torch.from_numpy(self.shift.copy()),
+                "scale": torch.from_numpy(self.scale.copy())}
 
     @classmethod
     def from_state_dict(cls, state: dict) -> "Normalizer":

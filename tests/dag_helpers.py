@@ -46,7 +46,7 @@ def training_outputs(out_dir: Path):
     import pandas as pd
     import torch
     return (pd.read_parquet(out_dir / "metrics.parquet").drop(columns="wall_time_s"),
-            torch.load(out_dir / "policy.pt", weights_only=False)["state_dict"],
+            torch.load(out_dir / "policy.pt", weights_only=True)["state_dict"],
             json.loads((out_dir / "final.json").read_text()))
 
 

@@ -167,7 +167,7 @@ def test_agent_shapes_and_exact_state_roundtrip(make):
     buf = io.BytesIO()  # through bytes, as a checkpoint does (no shared optimiser tensors)
     torch.save(agent.training_state(), buf)
     buf.seek(0)
-    state = torch.load(buf, weights_only=False)
+    state = torch.load(buf, weights_only=True)
     clone = make()
     clone.load_training_state(state)
     torch.manual_seed(5)

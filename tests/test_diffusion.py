@@ -242,15 +242,15 @@ def test_resume_equals_uninterrupted(tmp_path):
     train_diffusion(ds, {**TINY, "train_steps": 4}, tmp_path / "b", seed=3, progress=False,
                     device="cpu")
     train_diffusion(ds, TINY, tmp_path / "b", seed=3, progress=False, device="cpu")
-    a = torch.load(tmp_path / "a" / "model.pt", weights_only=False)
-    b = torch.load(tmp_path / "b" / "model.pt", weights_only=False)
+    a = torch.load(tmp_path / "a" / "model.pt", weights_only=True)
+    b = torch.load(tmp_path / "b" / "model.pt", weights_only=True)
     for k in a["ema"]:
         assert torch.equal(a["ema"][k], b["ema"][k]), k
     ma, mb = (pd.read_parquet(tmp_path / d / "metrics.parquet") for d in "ab")
     pd.testing.assert_frame_equal(ma.drop(columns="wall_time_s"), mb.drop(columns="wall_time_s"))
     # A different seed gives different weights (the test can fail).
     train_diffusion(ds, TINY, tmp_path / "c", seed=4, progress=False, device="cpu")
-    c = torch.load(tmp_path / "c" / "model.pt", weights_only=False)
+    c = torch.load(tmp_path / "c" / "model.pt", weights_only=True)
     assert not all(torch.equal(a["ema"][k], c["ema"][k]) for k in a["ema"])
 
 
@@ -264,8 +264,8 @@ def test_stop_at_then_resume_equals_uninterrupted(tmp_path):
     assert not (tmp_path / "b" / "model.pt").exists()
     resumed = train_diffusion(ds, TINY, tmp_path / "b", seed=3, progress=False, device="cpu")
     assert resumed["final_loss"] == full["final_loss"]
-    a = torch.load(tmp_path / "a" / "model.pt", weights_only=False)
-    b = torch.load(tmp_path / "b" / "model.pt", weights_only=False)
+    a = torch.load(tmp_path / "a" / "model.pt", weights_only=True)
+    b = torch.load(tmp_path / "b" / "model.pt", weights_only=True)
     assert all(torch.equal(a["ema"][k], b["ema"][k]) for k in a["ema"])
     # A longer run may continue it; another config or seed may not.
     with pytest.raises(ConfigError, match="different diffusion config"):

@@ -45,7 +45,7 @@ def toy_model(tmp_path_factory):
 
 
 def state(path):
-    return torch.load(path / "model.pt", weights_only=False)["model"]
+    return torch.load(path / "model.pt", weights_only=True)["model"]
 
 
 # ---- network ----------------------------------------------------------------------------------

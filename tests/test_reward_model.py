@@ -81,7 +81,7 @@ def test_same_seed_same_weights_different_seed_differs(tmp_path):
     ds = reward_dataset(1000)
     for d, seed in (("a", 1), ("b", 1), ("c", 2)):
         train_reward_model(ds, FAST, tmp_path / d, seed=seed, progress=False, device="cpu")
-    a, b, c = (torch.load(tmp_path / d / "model.pt", weights_only=False)["model"] for d in "abc")
+    a, b, c = (torch.load(tmp_path / d / "model.pt", weights_only=True)["model"] for d in "abc")
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not all(torch.equal(a[k], c[k]) for k in a)
 
@@ -96,8 +96,8 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path):
     assert not (tmp_path / "b" / "model.pt").exists()
     torch.manual_seed(123)  # the global RNG at restart must not matter
     resumed = train_reward_model(ds, FAST, tmp_path / "b", seed=5, progress=False, device="cpu")
-    a = torch.load(tmp_path / "a" / "model.pt", weights_only=False)["model"]
-    b = torch.load(tmp_path / "b" / "model.pt", weights_only=False)["model"]
+    a = torch.load(tmp_path / "a" / "model.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "b" / "model.pt", weights_only=True)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
     ma, mb = (pd.read_parquet(tmp_path / d / "metrics.parquet") for d in "ab")
     pd.testing.assert_frame_equal(ma.drop(columns="wall_time_s"), mb.drop(columns="wall_time_s"))
@@ -141,7 +141,7 @@ def test_fixed_steps_without_holdout(tmp_path):
 def test_load_roundtrip_and_missing(tmp_path):
     ds = reward_dataset(600)
     train_reward_model(ds, FAST, tmp_path, seed=0, progress=False, device="cpu")
-    state = torch.load(tmp_path / "model.pt", weights_only=False)
+    state = torch.load(tmp_path / "model.pt", weights_only=True)
     model = load_reward_model(tmp_path)
     assert isinstance(model, RewardModel) and not model.training
     assert all(torch.equal(model.state_dict()[k], v) for k, v in state["model"].items())

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -53,9 +54,25 @@ class CQLConfig(SACConfig):
     # rlkit/algo/cql.py:116-135): alpha first, then the actor loss with the updated (clamped)
     # alpha, on the same action sample.
     alpha_before_actor: bool = False
+    # CORL's order (algorithms/offline/cql.py:750-787): every loss (temperature, actor, critics)
+    # at the pre-update parameters, then the steps: alpha, actor, critics. false: the critic
+    # loss uses the actor after its step (OfflineRL-Kit: offlinerlkit/policy/model_free/cql.py:92-190).
+    losses_before_steps: bool = False
+    # The log-sum-exp over proposal actions. true (ours, OfflineRL-Kit, CORL's
+    # cql_importance_sample): each Q minus its proposal's log-density, 3N terms. false (CORL's
+    # other branch, cql.py:626-643): raw Qs of the 3N proposals plus Q(s, a_data).
+    importance_sample: bool = True
+    # TD target from the max over N policy actions at s' of min(Q1', Q2') (CORL
+    # cql_max_target_backup, cql.py:568-581; OfflineRL-Kit max_q_backup). Both default false.
+    max_target_backup: bool = False
+    # Rewards times 1000 / (max - min episode return of the dataset), CORL's `modify_reward`
+    # (cql.py:223-249; its configs turn it on for hopper-medium only). Ours: false.
+    normalize_reward: bool = False
 
     def validate(self) -> None:
         super().validate()
+        require(not (self.losses_before_steps and self.alpha_before_actor), "losses_before_steps",
+                "cannot be combined with alpha_before_actor (two different update orders)")
         require(self.obs_std_eps >= 0, "obs_std_eps", f"must be >= 0, got {self.obs_std_eps}")
         if self.log_alpha_clamp is not None:
             require(len(self.log_alpha_clamp) == 2
@@ -65,6 +82,23 @@ class CQLConfig(SACConfig):
         require(self.temperature > 0, "temperature", f"must be positive, got {self.temperature}")
         require(self.num_repeat_actions >= 1, "num_repeat_actions",
                 f"must be >= 1, got {self.num_repeat_actions}")
+
+
+def return_range(rewards, terminals, timeouts, max_episode_steps: int = 1000
+                 ) -> tuple[float, float]:
+    """(min, max) episode return as CORL computes it for `modify_reward`
+    (algorithms/offline/cql.py:223-235) on d4rl.qlearning_dataset's output: the time-limit rows
+    are dropped first, then an episode ends at a terminal or after `max_episode_steps` rows."""
+    keep = ~np.asarray(timeouts, dtype=bool)
+    returns, ret, length = [], 0.0, 0
+    for r, d in zip(np.asarray(rewards, dtype=np.float64)[keep], np.asarray(terminals)[keep]):
+        ret, length = ret + float(r), length + 1
+        if d or length == max_episode_steps:
+            returns.append(ret)
+            ret, length = 0.0, 0
+    if not returns:
+        raise ValueError("normalize_reward: the dataset has no complete episode")
+    return min(returns), max(returns)
 
 
 class CQL(SAC):
@@ -77,11 +111,16 @@ class CQL(SAC):
         # Only with normalize_obs, so the default agent's state_dict keeps its keys.
         self.normalizer = (Standardizer(obs_dim, eps=cfg.obs_std_eps) if cfg.normalize_obs
                            else None)
+        if cfg.normalize_reward:  # a buffer, saved with the policy; only then (same keys)
+            self.register_buffer("reward_scale", torch.ones(()))
 
     @classmethod
     def from_dataset(cls, dataset, cfg: CQLConfig | None = None) -> "CQL":
         agent = cls(dataset.obs_dim, dataset.act_dim, cfg)
         agent.set_obs_stats(dataset.observations)
+        if agent.cfg.normalize_reward:
+            lo, hi = return_range(dataset.rewards, dataset.terminals, dataset.timeouts)
+            agent.reward_scale.fill_(1000.0 / (hi - lo))
         return agent
 
     def set_obs_stats(self, observations) -> None:
@@ -106,8 +145,16 @@ class CQL(SAC):
 
     def td_target(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         with torch.no_grad():
-            next_act, next_logp = self.actor(batch["next_obs"])
-            next_q = self.critic_target(batch["next_obs"], next_act).min(0).values
+            if self.cfg.max_target_backup:
+                b, n = len(batch["next_obs"]), self.cfg.num_repeat_actions
+                next_rep = batch["next_obs"].repeat_interleave(n, 0)
+                next_act, next_logp = self.actor(next_rep)
+                q = self.critic_target(next_rep, next_act).min(0).values.reshape(b, n)
+                next_q, best = q.max(1)
+                next_logp = next_logp.reshape(b, n).gather(1, best[:, None]).squeeze(1)
+            else:
+                next_act, next_logp = self.actor(batch["next_obs"])
+                next_q = self.critic_target(batch["next_obs"], next_act).min(0).values
             if not self.cfg.deterministic_backup:
                 next_q = next_q - self.policy_alpha * next_logp
             return batch["rewards"] + self.cfg.gamma * (1 - batch["terminals"]) * next_q
@@ -135,8 +182,12 @@ class CQL(SAC):
         # One critic call over all 3N proposals; each Q minus its proposal's log-density.
         acts = torch.cat([samples["rand"], samples["pi"], samples["next_pi"]])
         logp = torch.cat([samples["logp_rand"], samples["logp_pi"], samples["logp_next_pi"]])
-        q_is = self.critic(s.repeat(3, 1), acts) - logp                     # (2, 3*B*N)
+        q_is = self.critic(s.repeat(3, 1), acts)                              # (2, 3*B*N)
+        if self.cfg.importance_sample:
+            q_is = q_is - logp
         q_is = q_is.reshape(2, 3, b, n).permute(0, 2, 1, 3).reshape(2, b, 3 * n)
+        if not self.cfg.importance_sample:  # CORL's plain branch also counts Q(s, a_data)
+            q_is = torch.cat([q_is, q_data[..., None]], -1)
         t = self.cfg.temperature
         return t * torch.logsumexp(q_is / t, dim=-1).mean(-1) - q_data.mean(-1)
 
@@ -149,21 +200,39 @@ class CQL(SAC):
 
     def update(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
         """One step on a batch of raw observations."""
+        self.start_update()
         if self.normalizer is not None:
             batch = {**batch, "obs": self.normalizer(batch["obs"]),
                      "next_obs": self.normalizer(batch["next_obs"])}
+        if self.cfg.normalize_reward:
+            batch = {**batch, "rewards": batch["rewards"] * self.reward_scale}
         # Actor and temperature first, then critics (OfflineRL-Kit's order).
         sample = self.actor(batch["obs"])
         if self.cfg.alpha_before_actor:  # the authors': alpha steps, then the actor uses it
             self.update_alpha(sample[1])
         policy_alpha = self.policy_alpha
         aloss, logp = self.actor_loss(batch["obs"], sample)
+        if self.cfg.losses_before_steps:  # CORL: the critic loss before any step
+            closs, info = self.critic_loss(batch)
+            self.update_alpha(logp)
         self.actor_opt.zero_grad(set_to_none=True)
         aloss.backward()
         self.actor_opt.step()
-        if not self.cfg.alpha_before_actor:
-            self.update_alpha(logp)
+        if not self.cfg.losses_before_steps:
+            if not self.cfg.alpha_before_actor:
+                self.update_alpha(logp)
+            closs, info = self.critic_loss(batch)
+        self.critic_opt.zero_grad(set_to_none=True)
+        closs.backward()
+        self.critic_opt.step()
+        self.soft_update()
+        info.update(actor_loss=aloss.item(), alpha=self.alpha.item())
+        if self.cfg.log_alpha_clamp is not None:
+            info["policy_alpha"] = policy_alpha.item()
+        return info
 
+    def critic_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
+        """TD + conservative loss of both critics (a Lagrange step on alpha' included)."""
         q = self.critic(batch["obs"], batch["actions"])                       # (2, B)
         td_loss = F.mse_loss(q, self.td_target(batch).expand_as(q), reduction="none").mean(1)
         samples = self.sample_cql_actions(batch["obs"], batch["next_obs"])
@@ -179,16 +248,9 @@ class CQL(SAC):
             self.cql_alpha_opt.step()
             penalty = cql_alpha.detach() * (penalty - self.cfg.lagrange_threshold)
             info["cql_alpha"] = cql_alpha.item()
-        closs = (td_loss + penalty).sum()
-        self.critic_opt.zero_grad(set_to_none=True)
-        closs.backward()
-        self.critic_opt.step()
-        self.soft_update()
         info.update(critic_loss=td_loss.sum().item(), cql_loss=penalty.sum().item(),
-                    q_mean=q.mean().item(), actor_loss=aloss.item(), alpha=self.alpha.item())
-        if self.cfg.log_alpha_clamp is not None:
-            info["policy_alpha"] = policy_alpha.item()
-        return info
+                    q_mean=q.mean().item())
+        return (td_loss + penalty).sum(), info
 
     def training_state(self) -> dict:
         return {**super().training_state(), "cql_alpha_opt": self.cql_alpha_opt.state_dict()}

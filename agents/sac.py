@@ -31,8 +31,10 @@ class SACConfig:
     gamma: float = 0.99
     tau: float = 0.005
     auto_alpha: bool = True
-    alpha: float = 0.2          # initial (or fixed, if auto_alpha is false) temperature
-    target_entropy: float | None = None  # default: -act_dim
+    # Initial (or fixed, if auto_alpha is false) temperature. OfflineRL-Kit's MOPO starts
+    # log(alpha) at 0, i.e. 1.0 (run_example/run_mopo.py:129); CORL's CQL too (cql.py:505).
+    alpha: float = 0.2
+    target_entropy: float | None = None  # default: -act_dim (OfflineRL-Kit, CORL)
     # Clamp of the actor's log-std. Ours [-5, 2]; the DyDiff authors' TanhGaussianPolicy (also
     # CORL's CQL) uses [-20, 2]: FineArtz/DyDiff rlkit/policy.py:12-13,32; CORL
     # algorithms/offline/cql.py:276,286.
@@ -41,10 +43,40 @@ class SACConfig:
     # Linear-layer initialisation of actor and critics. "torch": PyTorch's default (CORL's
     # TD3+BC, OfflineRL-Kit). "edm": the DyDiff authors' EDM `Linear`, weight
     # sqrt(1/fan_in) * N(0, 1) and bias 0 (FineArtz/DyDiff training/networks.py:28-53,938-980).
-    weight_init: Literal["torch", "edm"] = "torch"
+    # "corl": CORL's CQL (algorithms/offline/cql.py:256-271,347,410): Q-networks orthogonal
+    # (hidden layers gain sqrt(2), output gain 1e-2, biases 0); the actor keeps PyTorch's
+    # default hidden layers and a Xavier-uniform (gain 1e-2) output layer, bias 0.
+    weight_init: Literal["torch", "edm", "corl"] = "torch"
+    # CORL's actor (algorithms/offline/cql.py:349-350,360): log-std = m * raw + o with learnable
+    # scalars m, o initialised to [m, o] = [1.0, -1.0]. None (ours): log-std = raw.
+    log_std_scale_offset: list[float] | None = None
+    # Actor learning-rate schedule. "constant": ours, CORL. "cosine": OfflineRL-Kit's MOPO
+    # (run_example/run_mopo.py:121 CosineAnnealingLR(actor_optim, T_max=epoch), stepped once per
+    # epoch: offlinerlkit/policy_trainer/mb_policy_trainer.py:57-94): the k-th lr is
+    # actor_lr * (1 + cos(pi * k / K)) / 2, k = updates done // actor_lr_schedule_every,
+    # K = actor_lr_schedule_steps // actor_lr_schedule_every (OfflineRL-Kit: all of training,
+    # 3000 epochs of 1000 updates).
+    actor_lr_schedule: Literal["constant", "cosine"] = "constant"
+    actor_lr_schedule_steps: int | None = None
+    actor_lr_schedule_every: int = 1
+    # Upper clamp of the temperature the losses use (the entropy tuning itself is unclamped).
+    # OfflineRL-Kit's SAC: 1.0 (offlinerlkit/policy/model_free/sac.py:126); ours: none.
+    alpha_max: float | None = None
 
     def validate(self) -> None:
         require(0 < self.gamma <= 1, "gamma", f"must be in (0, 1], got {self.gamma}")
+        require(self.alpha > 0, "alpha", f"must be positive, got {self.alpha}")
+        require(self.alpha_max is None or self.alpha_max > 0, "alpha_max",
+                f"must be positive, got {self.alpha_max}")
+        require(self.log_std_scale_offset is None or len(self.log_std_scale_offset) == 2,
+                "log_std_scale_offset", f"must be [scale, offset], got {self.log_std_scale_offset}")
+        require(self.actor_lr_schedule_every >= 1, "actor_lr_schedule_every",
+                f"must be >= 1, got {self.actor_lr_schedule_every}")
+        if self.actor_lr_schedule == "cosine":
+            steps = self.actor_lr_schedule_steps
+            require(steps is not None and steps >= self.actor_lr_schedule_every,
+                    "actor_lr_schedule_steps", f"the cosine schedule needs the number of updates "
+                    f"it spans (>= actor_lr_schedule_every), got {steps}")
         require(0 < self.tau <= 1, "tau", f"must be in (0, 1], got {self.tau}")
         require(all(h > 0 for h in self.hidden), "hidden", "widths must be positive")
         require(self.log_std_min < self.log_std_max, "log_std_min",
@@ -68,6 +100,23 @@ def init_weights_(module: nn.Module, kind: str) -> nn.Module:
 
 
 @torch.no_grad()
+def corl_init_(net: nn.Sequential, orthogonal: bool) -> nn.Sequential:
+    """CORL's `init_module_weights` (algorithms/offline/cql.py:256-271) on one MLP: with
+    `orthogonal`, hidden Linears orthogonal (gain sqrt 2) and the output orthogonal (gain 1e-2);
+    without, hidden layers untouched and the output Xavier-uniform (gain 1e-2); biases 0."""
+    linears = [m for m in net if isinstance(m, nn.Linear)]
+    if orthogonal:
+        for layer in linears[:-1]:
+            nn.init.orthogonal_(layer.weight, gain=math.sqrt(2))
+            nn.init.zeros_(layer.bias)
+        nn.init.orthogonal_(linears[-1].weight, gain=1e-2)
+    else:
+        nn.init.xavier_uniform_(linears[-1].weight, gain=1e-2)
+    nn.init.zeros_(linears[-1].bias)
+    return net
+
+
+@torch.no_grad()
 def fit_obs_stats(normalizer: Standardizer, observations, eps: float) -> None:
     """Fix `normalizer` to the dataset's mean and population std + eps (as numpy computes it;
     CORL adds 1e-3, the DyDiff authors 1e-6)."""
@@ -81,14 +130,21 @@ class TanhGaussianActor(nn.Module):
     (default [-5, 2]); the deterministic action is tanh(mu)."""
 
     def __init__(self, obs_dim: int, act_dim: int, hidden: list[int],
-                 log_std_min: float = -5.0, log_std_max: float = 2.0):
+                 log_std_min: float = -5.0, log_std_max: float = 2.0,
+                 log_std_scale_offset: list[float] | None = None):
         super().__init__()
         self.net = mlp(obs_dim, 2 * act_dim, hidden)
         self.log_std_min, self.log_std_max = log_std_min, log_std_max
+        if log_std_scale_offset is not None:  # only then, so the default keeps its state_dict
+            scale, offset = log_std_scale_offset
+            self.log_std_scale = nn.Parameter(torch.tensor(float(scale)))
+            self.log_std_offset = nn.Parameter(torch.tensor(float(offset)))
 
     def forward(self, obs: torch.Tensor, deterministic: bool = False
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         mu, log_std = self.net(obs).chunk(2, dim=-1)
+        if hasattr(self, "log_std_scale"):
+            log_std = self.log_std_scale * log_std + self.log_std_offset
         log_std = log_std.clamp(self.log_std_min, self.log_std_max)
         if deterministic:
             return torch.tanh(mu), torch.zeros(obs.shape[:-1], device=obs.device)
@@ -118,10 +174,20 @@ class SAC(nn.Module):
         super().__init__()
         self.cfg = cfg = cfg or SACConfig()
         self.obs_dim, self.act_dim = obs_dim, act_dim
-        self.actor = init_weights_(
-            TanhGaussianActor(obs_dim, act_dim, cfg.hidden, cfg.log_std_min, cfg.log_std_max),
-            cfg.weight_init)
-        self.critic = init_weights_(TwinQ(obs_dim, act_dim, cfg.hidden), cfg.weight_init)
+        # Each network re-initialised right after it is built (the global RNG order "edm" had).
+        corl = cfg.weight_init == "corl"
+        self.actor = TanhGaussianActor(obs_dim, act_dim, cfg.hidden, cfg.log_std_min,
+                                       cfg.log_std_max, cfg.log_std_scale_offset)
+        if corl:
+            corl_init_(self.actor.net, orthogonal=False)
+        else:
+            init_weights_(self.actor, cfg.weight_init)
+        self.critic = TwinQ(obs_dim, act_dim, cfg.hidden)
+        if corl:
+            corl_init_(self.critic.q1, orthogonal=True)
+            corl_init_(self.critic.q2, orthogonal=True)
+        else:
+            init_weights_(self.critic, cfg.weight_init)
         self.critic_target = copy.deepcopy(self.critic).requires_grad_(False)
         self.log_alpha = nn.Parameter(torch.tensor(math.log(cfg.alpha)))
         self.target_entropy = (cfg.target_entropy if cfg.target_entropy is not None
@@ -129,6 +195,22 @@ class SAC(nn.Module):
         self.actor_opt = torch.optim.Adam(self.actor.parameters(), lr=cfg.actor_lr)
         self.critic_opt = torch.optim.Adam(self.critic.parameters(), lr=cfg.critic_lr)
         self.alpha_opt = torch.optim.Adam([self.log_alpha], lr=cfg.alpha_lr)
+        self.updates = 0  # gradient updates done (the actor-lr schedule's clock)
+
+    def actor_lr_at(self, update: int) -> float:
+        """The actor's learning rate for the `update`-th update (0-based)."""
+        cfg = self.cfg
+        if cfg.actor_lr_schedule == "constant":
+            return cfg.actor_lr
+        k, every = update // cfg.actor_lr_schedule_every, cfg.actor_lr_schedule_every
+        return cfg.actor_lr * (1 + math.cos(math.pi * k / (cfg.actor_lr_schedule_steps // every))) / 2
+
+    def start_update(self) -> None:
+        """Called first in every update: sets this update's actor lr and advances the clock."""
+        if self.cfg.actor_lr_schedule != "constant":
+            for group in self.actor_opt.param_groups:
+                group["lr"] = self.actor_lr_at(self.updates)
+        self.updates += 1
 
     @classmethod
     def from_dataset(cls, dataset, cfg=None):
@@ -137,7 +219,9 @@ class SAC(nn.Module):
 
     @property
     def alpha(self) -> torch.Tensor:
-        return self.log_alpha.exp().detach()
+        """The temperature the losses use (at most `alpha_max`, if set)."""
+        alpha = self.log_alpha.exp().detach()
+        return alpha if self.cfg.alpha_max is None else alpha.clamp(max=self.cfg.alpha_max)
 
     @property
     def policy_alpha(self) -> torch.Tensor:
@@ -168,6 +252,7 @@ class SAC(nn.Module):
         return (self.policy_alpha * logp - q).mean(), logp
 
     def update(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
+        self.start_update()
         closs, info = self.critic_loss(batch)
         self.critic_opt.zero_grad(set_to_none=True)
         closs.backward()
@@ -195,11 +280,15 @@ class SAC(nn.Module):
 
     def training_state(self) -> dict:
         """Everything to resume training exactly: weights and optimiser moments."""
-        return {"model": self.state_dict(), "actor_opt": self.actor_opt.state_dict(),
-                "critic_opt": self.critic_opt.state_dict(),
-                "alpha_opt": self.alpha_opt.state_dict()}
+        state = {"model": self.state_dict(), "actor_opt": self.actor_opt.state_dict(),
+                 "critic_opt": self.critic_opt.state_dict(),
+                 "alpha_opt": self.alpha_opt.state_dict()}
+        if self.cfg.actor_lr_schedule != "constant":
+            state["updates"] = self.updates
+        return state
 
     def load_training_state(self, state: dict) -> None:
+        self.updates = state.get("updates", 0)
         self.load_state_dict(state["model"])
         self.actor_opt.load_state_dict(state["actor_opt"])
         self.critic_opt.load_state_dict(state["critic_opt"])

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Callable, Literal
 
 import torch
+import yaml
 
 from harness.config import from_dict, require
 from harness.data.dataset import Dataset
@@ -33,33 +34,41 @@ from harness.envs import termination_fn
 
 PenaltyKind = Literal["aleatoric", "ensemble_std", "none"]
 
-# MOPO's published per-task settings (rollout length h, penalty coefficient lambda) for the D4RL
-# MuJoCo tasks, read from the authors' configs: github.com/tianheyu927/mopo,
-# examples/config/d4rl/<family>_<dataset>.py (commit 3d632fc; 'mixed' = medium-replay), D4RL v0.
-# Cross-checked against the "suggested hypers from the mopo paper" list in OfflineRL-Kit-based
-# run scripts: 11 of 12 agree; halfcheetah-medium-expert differs (authors' config lambda 5.0,
-# that list 1.0) - the authors' config is used here. OfflineRL-Kit's own re-tuned values for
-# the -v2 datasets (e.g. hopper-medium-replay h 5 / lambda 2.5) are NOT these.
-PAPER_SETTINGS: dict[str, dict[str, float | int]] = {
-    "halfcheetah-random": {"rollout_length": 5, "penalty_coef": 0.5},
-    "halfcheetah-medium": {"rollout_length": 1, "penalty_coef": 1.0},
-    "halfcheetah-medium-replay": {"rollout_length": 5, "penalty_coef": 1.0},
-    "halfcheetah-medium-expert": {"rollout_length": 5, "penalty_coef": 5.0},
-    "hopper-random": {"rollout_length": 5, "penalty_coef": 1.0},
-    "hopper-medium": {"rollout_length": 5, "penalty_coef": 5.0},
-    "hopper-medium-replay": {"rollout_length": 5, "penalty_coef": 1.0},
-    "hopper-medium-expert": {"rollout_length": 5, "penalty_coef": 1.0},
-    "walker2d-random": {"rollout_length": 1, "penalty_coef": 1.0},
-    "walker2d-medium": {"rollout_length": 5, "penalty_coef": 5.0},
-    "walker2d-medium-replay": {"rollout_length": 1, "penalty_coef": 1.0},
-    "walker2d-medium-expert": {"rollout_length": 1, "penalty_coef": 2.0},
-}
+# MOPO's per-task settings (rollout length h, penalty coefficient lambda) as named presets, read
+# from baselines/reference_settings.yaml (`mopo_presets`, each value with its source file):
+#   "offlinerl-kit": OfflineRL-Kit's suggested values for the D4RL -v2 datasets
+#       (run_example/run_mopo.py header), what config/paper.yaml runs: the tables compare MOPO
+#       with OfflineRL-Kit's -v2 numbers. It lists no random dataset.
+#   "mopo-authors": the MOPO authors' D4RL -v0 configs (github.com/tianheyu927/mopo,
+#       examples/config/d4rl/<family>_<dataset>.py), for all 12 tasks.
+# GRID_PRESETS: the order the paper grid takes them in (the first that lists a task).
+REFERENCE_SETTINGS = Path(__file__).with_name("reference_settings.yaml")
+GRID_PRESETS = ("offlinerl-kit", "mopo-authors")
+
+
+def load_presets(path: Path = REFERENCE_SETTINGS) -> dict[str, dict[str, dict[str, float | int]]]:
+    """{preset: {task: {"rollout_length", "penalty_coef"}}} from the reference settings file."""
+    data = yaml.safe_load(Path(path).read_text()) or {}
+    out: dict[str, dict[str, dict[str, float | int]]] = {}
+    for preset, tasks in (data.get("mopo_presets") or {}).items():
+        for task, entry in tasks.items():
+            missing = {"rollout_length", "penalty_coef", "source"} - set(entry)
+            if missing:
+                raise ValueError(f"{path}: mopo_presets.{preset}.{task}: missing "
+                                 f"{sorted(missing)}")
+            out.setdefault(preset, {})[task] = {k: entry[k] for k in ("rollout_length",
+                                                                      "penalty_coef")}
+    return out
+
+
+PRESETS = load_presets()
+PAPER_SETTINGS = PRESETS["mopo-authors"]  # the MOPO paper's own values (D4RL -v0)
 
 
 @dataclass
 class MOPOConfig:
-    rollout_length: int = 5           # h (per task: PAPER_SETTINGS)
-    penalty_coef: float = 1.0         # lambda (per task: PAPER_SETTINGS)
+    rollout_length: int = 5           # h (per task: PRESETS, config per_task)
+    penalty_coef: float = 1.0         # lambda (per task: PRESETS, config per_task)
     penalty: PenaltyKind = "aleatoric"
     rollout_batch_size: int = 50_000  # start states per generate call (MOPO / OfflineRL-Kit)
     deterministic: bool = False       # True: the chosen elite's mean, no Gaussian draw
@@ -72,15 +81,30 @@ class MOPOConfig:
                 f"must be >= 1, got {self.rollout_batch_size}")
 
 
-def paper_settings(task: str) -> dict[str, float | int]:
-    """MOPO's (rollout_length, penalty_coef) for a D4RL task name ('hopper-medium-v2' ok)."""
+def _task_key(task: str) -> str:
     key = task.lower()
     for suffix in ("-v0", "-v1", "-v2"):
         key = key.removesuffix(suffix)
-    if key not in PAPER_SETTINGS:
-        raise KeyError(f"no published MOPO settings for {task!r}; known: "
-                       f"{sorted(PAPER_SETTINGS)}")
-    return dict(PAPER_SETTINGS[key])
+    return key
+
+
+def paper_settings(task: str, preset: str = "mopo-authors") -> dict[str, float | int]:
+    """A preset's (rollout_length, penalty_coef) for a D4RL task name ('hopper-medium-v2' ok)."""
+    if preset not in PRESETS:
+        raise KeyError(f"unknown MOPO preset {preset!r}; known: {sorted(PRESETS)}")
+    key = _task_key(task)
+    if key not in PRESETS[preset]:
+        raise KeyError(f"no {preset} MOPO settings for {task!r}; known: "
+                       f"{sorted(PRESETS[preset])}")
+    return dict(PRESETS[preset][key])
+
+
+def grid_settings(task: str) -> tuple[str, dict[str, float | int]]:
+    """(preset, settings) the paper grid uses for `task`: the first of GRID_PRESETS listing it."""
+    for preset in GRID_PRESETS:
+        if _task_key(task) in PRESETS[preset]:
+            return preset, paper_settings(task, preset)
+    raise KeyError(f"no MOPO settings for {task!r} in presets {list(GRID_PRESETS)}")
 
 
 def uncertainty_penalty(means: torch.Tensor, stds: torch.Tensor,
@@ -181,5 +205,5 @@ def make_generator(dataset: Dataset, cfg: dict | MOPOConfig, model_dirs: dict[st
     return EnsembleRolloutGenerator(dyn, termination_fn(dataset.name), cfg, seed)
 
 
-__all__ = ["MOPOConfig", "PAPER_SETTINGS", "EnsembleRolloutGenerator", "make_generator",
-           "paper_settings", "uncertainty_penalty"]
+__all__ = ["MOPOConfig", "PAPER_SETTINGS", "PRESETS", "GRID_PRESETS", "EnsembleRolloutGenerator",
+           "make_generator", "grid_settings", "paper_settings", "uncertainty_penalty"]

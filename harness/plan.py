@@ -313,10 +313,15 @@ def policy_settings(cfg: dict, method: str, task: str) -> dict:
                               f"{ {k: spec.pinned_rollout[k] for k in pinned} }")
         rollout = _validated(spec.rollout_config, {**rollout, **spec.pinned_rollout}, where)
     agent = registry.AGENTS[spec.agent]
-    return {"offline": _validated("harness.training.offline_loop:OfflineConfig",
-                                  merged.get("offline"), f"policy.methods.{method}.offline"),
-            "agent": _validated(agent.config, merged.get(agent.name),
-                                f"policy.methods.{method}.{agent.name}"),
+    offline = _validated("harness.training.offline_loop:OfflineConfig", merged.get("offline"),
+                         f"policy.methods.{method}.offline")
+    agent_cfg = dict(merged.get(agent.name) or {})
+    if agent_cfg.get("actor_lr_schedule", "constant") != "constant" \
+            and agent_cfg.get("actor_lr_schedule_steps") is None:
+        # A learning-rate schedule spans the method's training unless told otherwise.
+        agent_cfg["actor_lr_schedule_steps"] = offline["total_steps"]
+    return {"offline": offline,
+            "agent": _validated(agent.config, agent_cfg, f"policy.methods.{method}.{agent.name}"),
             "rollout": rollout}
 
 

@@ -55,6 +55,8 @@ class Method:
     published: source ids in analysis/published.yaml whose numbers sit next to this method.
     ablation: the ablation group a variant belongs to; a config's `ablations: [group, ...]`
         adds every variant of that group whose base it runs.
+    compare: False for a preset (the base with another source's settings, e.g. cql-corl):
+        tabled in the base's family, next to its source's column, without P(improvement).
     """
     name: str
     label: str
@@ -70,6 +72,7 @@ class Method:
     base: str | None = None
     published: tuple[str, ...] = ()
     ablation: str | None = None
+    compare: bool = True
 
     @property
     def model_based(self) -> bool:
@@ -134,9 +137,10 @@ def variant_of(base: str, name: str, label: str, color: str, overrides: dict,
                source: str, **changes) -> Method:
     """Register a variant of `base`: its settings plus `overrides`, compared with `base`."""
     changes.setdefault("ablation", None)  # a variant of an ablation is not that ablation
+    changes.setdefault("published", ())   # the base's published numbers are not the variant's
     return register_method(replace(METHODS[base], name=name, label=label, color=color,
                                    parent=base, overrides=overrides, base=base, source=source,
-                                   published=(), **changes))
+                                   **changes))
 
 
 def lineage(name: str) -> list[Method]:
@@ -148,10 +152,11 @@ def lineage(name: str) -> list[Method]:
 
 
 def comparisons() -> list[tuple[str, str]]:
-    """The (X, Y) pairs of P(X > Y): DyDiff-X over X (does the model help?) and each method
-    over its ablation variants (does the removed component help?)."""
+    """The (X, Y) pairs of P(X > Y): DyDiff-X over X (does the model help?), a variant over
+    its base, and each method over its ablation variants (does the removed component help?).
+    A preset (`compare=False`) is tabled in its base's family but asks no question."""
     return [(m.base, m.name) if m.ablation else (m.name, m.base)
-            for m in METHODS.values() if m.base is not None]
+            for m in METHODS.values() if m.base is not None and m.compare]
 
 
 def ablation_groups() -> list[str]:
@@ -210,14 +215,53 @@ register_method(Method(
     generator="dydiff.rollout:make_generator", rollout_config="dydiff.rollout:DyDiffConfig",
     models=("diffusion", "reward", "ensemble"), published=("dydiff-paper",),
     source="Zhao et al. 2024 (arXiv 2405.19189); github.com/FineArtz/DyDiff"))
+# `cql` is DyDiff-CQL's model-free control: both read the config's `policy.cql` (paper.yaml: the
+# DyDiff authors' settings), so the pair differs only in its rollouts. The published CQL
+# numbers were produced with other settings, so they sit next to the presets below instead.
 register_method(Method(
-    "cql", "CQL", "#2ca02c", agent="cql", published=("corl", "offlinerl-kit"),
-    source="Kumar et al. 2020; settings from CORL algorithms/offline/cql.py"))
+    "cql", "CQL, DyDiff-CQL settings", "#2ca02c", agent="cql",
+    source="Kumar et al. 2020; the settings of DyDiff-CQL (config policy.cql; paper.yaml: "
+           "the DyDiff authors', github.com/FineArtz/DyDiff exp_specs/dydiff_cql*)"))
 register_method(Method(
     "dydiff-cql", "DyDiff-CQL", "#d62728", agent="cql", base="cql",
     generator="dydiff.rollout:make_generator", rollout_config="dydiff.rollout:DyDiffConfig",
     models=("diffusion", "reward", "ensemble"), published=("dydiff-paper",),
     source="Zhao et al. 2024 (arXiv 2405.19189); github.com/FineArtz/DyDiff"))
+
+# CQL as a published source runs it: a complete agents/cql.py CQLConfig (every field, so the
+# config's shared `policy.cql` section cannot leak in), next to that source's column. Values
+# and the file each comes from: baselines/reference_settings.yaml (tests/
+# test_reference_settings.py checks both agree). Per-task differences (CORL's hopper-medium
+# reward normalisation) live in the config's per_task section.
+_CQL_COMMON = {"gamma": 0.99, "tau": 0.005, "auto_alpha": True, "alpha": 1.0,
+               "target_entropy": None, "temperature": 1.0, "num_repeat_actions": 10,
+               "deterministic_backup": True, "with_lagrange": False, "max_action": 1.0,
+               "log_alpha_clamp": None, "alpha_before_actor": False, "importance_sample": True,
+               "max_target_backup": False, "actor_lr_schedule": "constant",
+               "actor_lr_schedule_steps": None, "actor_lr_schedule_every": 1, "alpha_max": None}
+CQL_PRESETS = {
+    "corl": {**_CQL_COMMON, "hidden": [256, 256, 256], "actor_lr": 3e-5, "critic_lr": 3e-4,
+             "alpha_lr": 3e-5, "cql_weight": 10.0, "lagrange_threshold": -1.0,
+             "cql_alpha_lr": 3e-4, "normalize_obs": True, "obs_std_eps": 1e-3,
+             "normalize_reward": False, "log_std_min": -20.0, "log_std_max": 2.0,
+             "log_std_scale_offset": [1.0, -1.0], "weight_init": "corl",
+             "losses_before_steps": True},
+    "offlinerl-kit": {**_CQL_COMMON, "hidden": [256, 256, 256], "actor_lr": 1e-4,
+                      "critic_lr": 3e-4, "alpha_lr": 1e-4, "cql_weight": 5.0,
+                      "lagrange_threshold": 10.0, "cql_alpha_lr": 3e-4, "normalize_obs": False,
+                      "obs_std_eps": 1e-3, "normalize_reward": False, "log_std_min": -5.0,
+                      "log_std_max": 2.0, "log_std_scale_offset": None, "weight_init": "torch",
+                      "losses_before_steps": False},
+}
+variant_of("cql", "cql-corl", "CQL, CORL settings", "#98df8a",
+           overrides={"cql": CQL_PRESETS["corl"]}, published=("corl",), compare=False,
+           source="CQL as CORL runs it: algorithms/offline/cql.py and "
+                  "configs/offline/cql/<env>/<dataset>_v2.yaml (github.com/tinkoff-ai/CORL)")
+variant_of("cql", "cql-offlinerl-kit", "CQL, OfflineRL-Kit settings", "#74c476",
+           overrides={"cql": CQL_PRESETS["offlinerl-kit"]}, published=("offlinerl-kit",),
+           compare=False,
+           source="CQL as OfflineRL-Kit runs it: run_example/run_cql.py, offlinerlkit/policy/"
+                  "model_free/cql.py (github.com/yihaosun1124/OfflineRL-Kit)")
 register_method(Method(
     "mopo", "MOPO", "#9467bd", agent="sac", generator="baselines.mopo:make_generator",
     rollout_config="baselines.mopo:MOPOConfig", models=("ensemble",),

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from harness.config import ConfigError, from_dict
-from agents.cql import CQL, CQLConfig
+from harness.registry import CQL_PRESETS
+from agents.cql import CQL, CQLConfig, return_range
 from agents.sac import SAC, SACConfig, TanhGaussianActor
 from agents.td3bc import TD3BC, TD3BCConfig, smoothed_target_action, td3bc_actor_loss
 from harness.training.policy import load_policy, save_policy
@@ -30,6 +31,11 @@ AUTHORS_TD3BC = dict(actor="tanh_gaussian", target_smoothing=False, bc_weight=0.
 AUTHORS_CQL = dict(actor_lr=3e-5, critic_lr=3e-4, alpha_lr=3e-5, cql_weight=10.0,
                    normalize_obs=True, obs_std_eps=1e-6, log_alpha_clamp=[-10.0, 0.5],
                    alpha_before_actor=True, log_std_min=-20.0, weight_init="edm")
+
+
+# OfflineRL-Kit's MOPO SAC (config/paper.yaml policy.sac), with a short cosine horizon.
+OKIT_SAC = dict(alpha=1.0, alpha_max=1.0, actor_lr_schedule="cosine", actor_lr_schedule_steps=10,
+                actor_lr_schedule_every=2)
 
 
 def batch(b=B, seed=0):
@@ -153,7 +159,10 @@ def test_cql_update_penalises_and_lagrange_moves_alpha_prime():
     lambda: SAC(O, A, SACConfig(hidden=[16, 16])),
     lambda: TD3BC.from_dataset(fake_dataset(), TD3BCConfig(hidden=[16, 16], **AUTHORS_TD3BC)),
     lambda: CQL.from_dataset(fake_dataset(), CQLConfig(hidden=[16, 16], **AUTHORS_CQL)),
-], ids=["td3bc", "cql", "sac", "td3bc-authors", "cql-authors"])
+    lambda: SAC(O, A, SACConfig(hidden=[16, 16], **OKIT_SAC)),
+    lambda: CQL.from_dataset(fake_dataset(), CQLConfig(**{**CQL_PRESETS["corl"],
+                                                          "hidden": [16, 16]})),
+], ids=["td3bc", "cql", "sac", "td3bc-authors", "cql-authors", "sac-offlinerl-kit", "cql-corl"])
 def test_agent_shapes_and_exact_state_roundtrip(make):
     torch.manual_seed(0)
     agent = make()
@@ -410,3 +419,139 @@ def test_authors_settings_parse_and_bad_values_name_the_key():
         from_dict(CQLConfig, {"log_alpha_clamp": [0.5, -10.0]}, where="cql")
     with pytest.raises(ConfigError, match="cql.weight_init"):
         from_dict(CQLConfig, {"weight_init": "xavier"}, where="cql")
+
+
+# ---- the reference sources' options (baselines/reference_settings.yaml) ----------------------
+
+def _cosine_reference(lr: float, epochs: int, every: int, updates: int) -> list[float]:
+    """The lr of each update as OfflineRL-Kit gets it: torch's CosineAnnealingLR(T_max=epochs)
+    stepped after every epoch of `every` updates (mb_policy_trainer.py:57-94)."""
+    opt = torch.optim.Adam([torch.zeros(1, requires_grad=True)], lr=lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs)
+    out = []
+    for t in range(updates):
+        out.append(opt.param_groups[0]["lr"])
+        if (t + 1) % every == 0:
+            opt.step()
+            sched.step()
+    return out
+
+
+def test_sac_cosine_actor_lr_follows_offlinerl_kits_schedule():
+    torch.manual_seed(0)
+    cfg = SACConfig(hidden=[8], actor_lr=1e-3, actor_lr_schedule="cosine",
+                    actor_lr_schedule_steps=12, actor_lr_schedule_every=3)
+    agent = SAC(O, A, cfg)
+    used = []
+    for i in range(12):
+        agent.update(batch(seed=i))
+        used.append(agent.actor_opt.param_groups[0]["lr"])
+    assert used == pytest.approx(_cosine_reference(1e-3, 4, 3, 12), rel=1e-12, abs=1e-15)
+    assert agent.critic_opt.param_groups[0]["lr"] == cfg.critic_lr  # only the actor's
+    # the paper's horizon (3000 epochs of 1000 updates): start, middle, last epoch
+    paper = SAC(O, A, SACConfig(hidden=[8], actor_lr_schedule="cosine",
+                                actor_lr_schedule_steps=3_000_000, actor_lr_schedule_every=1000))
+    ref = _cosine_reference(1e-4, 3000, 1, 3000)  # one entry per epoch
+    for update in (0, 999, 1_500_000, 2_999_999):
+        assert paper.actor_lr_at(update) == pytest.approx(ref[update // 1000], rel=1e-9)
+    assert paper.actor_lr_at(0) == 1e-4 and paper.actor_lr_at(1_500_000) == pytest.approx(5e-5)
+    assert paper.actor_lr_at(2_999_999) < 1e-10
+    assert SAC(O, A, SACConfig(hidden=[8])).actor_lr_at(2_999_999) == 1e-4  # default: constant
+
+
+def test_sac_alpha_clamp_bounds_the_temperature_of_both_losses():
+    torch.manual_seed(0)
+    clamped = SAC(O, A, SACConfig(hidden=[8], alpha=5.0, alpha_max=1.0))
+    assert clamped.log_alpha.exp().item() == pytest.approx(5.0)
+    assert clamped.alpha.item() == 1.0
+    torch.manual_seed(0)
+    at_one = SAC(O, A, SACConfig(hidden=[8], alpha=1.0))
+    torch.manual_seed(1)
+    a = clamped.update(batch())
+    torch.manual_seed(1)
+    b = at_one.update(batch())
+    # same weights, same draws: the TD target and actor loss saw alpha = 1 in both
+    assert (a["critic_loss"], a["actor_loss"]) == (b["critic_loss"], b["actor_loss"])
+    assert clamped.log_alpha.item() > math.log(1.0) and a["alpha"] == 1.0
+
+
+def test_new_options_default_to_todays_behaviour():
+    """Defaults select nothing new: the same parameters (no new state_dict entries), a constant
+    actor lr, an unclamped temperature, the same training-state keys."""
+    sac, cql = SAC(O, A), CQL(O, A)
+    assert (SACConfig().actor_lr_schedule, SACConfig().alpha_max, SACConfig().weight_init,
+            SACConfig().log_std_scale_offset) == ("constant", None, "torch", None)
+    cfg = CQLConfig()
+    assert (cfg.losses_before_steps, cfg.importance_sample, cfg.max_target_backup,
+            cfg.normalize_reward) == (False, True, False, False)
+    for agent in (sac, cql):
+        assert not any("log_std_scale" in k or "reward_scale" in k for k in agent.state_dict())
+        assert "updates" not in agent.training_state()
+    sac.log_alpha.data.fill_(3.0)
+    assert sac.alpha.item() == pytest.approx(math.exp(3.0))
+
+
+def test_corl_losses_before_steps_computes_the_critic_loss_at_the_pre_update_actor():
+    import copy
+    torch.manual_seed(0)
+    agent = CQL(O, A, CQLConfig(hidden=[8], losses_before_steps=True, actor_lr=0.5))
+    twin = copy.deepcopy(agent)
+    torch.manual_seed(3)
+    info = agent.update(batch())
+    torch.manual_seed(3)
+    twin.actor(batch()["obs"])                  # the update's first draw: the actor's sample
+    closs, twin_info = twin.critic_loss(batch())
+    assert info["critic_loss"] == twin_info["critic_loss"]
+    assert info["cql_loss"] == twin_info["cql_loss"]
+
+
+def test_corl_initialisation_and_log_std_affine():
+    torch.manual_seed(0)
+    agent = CQL(O, A, CQLConfig(**CQL_PRESETS["corl"]))
+    for q in (agent.critic.q1, agent.critic.q2):
+        linears = [m for m in q if isinstance(m, torch.nn.Linear)]
+        assert len(linears) == 4  # 3 hidden Q layers
+        w = linears[1].weight  # square hidden layer: orthogonal with gain sqrt(2)
+        assert torch.allclose(w @ w.T, 2 * torch.eye(256), atol=1e-4)
+        assert all(float(l.bias.detach().abs().max()) == 0.0 for l in linears)
+        assert torch.allclose(linears[-1].weight.norm(), torch.tensor(1e-2), rtol=1e-4)
+    out = agent.actor.net[-1]
+    assert float(out.bias.detach().abs().max()) == 0.0
+    assert float(out.weight.detach().abs().max()) < 1e-2 * 0.2
+    assert (agent.actor.log_std_scale.item(), agent.actor.log_std_offset.item()) == (1.0, -1.0)
+    assert agent.actor.log_std_scale.requires_grad
+
+
+def test_importance_sampling_off_and_max_target_backup_change_the_loss():
+    infos = {}
+    for name, extra in (("default", {}), ("no-is", {"importance_sample": False}),
+                        ("max-backup", {"max_target_backup": True})):
+        torch.manual_seed(0)
+        agent = CQL(O, A, CQLConfig(hidden=[8], **extra))
+        torch.manual_seed(1)
+        infos[name] = agent.update(batch())
+    assert infos["no-is"]["cql_loss"] != infos["default"]["cql_loss"]
+    assert infos["max-backup"]["critic_loss"] != infos["default"]["critic_loss"]
+
+
+def test_return_range_is_corls_on_qlearning_rows():
+    # d4rl.qlearning_dataset drops the time-limit row (9.0), then CORL counts an episode until a
+    # terminal or max_episode_steps rows: the cut episode runs on into the next one.
+    rewards = np.array([1.0, 1.0, 1.0, 2.0, 2.0, 9.0, 0.5])
+    terminals = np.array([0, 0, 1, 0, 0, 0, 1], dtype=bool)
+    timeouts = np.array([0, 0, 0, 0, 0, 1, 0], dtype=bool)
+    assert return_range(rewards, terminals, timeouts) == (3.0, 4.5)
+    assert return_range(rewards, terminals, timeouts, max_episode_steps=2) == (0.5, 4.0)
+    data = SimpleNamespace(obs_dim=O, act_dim=A, observations=fake_dataset().observations,
+                           rewards=rewards, terminals=terminals, timeouts=timeouts)
+    torch.manual_seed(0)
+    agent = CQL.from_dataset(data, CQLConfig(hidden=[8], normalize_reward=True))
+    assert agent.reward_scale.item() == pytest.approx(1000.0 / 1.5)
+    torch.manual_seed(0)
+    plain = CQL.from_dataset(data, CQLConfig(hidden=[8]))
+    scaled = {**batch(), "rewards": batch()["rewards"] * (1000.0 / 1.5)}
+    torch.manual_seed(1)
+    a = agent.update(batch())
+    torch.manual_seed(1)
+    b = plain.update(scaled)
+    assert a["critic_loss"] == pytest.approx(b["critic_loss"], rel=1e-6)

@@ -129,14 +129,14 @@ def test_run_aggregate_writes_labelled_figures(tmp_path, monkeypatch):
     assert {ax.get_xlabel() for ax in intervals.axes} == {"D4RL normalised score"}
     assert intervals.axes[0].get_ylabel() == "method"
     assert [t.get_text() for t in intervals.axes[0].get_yticklabels()] == [
-        "TD3+BC", "DyDiff-TD3BC", "CQL"]  # registry labels, registry order
+        "TD3+BC", "DyDiff-TD3BC", "CQL, DyDiff-CQL settings"]  # registry labels, registry order
     assert intervals._suptitle.get_text() == (
         "Aggregate scores, 95 % stratified-bootstrap CIs (2 tasks, 3 seeds/task)")
     (ax,) = profiles.axes
     assert ax.get_title() == "Performance profiles (score distributions, 95 % CIs)"
     assert ax.get_xlabel() == r"D4RL normalised score $\tau$"
     assert ax.get_ylabel() == r"fraction of runs with score $> \tau$"
-    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["TD3+BC", "DyDiff-TD3BC", "CQL"]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["TD3+BC", "DyDiff-TD3BC", "CQL, DyDiff-CQL settings"]
     (ax,) = improvement.axes
     assert ax.get_xlabel() == "probability of improvement P(X > Y)"
     assert [t.get_text() for t in ax.get_yticklabels()] == ["DyDiff-TD3BC > TD3+BC"]

@@ -127,25 +127,29 @@ def test_overrides_parse_yaml_values_the_same_on_both_front_ends():
         overrides_from_pairs(["seeds"])
 
 
-def test_paper_config_uses_mopo_published_settings_per_task():
-    from baselines.mopo import PAPER_SETTINGS
+def test_paper_config_uses_mopo_grid_settings_per_task():
+    """OfflineRL-Kit's -v2 values, the MOPO authors' for the random datasets (baselines/mopo.py
+    grid_settings; every value with its source: tests/test_reference_settings.py)."""
+    from baselines.mopo import grid_settings
     cfg = plan.load_config("config/paper.yaml")
     for task in cfg["tasks"]:
+        _, want = grid_settings(task)
         mopo = plan.policy_job(cfg, "mopo", task, 0)["config"]["policy"]["rollout"]
         mbpo = plan.policy_job(cfg, "mbpo", task, 0)["config"]["policy"]["rollout"]
-        assert {k: mopo[k] for k in PAPER_SETTINGS[task]} == PAPER_SETTINGS[task], task
-        assert mbpo["rollout_length"] == PAPER_SETTINGS[task]["rollout_length"]
+        assert {k: mopo[k] for k in want} == want, task
+        assert mbpo["rollout_length"] == want["rollout_length"]
         assert (mbpo["penalty"], mbpo["penalty_coef"]) == ("none", 0.0)
 
 
 def test_paper_grid_job_counts():
-    """12 tasks x 8 methods x 5 seeds, D4RL files imported, every model once per task."""
+    """12 tasks x 9 methods (cql-corl: CQL with CORL's settings) x 5 seeds, D4RL files
+    imported, every model once per task."""
     cfg = plan.load_config("config/paper.yaml")
     counts: dict[str, int] = {}
     for spec in plan.all_jobs(cfg):
         counts[spec["step"]] = counts.get(spec["step"], 0) + 1
-    assert counts == {"import-dataset": 12, "train-model": 36, "train-policy": 480,
-                      "evaluate": 480, "rollout-error": 12, "analyze": 1}
+    assert counts == {"import-dataset": 12, "train-model": 36, "train-policy": 540,
+                      "evaluate": 540, "rollout-error": 12, "analyze": 1}
 
 
 def test_every_output_path_is_under_the_results_folder_and_distinct():
@@ -270,3 +274,16 @@ def test_missing_minari_datasets_are_named(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match=r"Minari dataset 'mujoco/hopper/medium-replay-v0' is "
                                           r"not installed locally"):
         plan.check_datasets(cfg)
+
+
+def test_a_learning_rate_schedule_spans_the_methods_training():
+    """OfflineRL-Kit anneals MOPO's actor lr over all of training: the planner fills the
+    schedule's length from the method's total_steps, so changing one changes both."""
+    task = "hopper-medium"
+    for steps in (3_000_000, 20_000):
+        cfg = plan.load_config("config/paper.yaml", {"tasks": [task], "methods": ["mopo"],
+                                                     "rollout_error": {"enabled": False},
+                                                     "policy": {"methods": {"mopo": {
+                                                         "offline": {"total_steps": steps}}}}})
+        sac = plan.policy_job(cfg, "mopo", task, 0)["config"]["policy"]["agent"]
+        assert (sac["actor_lr_schedule"], sac["actor_lr_schedule_steps"]) == ("cosine", steps)

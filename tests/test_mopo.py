@@ -10,7 +10,8 @@ import torch
 
 from baselines import mopo
 from baselines.ensemble import train_ensemble
-from baselines.mopo import PAPER_SETTINGS, MOPOConfig, paper_settings, uncertainty_penalty
+from baselines.mopo import (PAPER_SETTINGS, PRESETS, MOPOConfig, grid_settings, paper_settings,
+                           uncertainty_penalty)
 from harness import registry
 from harness.config import ConfigError, from_dict
 from harness.data.dataset import Dataset
@@ -72,17 +73,25 @@ def test_config_defaults_and_validation():
         assert key in str(err.value)
 
 
-def test_paper_settings_table():
+def test_mopo_presets_from_the_reference_settings_file():
     tasks = {f"{f}-{k}" for f in ("hopper", "halfcheetah", "walker2d")
              for k in ("random", "medium", "medium-replay", "medium-expert")}
-    assert set(PAPER_SETTINGS) == tasks
-    for task, s in PAPER_SETTINGS.items():
-        from_dict(MOPOConfig, s, where=task)  # every entry is a valid config
+    assert PAPER_SETTINGS is PRESETS["mopo-authors"] and set(PAPER_SETTINGS) == tasks
+    assert set(PRESETS["offlinerl-kit"]) == {t for t in tasks if not t.endswith("-random")}
+    for preset in PRESETS.values():
+        for task, s in preset.items():
+            from_dict(MOPOConfig, s, where=task)  # every entry is a valid config
     assert paper_settings("hopper-medium-v2") == {"rollout_length": 5, "penalty_coef": 5.0}
     assert paper_settings("walker2d-medium-replay") == {"rollout_length": 1,
                                                         "penalty_coef": 1.0}
+    assert paper_settings("hopper-medium-replay-v2", "offlinerl-kit") == {
+        "rollout_length": 5, "penalty_coef": 2.5}
+    assert grid_settings("halfcheetah-random") == ("mopo-authors", PAPER_SETTINGS[
+        "halfcheetah-random"])
     with pytest.raises(KeyError, match="ant-medium"):
         paper_settings("ant-medium")
+    with pytest.raises(KeyError, match="offlinerl-kit MOPO settings for 'hopper-random'"):
+        paper_settings("hopper-random", "offlinerl-kit")
 
 
 # ---- penalty ----------------------------------------------------------------------------------

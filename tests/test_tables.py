@@ -25,7 +25,7 @@ def _fixed_scores() -> pd.DataFrame:
 def test_published_yaml_holds_only_reference_numbers():
     pub = {p.key: p for p in tables.load_published()}
     assert pub["offlinerl-kit"].scores["td3bc"]["hopper-medium-replay"] == (67.3, 13.2)
-    assert pub["corl"].scores["cql"]["walker2d-medium-replay"] == (73.09, 13.22)
+    assert pub["corl"].scores["cql-corl"]["walker2d-medium-replay"] == (73.09, 13.22)
     assert pub["mopo-paper"].scores == {"mopo": {"halfcheetah-random": (35.4, 2.5)},
                                         "mbpo": {"halfcheetah-random": (30.7, 3.9)}}
     assert all(not cells for cells in pub["dydiff-paper"].scores.values())
@@ -51,7 +51,10 @@ def test_table_content():
     assert "| walker2d-medium-replay | **75.0 ± 5.0** | 73.0 ± 1.0 |" in md
     assert "TD3+BC 3 seeds" in md and "n/a" in md
     cql = t["cql"]["markdown"]
-    assert "| hopper-medium | **51.0 ± 1.4** | 59.1 ± 4.1 | 59.1 ± 3.8 | n/a |" in cql
+    # published CQL columns sit next to the preset with that source's settings
+    assert ("| task | CQL, DyDiff-CQL settings (ours) | DyDiff-CQL (DyDiff paper) | "
+            "CQL, CORL settings (CORL) | CQL, OfflineRL-Kit settings (OfflineRL-Kit) |") in cql
+    assert "| hopper-medium | **51.0 ± 1.4** | n/a | 59.1 ± 3.8 | 59.1 ± 4.1 |" in cql
     overall = t["overall"]["markdown"]
     assert "| walker2d-medium-replay |" in overall and "| – |" in overall  # MOPO not run there
     assert "MOPO 1 seed" in overall

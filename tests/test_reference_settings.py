@@ -1,0 +1,135 @@
+"""Provenance: config/paper.yaml, resolved through the planner, runs the published baselines
+with the settings of the sources their columns come from (baselines/reference_settings.yaml)."""
+import dataclasses
+from pathlib import Path
+
+import pytest
+import yaml
+
+from harness import plan, registry
+
+ROOT = Path(__file__).resolve().parents[1]
+REFERENCE = ROOT / "baselines" / "reference_settings.yaml"
+PAPER = "config/paper.yaml"
+
+
+def reference() -> dict:
+    return yaml.safe_load(REFERENCE.read_text())
+
+
+def expected(ref: dict, method: str, task: str) -> dict[str, dict]:
+    """key -> {value, source} that `method` must resolve to on `task`."""
+    spec = ref["methods"][method]
+    out = dict(spec.get("all_tasks") or {})
+    for preset in spec.get("per_task_presets") or []:
+        entry = ref["mopo_presets"][preset].get(task)
+        if entry is not None:
+            out.update({f"rollout.{k}": {"value": entry[k], "source": entry["source"]}
+                        for k in spec["per_task_keys"]})
+            break
+    else:
+        assert not spec.get("per_task_presets"), f"{method}: no preset lists {task}"
+    out.update((spec.get("per_task") or {}).get(task) or {})
+    return out
+
+
+def drift(cfg: dict, ref: dict) -> list[str]:
+    """One line per setting whose resolved value differs from the reference's."""
+    problems = []
+    for method in ref["methods"]:
+        for task in cfg["tasks"]:
+            resolved = plan.policy_job(cfg, method, task, 0)["config"]["policy"]
+            for key, want in expected(ref, method, task).items():
+                section, _, name = key.partition(".")
+                found = resolved[section].get(name, "<missing>")
+                if found != want["value"]:
+                    problems.append(f"{method} / {task}: {key} expected {want['value']!r} "
+                                    f"(source: {want['source']}), found {found!r}")
+    return problems
+
+
+def test_every_reference_value_names_its_source_file():
+    ref = reference()
+    repos = set(ref["commits"])
+    entries = [e for p in ref["mopo_presets"].values() for e in p.values()]
+    for spec in ref["methods"].values():
+        entries += list((spec.get("all_tasks") or {}).values())
+        entries += [e for t in (spec.get("per_task") or {}).values() for e in t.values()]
+    assert entries
+    for entry in entries:
+        repo = "/".join(entry["source"].split("/")[:2])
+        assert repo in repos and ":" in entry["source"], entry
+
+
+def test_paper_config_runs_the_reference_settings():
+    cfg = plan.load_config(PAPER)
+    ref = reference()
+    # the baselines with a reference here that the paper grid runs
+    assert {"mopo", "mbpo", "cql-corl"} <= set(cfg["methods"])
+    problems = drift(cfg, ref)
+    assert not problems, "\n".join(problems)
+
+
+def test_a_drifted_value_is_named_with_method_task_key_and_source():
+    ref = reference()
+    cfg = plan.load_config(PAPER, {"per_task": {"hopper-medium-replay": {"policy": {"methods": {
+        "mopo": {"rollout": {"penalty_coef": 1.0}}}}}}})
+    assert drift(cfg, ref) == [
+        "mopo / hopper-medium-replay: rollout.penalty_coef expected 2.5 (source: "
+        "yihaosun1124/OfflineRL-Kit/run_example/run_mopo.py:32), found 1.0"]
+    cfg = plan.load_config(PAPER, {"policy": {"sac": {"alpha_max": None}}})
+    problems = drift(cfg, ref)
+    assert len(problems) == 2 * len(cfg["tasks"])  # MOPO and MBPO, every task
+    assert problems[0] == ("mopo / hopper-random: agent.alpha_max expected 1.0 (source: "
+                           "yihaosun1124/OfflineRL-Kit/offlinerlkit/policy/model_free/sac.py:126),"
+                           " found None")
+
+
+def test_random_datasets_keep_the_mopo_authors_values():
+    from baselines.mopo import GRID_PRESETS, PRESETS, grid_settings
+    ref = reference()
+    assert GRID_PRESETS == tuple(ref["methods"]["mopo"]["per_task_presets"])
+    for task in plan.load_config(PAPER)["tasks"]:
+        preset, values = grid_settings(task)
+        assert preset == ("mopo-authors" if task.endswith("-random") else "offlinerl-kit")
+        assert values == PRESETS[preset][task]
+
+
+def test_cql_presets_are_complete_so_the_shared_section_cannot_leak_in():
+    """A preset sets every CQLConfig field: the config's policy.cql (the DyDiff authors'
+    settings in paper.yaml) changes nothing in cql-corl / cql-offlinerl-kit."""
+    from agents.cql import CQLConfig
+    fields = {f.name for f in dataclasses.fields(CQLConfig)}
+    for name, preset in registry.CQL_PRESETS.items():
+        assert set(preset) == fields, name
+    cfg = plan.load_config(PAPER)
+    task = "walker2d-medium"
+    other = plan.load_config(PAPER, {"policy": {"cql": {"cql_weight": 1.0, "hidden": [8]}}})
+    for method in ("cql-corl", "cql-offlinerl-kit"):
+        assert plan.policy_job(cfg, method, task, 0)["config"]["policy"]["agent"] == \
+            plan.policy_job(other, method, task, 0)["config"]["policy"]["agent"]
+
+
+def test_the_cql_pair_shares_its_settings_and_columns_say_whose_they_are():
+    cfg = plan.load_config(PAPER)
+    for task in cfg["tasks"]:
+        pair = [plan.policy_job(cfg, m, task, 0)["config"]["policy"]["agent"]
+                for m in ("cql", "dydiff-cql")]
+        assert pair[0] == pair[1], task
+    # published CQL numbers sit only next to the preset that reproduces their settings
+    published = {m.name: m.published for m in registry.METHODS.values() if m.agent == "cql"
+                 and m.published}
+    assert published == {"dydiff-cql": ("dydiff-paper",), "cql-corl": ("corl",),
+                         "cql-offlinerl-kit": ("offlinerl-kit",)}
+    assert registry.method("cql-corl").label == "CQL, CORL settings"
+    assert "settings" in registry.method("cql").label
+
+
+@pytest.mark.parametrize("bad", [{"rollout_length": 5, "source": "x/y/z.py:1"}])
+def test_a_malformed_preset_names_the_file_and_key(tmp_path, bad):
+    from baselines.mopo import load_presets
+    path = tmp_path / "reference_settings.yaml"
+    path.write_text(yaml.safe_dump({"mopo_presets": {"offlinerl-kit": {"hopper-medium": bad}}}))
+    with pytest.raises(ValueError, match=r"mopo_presets\.offlinerl-kit\.hopper-medium: missing "
+                                         r"\['penalty_coef'\]"):
+        load_presets(path)

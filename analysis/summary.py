@@ -43,7 +43,8 @@ def _aggregate_section(res: dict) -> list[str]:
                      f"by these runs.")
     elif len(ranked) > 1:
         top, second = ranked.iloc[0], ranked.iloc[1]
-        overlap = top.ci_low <= second.ci_high
+        # A collapsed interval (all runs equal) resolves nothing either.
+        overlap = top.ci_low <= second.ci_high or top.ci_low == top.ci_high
         lines.append(f"The highest IQM is {label(ranked.index[0])}'s; its CI "
                      + ("overlaps" if overlap else "does not overlap")
                      + f" that of the runner-up ({label(ranked.index[1])}), so the ranking of "
@@ -52,18 +53,28 @@ def _aggregate_section(res: dict) -> list[str]:
     lines.append("")
     for r in poi.itertuples():
         x, y = iqm.loc[r.x], iqm.loc[r.y]
-        verdict = ("the CI excludes 0.5, so the improvement is statistically distinguishable"
-                   if r.ci_low > 0.5 else
-                   "the CI excludes 0.5 on the low side: the base algorithm is better"
-                   if r.ci_high < 0.5 else
-                   "the CI contains 0.5: no evidence of a difference with these runs")
         lines.append(f"- {label(r.x)}'s IQM is {_ci(x)} vs {label(r.y)}'s {_ci(y)}; "
                      f"P({label(r.x)} > {label(r.y)}) = {r.probability:.2f} "
-                     f"[{r.ci_low:.2f}, {r.ci_high:.2f}] over {r.n_tasks} task(s) — {verdict}.")
+                     f"[{r.ci_low:.2f}, {r.ci_high:.2f}] over {r.n_tasks} task(s) — "
+                     f"{_verdict(r, min(x.n_runs, y.n_runs))}.")
     for note in res.get("notes", []):
         lines.append(f"- Note: {note}.")
     lines.append("")
     return lines
+
+
+def _verdict(r, runs: int) -> str:
+    """What a P(X > Y) interval supports. With fewer than 2 runs per task (or an interval
+    collapsed to a point) the bootstrap has nothing to resample, so no difference is claimed."""
+    if runs < 2 or r.ci_low == r.ci_high:
+        return (f"{'a single run' if runs < 2 else 'a collapsed interval'} per task: the "
+                f"bootstrap cannot measure uncertainty, so these runs support no claim of a "
+                f"difference")
+    if r.ci_low > 0.5:
+        return "the CI excludes 0.5, so the improvement is statistically distinguishable"
+    if r.ci_high < 0.5:
+        return "the CI excludes 0.5 on the low side: the base algorithm is better"
+    return "the CI contains 0.5: no evidence of a difference with these runs"
 
 
 def _cell_mean(cell: str) -> float | None:
@@ -190,11 +201,20 @@ def _rollout_section(results) -> list[str]:
     return lines
 
 
+def models_sentence(shared: bool) -> str:
+    """Which models the runs used: shared models leave model variance out of every CI."""
+    return ("Models: one ensemble / reward / diffusion model per task, shared by every seed "
+            "(models.shared_across_seeds): the intervals leave out model-training variance."
+            if shared else
+            "Models: each seed trained its own ensemble / reward / diffusion models (seeded "
+            "with the run seed), so the intervals include model-training variance.")
+
+
 def write_summary(aggregates: dict | None, tables: dict | None, rollout_error, out_path: Path,
-                  budget: str | None = None) -> str:
+                  budget: str | None = None, models_shared: bool | None = None) -> str:
     """Write the summary markdown to `out_path` and return it. Any input may be None (that
     section is then omitted and the omission stated). `budget` names the config (e.g.
-    'smoke') for the caveats."""
+    'smoke') for the caveats; `models_shared` says whether the seeds shared their models."""
     lines = ["# dydiff-bench summary", ""]
     caveats = []
     if budget:
@@ -202,6 +222,8 @@ def write_summary(aggregates: dict | None, tables: dict | None, rollout_error, o
             " Smoke runs train for minutes on CPU; their scores test the pipeline, not the "
             "methods, and must not be compared with published numbers." if budget == "smoke"
             else ""))
+    if models_shared is not None:
+        caveats.append(models_sentence(models_shared))
     if aggregates is not None:
         runs = aggregates["aggregates"].n_runs
         if runs.min() < FEW_SEEDS:

@@ -24,8 +24,8 @@ SCHEMA = Path(__file__).resolve().parent.parent / "workflow" / "schemas" / "conf
 PATHS = {
     "dataset": "{root}/datasets/{task}.hdf5",
     "generated": "{root}/datasets/generated/{family}",
-    "model_dir": "{root}/models/{model}/{task}",
-    "model": "{root}/models/{model}/{task}/model.pt",
+    "model_dir": "{root}/models/{model}/{task}/seed{mseed}",
+    "model": "{root}/models/{model}/{task}/seed{mseed}/model.pt",
     "policy_dir": "{root}/policies/{method}/{task}/seed{seed}",
     "final": "{root}/policies/{method}/{task}/seed{seed}/final.json",
     "policy": "{root}/policies/{method}/{task}/seed{seed}/policy.pt",
@@ -42,7 +42,7 @@ PATHS = {
     "summary": "{root}/analysis/summary.md",
     "log_generate": "{root}/logs/datasets/{family}.log",
     "log_import": "{root}/logs/datasets/{task}.log",
-    "log_model": "{root}/logs/models/{model}/{task}.log",
+    "log_model": "{root}/logs/models/{model}/{task}/seed{mseed}.log",
     "log_policy": "{root}/logs/policies/{method}/{task}/seed{seed}.log",
     "log_evaluate": "{root}/logs/evaluate/{method}/{task}/seed{seed}.log",
     "log_rollout_error": "{root}/logs/rollout_error/{task}.log",
@@ -274,16 +274,34 @@ def import_job(cfg: dict, task: str) -> dict:
             "config": {"source": source, "name": name}}
 
 
-def model_job(cfg: dict, model: str, task: str) -> dict:
+def models_shared(cfg: dict) -> bool:
+    """`models.shared_across_seeds`: one model of each kind per task for every seed (cheap; the
+    confidence intervals then leave out model-training variance) instead of one per seed."""
+    return bool((cfg.get("models") or {}).get("shared_across_seeds", False))
+
+
+def model_seed(cfg: dict, task: str, seed: int) -> int:
+    """The seed of the models a run of `seed` uses: its own, or `models.seed` when shared."""
+    models = task_config(cfg, task).get("models") or {}
+    return int(models.get("seed", 0)) if models_shared(cfg) else seed
+
+
+def model_dirs(cfg: dict, models, task: str, seed: int) -> dict[str, str]:
+    mseed = model_seed(cfg, task, seed)
+    return {m: str(path(cfg, "model_dir", model=m, task=task, mseed=mseed)) for m in models}
+
+
+def model_job(cfg: dict, model: str, task: str, mseed: int) -> dict:
+    """Train one model of a task with model seed `mseed` (see `model_seed`)."""
     if model not in registry.MODELS:
         raise ConfigError(f"model: unknown model {model!r}; known: {list(registry.MODELS)}")
     models = task_config(cfg, task).get("models") or {}
-    return {"step": "train-model", "model": model, "task": task,
+    return {"step": "train-model", "model": model, "task": task, "seed": mseed,
             "dataset": str(path(cfg, "dataset", task=task)),
-            "out": str(path(cfg, "model_dir", model=model, task=task)),
+            "out": str(path(cfg, "model_dir", model=model, task=task, mseed=mseed)),
             "config": {"model": _validated(registry.MODELS[model].config, models.get(model),
                                            f"models.{model}"),
-                       "seed": models.get("seed", 0)}}
+                       "seed": mseed}}
 
 
 def policy_settings(cfg: dict, method: str, task: str) -> dict:
@@ -329,8 +347,7 @@ def policy_job(cfg: dict, method: str, task: str, seed: int) -> dict:
     spec = registry.method(method)
     return {"step": "train-policy", "method": method, "task": task, "seed": seed,
             "dataset": str(path(cfg, "dataset", task=task)),
-            "model_dirs": {m: str(path(cfg, "model_dir", model=m, task=task))
-                           for m in spec.models},
+            "model_dirs": model_dirs(cfg, spec.models, task, seed),
             "out": str(path(cfg, "policy_dir", method=method, task=task, seed=seed)),
             "config": {"policy": policy_settings(cfg, method, task), "seed": seed}}
 
@@ -353,8 +370,7 @@ def rollout_error_job(cfg: dict, task: str) -> dict:
     method = rcfg.get("policy_method", default)
     seed = cfg["seeds"][0]
     return {"step": "rollout-error", "task": task, "dataset": str(path(cfg, "dataset", task=task)),
-            "model_dirs": {m: str(path(cfg, "model_dir", model=m, task=task))
-                           for m in ("ensemble", "diffusion", "reward")},
+            "model_dirs": model_dirs(cfg, ("ensemble", "diffusion", "reward"), task, seed),
             "policy_dir": str(path(cfg, "policy_dir", method=method, task=task, seed=seed)),
             "out": str(path(cfg, "rollout_error_dir", task=task)),
             "config": {"horizon": rcfg.get("horizon", 100), "n_starts": rcfg.get("n_starts", 64),
@@ -382,7 +398,8 @@ def analysis_job(cfg: dict) -> dict:
     return {"step": "analyze", "scores": eval_paths(cfg), "rollout_error": rerr,
             "out": str(path(cfg, "analysis_dir")),
             "config": {"reps": acfg.get("reps", 2000), "seed": acfg.get("seed", 0),
-                       "name": cfg["name"], "seeds": len(cfg["seeds"])}}
+                       "name": cfg["name"], "seeds": len(cfg["seeds"]),
+                       "models_shared": models_shared(cfg)}}
 
 
 def all_jobs(cfg: dict, seeds: list[int] | None = None) -> list[dict]:
@@ -394,7 +411,8 @@ def all_jobs(cfg: dict, seeds: list[int] | None = None) -> list[dict]:
     else:
         out += [import_job(cfg, t) for t in cfg["tasks"]]
     for task in cfg["tasks"]:
-        out += [model_job(cfg, m, task) for m in needed_models(cfg)]
+        mseeds = sorted({model_seed(cfg, task, s) for s in seeds})
+        out += [model_job(cfg, m, task, ms) for m in needed_models(cfg) for ms in mseeds]
         for method in cfg["methods"]:
             for seed in seeds:
                 out += [policy_job(cfg, method, task, seed), eval_job(cfg, method, task, seed)]
@@ -421,7 +439,7 @@ def job_for(cfg: dict, step: str, task: str | None = None, method: str | None = 
     if step == "import-dataset":
         return import_job(cfg, task)
     if step == "train-model":
-        return model_job(cfg, model, task)
+        return model_job(cfg, model, task, model_seed(cfg, task, seed))
     if step == "train-policy":
         return policy_job(cfg, method, task, seed)
     if step == "evaluate":

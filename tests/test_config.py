@@ -143,13 +143,36 @@ def test_paper_config_uses_mopo_grid_settings_per_task():
 
 def test_paper_grid_job_counts():
     """12 tasks x 9 methods (cql-corl: CQL with CORL's settings) x 5 seeds, D4RL files
-    imported, every model once per task."""
+    imported, every model (ensemble, reward, diffusion) once per task and seed."""
     cfg = plan.load_config("config/paper.yaml")
     counts: dict[str, int] = {}
     for spec in plan.all_jobs(cfg):
         counts[spec["step"]] = counts.get(spec["step"], 0) + 1
-    assert counts == {"import-dataset": 12, "train-model": 36, "train-policy": 540,
+    assert counts == {"import-dataset": 12, "train-model": 3 * 12 * 5, "train-policy": 540,
                       "evaluate": 540, "rollout-error": 12, "analyze": 1}
+
+
+def test_models_per_seed_or_shared():
+    """Per seed (the default): each run seed's policies use models trained with that seed, in
+    their own folders; shared: one model per task (models.seed) for every seed."""
+    task = "hopper-medium-replay"
+    cfg = plan.load_config("tests/configs/tiny.yaml", {"seeds": [0, 1]})
+    models = [s for s in plan.all_jobs(cfg) if s["step"] == "train-model"]
+    assert sorted((s["model"], s["config"]["seed"]) for s in models) == sorted(
+        (m, seed) for m in ("ensemble", "reward", "diffusion") for seed in (0, 1))
+    dirs = [plan.policy_job(cfg, "dydiff-td3bc", task, seed)["model_dirs"] for seed in (0, 1)]
+    assert dirs[0]["diffusion"].endswith("/models/diffusion/hopper-medium-replay/seed0")
+    assert dirs[1]["diffusion"].endswith("/models/diffusion/hopper-medium-replay/seed1")
+    assert plan.model_job(cfg, "diffusion", task, 1)["out"] == dirs[1]["diffusion"]
+    assert plan.analysis_job(cfg)["config"]["models_shared"] is False
+
+    shared = plan.load_config("tests/configs/tiny.yaml", {
+        "seeds": [0, 1], "models": {"shared_across_seeds": True, "seed": 3}})
+    models = [s for s in plan.all_jobs(shared) if s["step"] == "train-model"]
+    assert sorted(s["config"]["seed"] for s in models) == [3, 3, 3]
+    assert {plan.policy_job(shared, "mopo", task, seed)["model_dirs"]["ensemble"]
+            for seed in (0, 1)} == {models[0]["out"].replace(models[0]["model"], "ensemble")}
+    assert plan.analysis_job(shared)["config"]["models_shared"] is True
 
 
 def test_every_output_path_is_under_the_results_folder_and_distinct():
@@ -224,7 +247,7 @@ def test_paper_config_runs_the_dydiff_authors_protocol():
                                 "log_alpha_clamp")} == {
         "hidden": [256, 256], "cql_weight": 10.0, "actor_lr": 3e-5, "normalize_obs": True,
         "log_alpha_clamp": [-10.0, 0.5]}
-    diffusion = plan.model_job(cfg, "diffusion", task)["config"]["model"]
+    diffusion = plan.model_job(cfg, "diffusion", task, 0)["config"]["model"]
     assert diffusion["train_steps"] == 375_000 and diffusion["horizon"] == 100
     assert diffusion["sampler"]["num_steps"] == 34 and diffusion["sampler"]["S_churn"] == 60.0
     assert {"ensemble", "diffusion", "reward"} <= set(

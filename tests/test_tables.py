@@ -97,7 +97,43 @@ def test_summary_is_generated_from_the_data(tmp_path):
     text = write_summary(agg, tab, None, tmp_path / "summary.md", budget="smoke")
     assert (tmp_path / "summary.md").read_text() == text
     assert "DyDiff-TD3BC's IQM is 71.0 [70.0, 72.0] vs TD3+BC's 51.0 [50.0, 52.0]" in text
-    assert "P(DyDiff-TD3BC > TD3+BC) = 1.00" in text and "CI excludes 0.5" in text
+    # Every DyDiff run beats every TD3+BC run: the interval collapses to [1.00, 1.00], which
+    # measures no uncertainty, so no difference is claimed.
+    assert "P(DyDiff-TD3BC > TD3+BC) = 1.00 [1.00, 1.00]" in text
+    assert "a collapsed interval per task" in text and "support no claim" in text
+    assert "distinguishable" not in text
     assert "Only 2 run(s) per task" in text and "'smoke'" in text
     assert "DyDiff-TD3BC has the higher mean on 2 of 2" in text
     assert "No rollout-error study" in text
+
+
+def _write_runs(root, scores: dict) -> None:
+    import json
+    for m, vals in scores.items():
+        for task in ("hopper-medium", "walker2d-medium"):
+            for seed, v in enumerate(vals):
+                d = root / m / task / f"seed{seed}"
+                d.mkdir(parents=True)
+                (d / "eval.json").write_text(json.dumps(
+                    {"method": m, "task": task, "seed": seed, "normalized_score": v}))
+
+
+def test_summary_claims_a_difference_only_where_the_interval_supports_it(tmp_path):
+    from analysis.aggregate import run_aggregate
+    from analysis.summary import write_summary
+    # One run per task: a point, whatever the scores.
+    _write_runs(tmp_path / "one", {"td3bc": [40.0], "dydiff-td3bc": [90.0]})
+    agg = run_aggregate([tmp_path / "one"], tmp_path / "agg1", reps=100, seed=0)
+    text = write_summary(agg, None, None, tmp_path / "s1.md", models_shared=True)
+    assert "a single run per task" in text and "support no claim" in text
+    assert "distinguishable" not in text and "better" not in text
+    assert "shared by every seed" in text and "leave out model-training variance" in text
+    # Five overlapping runs per task, DyDiff mostly higher: a real interval above 0.5.
+    _write_runs(tmp_path / "five", {"td3bc": [50.0, 52.0, 54.0, 56.0, 58.0],
+                                    "dydiff-td3bc": [55.0, 57.0, 59.0, 61.0, 63.0]})
+    agg = run_aggregate([tmp_path / "five"], tmp_path / "agg5", reps=2000, seed=0)
+    poi = agg["improvement"].iloc[0]
+    assert 0.5 < poi.ci_low < poi.ci_high
+    text = write_summary(agg, None, None, tmp_path / "s5.md", models_shared=False)
+    assert "statistically distinguishable" in text
+    assert "include model-training variance" in text

@@ -1,5 +1,6 @@
-# Models, trained once per task and shared by every policy job that needs them (the
-# registry's models: the probabilistic ensemble for MOPO/MBPO, DyDiff's reward and diffusion).
+# Models (the registry's: the probabilistic ensemble for MOPO/MBPO, DyDiff's reward and
+# diffusion), one per task and seed, or one per task shared by every seed
+# (models.shared_across_seeds; harness.plan.model_seed).
 
 
 rule train_model:
@@ -9,8 +10,9 @@ rule train_model:
         out("model"),
     wildcard_constraints:
         model="|".join(registry.MODELS),
+        mseed=r"\d+",
     params:
-        job=lambda w: job_param(plan.model_job(config, w.model, w.task)),
+        job=lambda w: job_param(plan.model_job(config, w.model, w.task, int(w.mseed))),
     threads: lambda w: res(w.model, "threads", 1)
     resources:
         mem_mb=lambda w: res(w.model, "mem_mb", 8000),

@@ -20,8 +20,11 @@ Choices worth knowing:
   max - logvar), then min + softplus(logvar - min); both bounds are shared by the members and
   pulled together by 0.01 * (sum max_logvar - sum min_logvar) in the loss.
 * Loss per step: sum over members of the Gaussian NLL (without constants, mean over batch and
-  dims) + weight decay + the logvar-bound term. Each member sees its own random permutation of
-  the training rows every epoch (MBPO shuffles per member rather than bootstrapping).
+  dims) + weight decay + the logvar-bound term. Each member trains on its own bootstrap sample
+  of the training rows (n_train rows drawn with replacement once, before the first epoch),
+  shuffled anew every epoch, as MOPO's mopo/models/bnn.py:405,430 and OfflineRL-Kit's
+  offlinerlkit/dynamics/ensemble_dynamics.py:129,148 do; `sampling: permutation` (a named
+  variant) gives every member all rows in its own order instead.
 * Snapshots cover the member-indexed parameters (layer weights/biases); the shared logvar
   bounds keep their final values (as in OfflineRL-Kit).
 
@@ -35,7 +38,7 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Literal
 
 import torch
 import torch.nn.functional as F
@@ -70,6 +73,9 @@ class EnsembleConfig:
     logvar_loss_coef: float = 0.01
     max_logvar_init: float = 0.5
     min_logvar_init: float = -10.0
+    # bootstrap: each member's rows drawn with replacement (MOPO, OfflineRL-Kit); permutation:
+    # every member sees every row (a variant, not a source's setting).
+    sampling: Literal["bootstrap", "permutation"] = "bootstrap"
     log_every: int = 1               # epochs between log_fn calls / progress-bar updates
     checkpoint_every: int = 1        # epochs between checkpoints
 
@@ -201,6 +207,14 @@ def split_indices(n: int, cfg: EnsembleConfig, seed: int) -> tuple[torch.Tensor,
 
 # ---- training ---------------------------------------------------------------------------------
 
+def member_rows(members: int, n_train: int, sampling: str, seed: int) -> torch.Tensor:
+    """(members, n_train) indices into the training rows each member trains on: a bootstrap
+    sample each (drawn once from `seed`, so a resumed run draws the same), or all rows."""
+    if sampling == "permutation":
+        return torch.arange(n_train).expand(members, n_train)
+    return torch.randint(n_train, (members, n_train), generator=torch.Generator().manual_seed(seed))
+
+
 def train_ensemble(dataset: Dataset, cfg: EnsembleConfig | dict, out_dir: str | Path,
                    seed: int = 0, log_fn: Callable[[dict, int], None] | None = None,
                    progress: bool = True, device: torch.device | str | None = None,
@@ -227,6 +241,7 @@ def train_ensemble(dataset: Dataset, cfg: EnsembleConfig | dict, out_dir: str | 
     x_hold, y_hold = inputs[hold_idx].to(device), targets[hold_idx].to(device)
     order_gen = torch.Generator().manual_seed(seed + 1)  # per-member batch orders
     E, n_train = cfg.num_members, len(train_idx)
+    rows = member_rows(E, n_train, cfg.sampling, seed + 2).to(device)
 
     since_update, finished = 0, False
     best = torch.full((E,), float("inf"))
@@ -252,8 +267,9 @@ def train_ensemble(dataset: Dataset, cfg: EnsembleConfig | dict, out_dir: str | 
                dynamic_ncols=True)
     while not finished:
         net.train()
-        # Every member gets its own permutation of the training rows: (E, n_train).
-        order = torch.argsort(torch.rand(E, n_train, generator=order_gen), dim=1).to(device)
+        # Every member's rows in a fresh order of its own: (E, n_train).
+        shuffle = torch.argsort(torch.rand(E, n_train, generator=order_gen), dim=1).to(device)
+        order = rows.gather(1, shuffle)
         losses = []
         for lo in range(0, n_train, cfg.batch_size):
             idx = order[:, lo:lo + cfg.batch_size]

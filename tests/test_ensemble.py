@@ -1,5 +1,7 @@
 """Probabilistic ensemble: vectorised layers, bounded logvar, NLL training on a known system,
 early stopping / elites, exact resume, the dynamics-model interface, config validation."""
+import math
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -219,6 +221,23 @@ def test_paper_defaults():
     assert cfg.weight_decay == [2.5e-5, 5e-5, 7.5e-5, 7.5e-5, 1e-4]
     assert (cfg.lr, cfg.batch_size, cfg.holdout_ratio, cfg.max_holdout, cfg.patience) == (
         1e-3, 256, 0.2, 5000, 5)
+    assert cfg.sampling == "bootstrap"  # MOPO bnn.py:405, OfflineRL-Kit ensemble_dynamics.py:129
+
+
+def test_members_train_on_bootstrap_samples():
+    """Rows drawn with replacement per member (so duplicates occur and ~1/e of rows are left
+    out of each member), different per member, the same for the same seed; `permutation`
+    gives every member every row."""
+    from baselines.ensemble import member_rows
+    rows = member_rows(7, 5000, "bootstrap", seed=3)
+    assert rows.shape == (7, 5000) and rows.min() >= 0 and rows.max() < 5000
+    distinct = torch.tensor([len(torch.unique(r)) for r in rows], dtype=torch.float32)
+    assert (distinct < 5000).all()                                  # duplicates occur
+    assert ((distinct / 5000 - (1 - math.exp(-1))).abs() < 0.02).all()  # ~63.2 % distinct
+    assert all(not torch.equal(rows[0], rows[i]) for i in range(1, 7))  # per-member samples
+    assert torch.equal(rows, member_rows(7, 5000, "bootstrap", seed=3))
+    perm = member_rows(3, 100, "permutation", seed=3)
+    assert all(torch.equal(torch.sort(r).values, torch.arange(100)) for r in perm)
 
 
 # ---- the trained model ------------------------------------------------------------------------

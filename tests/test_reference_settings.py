@@ -52,6 +52,7 @@ def test_every_reference_value_names_its_source_file():
     ref = reference()
     repos = set(ref["commits"])
     entries = [e for p in ref["mopo_presets"].values() for e in p.values()]
+    entries += [e for m in ref["models"].values() for e in m.values()]
     for spec in ref["methods"].values():
         entries += list((spec.get("all_tasks") or {}).values())
         entries += [e for t in (spec.get("per_task") or {}).values() for e in t.values()]
@@ -133,3 +134,19 @@ def test_a_malformed_preset_names_the_file_and_key(tmp_path, bad):
     with pytest.raises(ValueError, match=r"mopo_presets\.offlinerl-kit\.hopper-medium: missing "
                                          r"\['penalty_coef'\]"):
         load_presets(path)
+
+
+def test_paper_config_trains_the_reference_ensemble():
+    """MOPO / MBPO's dynamics ensemble, for every task and model seed of the paper grid,
+    bootstrap member sampling included."""
+    cfg = plan.load_config(PAPER)
+    problems = []
+    for spec in plan.all_jobs(cfg):
+        if spec["step"] != "train-model" or spec["model"] not in reference()["models"]:
+            continue
+        for key, want in reference()["models"][spec["model"]].items():
+            found = spec["config"]["model"].get(key, "<missing>")
+            if found != want["value"]:
+                problems.append(f"models.{spec['model']} / {spec['task']}: {key} expected "
+                                f"{want['value']!r} (source: {want['source']}), found {found!r}")
+    assert not problems, "\n".join(sorted(set(problems)))

@@ -22,7 +22,7 @@ from rliable import library as rly
 from rliable import metrics, plot_utils
 
 from analysis import plotting
-from harness import registry
+from harness import registry, tracking
 from harness.checkpoint import atomic_write_text
 
 log = logging.getLogger("dydiff.analysis")
@@ -39,10 +39,24 @@ class ScoreError(ValueError):
 
 # ---- inputs ------------------------------------------------------------------------------
 
-def collect_scores(paths) -> pd.DataFrame:
+# `analysis.score_rule`: which number of a run's eval.json is its score, and how a table
+# names it next to the published columns' rules (published.yaml score_rule).
+SCORE_RULES = {
+    "final": ("normalized_score", "final eval"),              # CORL's "last"
+    "last10": ("normalized_score_last10", "mean of last 10 evals"),  # OfflineRL-Kit's
+}
+
+
+def collect_scores(paths, rule: str = "final") -> pd.DataFrame:
     """Read the final evaluations (`eval.json`, what the DAG's evaluate step writes) into one
-    row per run: method, task, seed, normalized_score (0-100). A directory is searched
-    recursively for eval.json."""
+    row per run: method, task, seed, normalized_score (0-100), the number `rule` names
+    (SCORE_RULES). A directory is searched recursively for eval.json. Rows already read (a
+    DataFrame, e.g. `scores_from_mlflow`) are checked and ordered the same way."""
+    if rule not in SCORE_RULES:
+        raise ScoreError(f"analysis.score_rule: {rule!r} is not one of {list(SCORE_RULES)}")
+    key = SCORE_RULES[rule][0]
+    if isinstance(paths, pd.DataFrame):  # the rule picked its number already
+        return _score_table(paths.to_dict("records"))
     files: list[Path] = []
     for p in map(Path, paths):
         files.extend(sorted(p.rglob(SCORE_FILE)) if p.is_dir() else [p])
@@ -56,22 +70,88 @@ def collect_scores(paths) -> pd.DataFrame:
             raise ScoreError(f"score file {f} does not exist") from None
         except json.JSONDecodeError as err:
             raise ScoreError(f"score file {f} is not valid JSON: {err}") from None
-        missing = [k for k in SCORE_KEYS if k not in data]
+        missing = [k for k in (*SCORE_KEYS, key) if k not in data]
         if missing:
-            raise ScoreError(f"score file {f} lacks key(s) {missing}")
-        score = data["normalized_score"]
+            raise ScoreError(f"score file {f} lacks key(s) {sorted(set(missing))}"
+                             + (f" (analysis.score_rule: {rule})" if key in missing else ""))
+        score = data[key]
         if not isinstance(score, (int, float)) or not np.isfinite(score):
-            raise ScoreError(f"score file {f}: 'normalized_score' must be a finite number, "
+            raise ScoreError(f"score file {f}: {key!r} must be a finite number, "
                              f"got {score!r}")
         rows.append({"method": str(data["method"]), "task": str(data["task"]),
                      "seed": int(data["seed"]), "normalized_score": float(score),
                      "source": str(f)})
-    df = pd.DataFrame(rows)
+    return _score_table(rows)
+
+
+def _score_table(rows: list[dict]) -> pd.DataFrame:
+    df = pd.DataFrame(rows, columns=["method", "task", "seed", "normalized_score", "source"])
     dup = df.duplicated(["method", "task", "seed"], keep=False)
     if dup.any():
-        raise ScoreError("several score files for the same (method, task, seed): "
+        raise ScoreError("several results for the same (method, task, seed): "
                          + ", ".join(df.loc[dup, "source"]))
     return df.sort_values(["method", "task", "seed"]).reset_index(drop=True)
+
+
+def trial_runs(uri: str, experiments: list[str], step: str, filter_string: str = "") -> list:
+    """Every run of `step` (tag) in the named experiments of an MLflow store or server,
+    narrowed by an MLflow search `filter_string` (e.g. "tags.dag_run = '...'")."""
+    from mlflow.tracking import MlflowClient
+    client = MlflowClient(uri)
+    ids = []
+    for name in experiments:
+        exp = tracking.retry(client.get_experiment_by_name, name)
+        if exp is None:
+            raise ScoreError(f"MLflow store {uri}: no experiment named {name!r}")
+        ids.append(exp.experiment_id)
+    query = " and ".join(q for q in (f"tags.step = '{step}'", filter_string) if q)
+    runs, token = [], None
+    while True:
+        page = tracking.retry(client.search_runs, ids, query, max_results=1000,
+                              page_token=token)
+        runs += list(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+def scores_from_mlflow(uri: str, experiments: list[str], filter_string: str = "",
+                       rule: str = "final") -> pd.DataFrame:
+    """The rows `collect_scores` reads from eval.json files, read instead from the trial runs
+    of an MLflow store or server (the evaluate step logs its score into its training run, tags
+    method/task/seed): runs of several DAG invocations or clusters are analysed together.
+    Trial runs not evaluated yet are left out (and logged); two runs of one (method, task,
+    seed) are an error naming both: narrow them with `filter_string`. `rule`: which logged
+    score is a run's (SCORE_RULES)."""
+    from harness.training.evaluation import METRICS
+    metric = METRICS[SCORE_RULES[rule][0]]
+    rows, pending = [], []
+    for run in trial_runs(uri, experiments, "train-policy", filter_string):
+        where = f"MLflow run {run.info.run_id} ({run.info.run_name}, {uri})"
+        if metric not in run.data.metrics:
+            pending.append(run.info.run_name)
+            continue
+        missing = [k for k in ("method", "task", "seed") if not run.data.tags.get(k)]
+        if missing:
+            raise ScoreError(f"{where} lacks tag(s) {missing}")
+        score = run.data.metrics[metric]
+        if not np.isfinite(score):
+            raise ScoreError(f"{where}: {metric!r} must be a finite number, got {score!r}")
+        rows.append({"method": run.data.tags["method"], "task": run.data.tags["task"],
+                     "seed": int(run.data.tags["seed"]), "normalized_score": float(score),
+                     "source": f"{where}, dag_run {run.data.tags.get('dag_run', '?')}"})
+    if pending:
+        log.warning("%d trial run(s) have no final evaluation yet, left out: %s",
+                    len(pending), ", ".join(sorted(pending)))
+    if not rows:
+        raise ScoreError(f"MLflow store {uri}: no evaluated trial run in experiment(s) "
+                         f"{experiments}" + (f" matching {filter_string!r}" if filter_string
+                                             else ""))
+    try:
+        return _score_table(rows)
+    except ScoreError as err:
+        raise ScoreError(f"{err} (pick one with --filter, e.g. \"tags.dag_run = '<id>'\")") \
+            from None
 
 
 def common_tasks(df: pd.DataFrame, methods=None) -> list[str]:
@@ -286,15 +366,16 @@ def plot_improvement(poi: pd.DataFrame):
 # ---- the step the CLI calls --------------------------------------------------------------
 
 def run_aggregate(score_files: list[Path], out_dir: Path, reps: int = 2000,
-                  seed: int = 0) -> dict:
-    """Aggregates, profiles and P(improvement) -> CSVs + PNG/PDF figures in `out_dir`.
+                  seed: int = 0, rule: str = "final") -> dict:
+    """Aggregates, profiles and P(improvement) -> CSVs + PNG/PDF figures in `out_dir`, from
+    eval.json files or the same rows read from MLflow (`scores_from_mlflow`).
 
     Returns {"aggregates": DataFrame, "improvement": DataFrame, "profiles": DataFrame,
     "scores": DataFrame, "notes": [str], "reps": int, "files": [Path]}."""
     if reps < 1:
         raise ValueError(f"reps must be >= 1, got {reps}")
     out_dir = Path(out_dir)
-    df = collect_scores(score_files)
+    df = collect_scores(score_files, rule)
     notes: list[str] = []
     agg = aggregate(df, reps=reps, seed=seed, notes=notes)
     poi = improvement_probabilities(df, reps=reps, seed=seed, notes=notes)

@@ -126,7 +126,9 @@ class SimulatorModel:
 
     def __init__(self, task: str, dataset: Dataset | None = None, progress: bool = False):
         self.task = task
-        self.env = make_env(task)
+        # The model the data replays in (its sim_model attr; None = the gym id's own).
+        self.env = make_env(task, model=(dataset.extra.get("sim_model")
+                                         if dataset is not None else None))
         self.env.reset(seed=0)
         self.sim = self.env.unwrapped
         self.nq, self.nv = self.sim.model.nq, self.sim.model.nv

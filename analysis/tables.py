@@ -19,7 +19,7 @@ import pandas as pd
 import yaml
 from rliable import metrics
 
-from analysis.aggregate import collect_scores, ordered
+from analysis.aggregate import SCORE_RULES, collect_scores, ordered
 from analysis.plotting import label
 from harness import registry
 from harness.checkpoint import atomic_write_text
@@ -40,6 +40,7 @@ class Published:
     source: str              # full citation
     seeds: int | None
     scores: dict             # {method: {task: (mean, std)}}
+    score_rule: str = "not stated"  # which evaluation(s) a score is (e.g. "last eval")
 
 
 def load_published(path: Path | None = None) -> list[Published]:
@@ -59,7 +60,8 @@ def load_published(path: Path | None = None) -> list[Published]:
         for field in ("label", "source", "scores"):
             if field not in block:
                 raise PublishedError(f"{where}: missing key '{field}'")
-        unknown = set(block) - {"label", "source", "seeds", "dataset_version", "scores"}
+        unknown = set(block) - {"label", "source", "seeds", "dataset_version", "score_rule",
+                                "scores"}
         if unknown:
             raise PublishedError(f"{where}: unknown key(s) {sorted(unknown)}")
         scores = {}
@@ -74,7 +76,8 @@ def load_published(path: Path | None = None) -> list[Published]:
                                          f"[mean, std], got {cell!r}")
                 scores[method][task] = (float(cell[0]), float(cell[1]))
         out.append(Published(key, str(block["label"]), " ".join(str(block["source"]).split()),
-                             block.get("seeds"), scores))
+                             block.get("seeds"), scores,
+                             str(block.get("score_rule") or "not stated")))
     return out
 
 
@@ -92,11 +95,12 @@ def _fmt(mean: float, std: float | None, digits: int = 1) -> str:
 
 
 def build_table(df: pd.DataFrame, methods: list[str], published: list[Published],
-                published_methods: list[str] | None = None) -> dict:
+                published_methods: list[str] | None = None, rule: str = "final") -> dict:
     """The cells of one table. `published_methods` (default `methods`) picks which published
     columns to add: one per (source, method) for the sources the registry names for the method
-    (`Method.published`) that report it; a source without numbers prints n/a.
-    Returns {"columns", "rows", "bold", "caption_seeds", "sources"}."""
+    (`Method.published`) that report it; a source without numbers prints n/a. `rule`: the
+    score rule of our runs (aggregate.SCORE_RULES), stated per column with the sources'.
+    Returns {"columns", "rules", "rows", "bold", "caption_seeds", "sources"}."""
     published_methods = methods if published_methods is None else published_methods
     own = [m for m in methods if m in set(df.method)]
     tasks = sorted(df[df.method.isin(own)].task.unique(), key=_task_key)
@@ -135,7 +139,8 @@ def build_table(df: pd.DataFrame, methods: list[str], published: list[Published]
     for m in own:
         counts = df[df.method == m].groupby("task").seed.nunique()
         seeds[m] = (int(counts.min()), int(counts.max()))
-    return {"columns": columns, "rows": rows, "bold": bold, "summary": summary,
+    rules = [SCORE_RULES[rule][1]] * len(own) + [p.score_rule for p, _ in pub_cols]
+    return {"columns": columns, "rules": rules, "rows": rows, "bold": bold, "summary": summary,
             "caption_seeds": seeds, "sources": sorted({p.key: p for p, _ in pub_cols}.values(),
                                                       key=lambda p: p.key)}
 
@@ -145,7 +150,8 @@ def _caption(title: str, table: dict) -> str:
                       else f"{label(m)} {lo}-{hi} seeds"
                       for m, (lo, hi) in table["caption_seeds"].items())
     text = (f"{title}: D4RL normalised score, mean ± std over seeds ({seeds}); "
-            f"bold = best own run per task; last row: IQM of own runs over all seeds and "
+            f"first row: each column's score rule; bold = best own run per task; last row: "
+            f"IQM of own runs over all seeds and "
             f"tasks, mean over tasks for published columns.")
     if table["sources"]:
         text += " Published: " + "; ".join(
@@ -157,7 +163,8 @@ def _caption(title: str, table: dict) -> str:
 def to_markdown(title: str, table: dict) -> str:
     head = ["task"] + table["columns"]
     lines = [f"**{_caption(title, table)}**", "", "| " + " | ".join(head) + " |",
-             "|" + "|".join(["---"] + [":---:"] * len(table["columns"])) + "|"]
+             "|" + "|".join(["---"] + [":---:"] * len(table["columns"])) + "|",
+             "| " + " | ".join(["*score rule*"] + [f"*{r}*" for r in table["rules"]]) + " |"]
     for (task, cells), best in zip(table["rows"], table["bold"]):
         cells = [f"**{c}**" if i == best else c for i, c in enumerate(cells)]
         lines.append("| " + " | ".join([task] + cells) + " |")
@@ -177,7 +184,9 @@ def to_latex(title: str, table: dict, tag: str) -> str:
     lines = [r"\begin{table}[t]", r"\centering", r"\small",
              rf"\caption{{{_tex(_caption(title, table))}}}", rf"\label{{tab:{tag}}}",
              r"\begin{tabular}{l" + "c" * ncol + "}", r"\toprule",
-             " & ".join(["Task"] + [_tex(c) for c in table["columns"]]) + r" \\", r"\midrule"]
+             " & ".join(["Task"] + [_tex(c) for c in table["columns"]]) + r" \\",
+             " & ".join([r"\emph{score rule}"] + [rf"\emph{{{_tex(r)}}}" for r in table["rules"]])
+             + r" \\", r"\midrule"]
     for (task, cells), best in zip(table["rows"], table["bold"]):
         cells = [rf"\textbf{{{_tex(c)}}}" if i == best else _tex(c) for i, c in enumerate(cells)]
         lines.append(" & ".join([_tex(task)] + cells) + r" \\")
@@ -186,7 +195,8 @@ def to_latex(title: str, table: dict, tag: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def make_tables(df: pd.DataFrame, published: list[Published]) -> dict[str, dict]:
+def make_tables(df: pd.DataFrame, published: list[Published],
+                rule: str = "final") -> dict[str, dict]:
     """{name: {"title", "table", "markdown", "latex"}} for each family present + 'overall'."""
     out = {}
     present = set(df.method)
@@ -197,7 +207,7 @@ def make_tables(df: pd.DataFrame, published: list[Published]) -> dict[str, dict]
         if not shown:
             continue
         title = f"{label(base)} family"
-        table = build_table(df, methods, published)
+        table = build_table(df, methods, published, rule=rule)
         out[base] = {"title": title, "table": table, "markdown": to_markdown(title, table),
                      "latex": to_latex(title, table, f"dydiff-{base}")}
     methods = ordered(present)
@@ -206,18 +216,21 @@ def make_tables(df: pd.DataFrame, published: list[Published]) -> dict[str, dict]
     # the TD3+BC / CQL ones), so MOPO / MBPO runs sit next to OfflineRL-Kit and the MOPO paper.
     in_family = {m for members in registry.families().values() for m in members}
     table = build_table(df, methods, published,
-                        published_methods=[m for m in methods if m not in in_family])
+                        published_methods=[m for m in methods if m not in in_family],
+                        rule=rule)
     out["overall"] = {"title": title, "table": table, "markdown": to_markdown(title, table),
                       "latex": to_latex(title, table, "dydiff-overall")}
     return out
 
 
-def run_tables(score_files: list[Path], out_dir: Path, published: Path | None = None) -> dict:
+def run_tables(score_files: list[Path], out_dir: Path, published: Path | None = None,
+               rule: str = "final") -> dict:
     """Write table_<name>.md / .tex (and tables.md with all of them) into `out_dir`.
 
-    `published` is a published.yaml (default: analysis/published.yaml)."""
-    df = collect_scores(score_files)
-    tables = make_tables(df, load_published(published))
+    `published` is a published.yaml (default: analysis/published.yaml); `rule` the score rule
+    (aggregate.SCORE_RULES)."""
+    df = collect_scores(score_files, rule)
+    tables = make_tables(df, load_published(published), rule)
     out_dir = Path(out_dir)
     for name, t in tables.items():
         atomic_write_text(out_dir / f"table_{name}.md", t["markdown"])

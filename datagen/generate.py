@@ -19,6 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from harness.config import ConfigError, config_hash, require
+from harness.data import consistency
 from harness.data.d4rl import write_hdf5
 from harness.data.dataset import Dataset, concatenate
 from harness.envs import DATASET_KINDS, family_of, make_env, normalized_score, task_spec
@@ -363,9 +364,13 @@ def generate_datasets(family: str, kinds: list[str], cfg: GenerateConfig, out_di
 
     def write(kind: str, dataset: Dataset, **attrs) -> None:
         scores = dataset.normalized_returns()
+        # Recorded in the gym id's own model (make_env's default): the consistency check
+        # confirms it replays there and records it as the file's sim_model.
+        replay = consistency.check(dataset, models=task_spec(family).models[:1])
         paths[kind] = write_hdf5(dataset, out_dir / f"{family}-{kind}.hdf5", kind=kind,
                                  behaviour_normalized_return=float(scores.mean())
-                                 if len(scores) else float("nan"), **common, **attrs)
+                                 if len(scores) else float("nan"), **common, **attrs,
+                                 **consistency.attrs(replay))
 
     if "random" in kinds:
         write("random", random_dataset(family, cfg.n_transitions, _kind_seed(seed, "random"),

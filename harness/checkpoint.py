@@ -13,6 +13,7 @@ the last two checkpoints, so a truncated or corrupt newest one falls back to the
 """
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import pickle
@@ -63,6 +64,10 @@ def atomic_path(path: str | os.PathLike,
         if previous is not None and path.exists():
             os.replace(path, previous)
         os.replace(tmp_path, path)
+    except OSError as err:
+        if err.errno == errno.ENOSPC and err.filename is None:  # say which file did not fit
+            raise OSError(err.errno, err.strerror, str(path)) from err
+        raise
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
@@ -109,8 +114,33 @@ def save_checkpoint(path: str | os.PathLike, state: dict[str, Any],
     file becomes `previous_path(path)` first (what `load_checkpoint(fallback=True)` reads
     when the newest is unreadable)."""
     check_loadable(state)
-    with atomic_path(path, previous_path(path) if keep_previous else None) as tmp:
-        torch.save(state, tmp)
+    with atomic_path(path, previous_path(path) if keep_previous else None) as tmp, \
+            open(tmp, "wb") as f:
+        writer = _KeepWriteError(f)
+        try:
+            torch.save(state, writer)
+        except RuntimeError as err:
+            if writer.error is None:
+                raise
+            raise writer.error from err
+
+
+class _KeepWriteError:
+    """The file torch.save writes through, keeping the OSError of a failed write: torch
+    swallows it and reports a full disk only as "unexpected pos 704 vs 598"."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as err:
+            self.error = err
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
 
 
 class _Unreadable(Exception):

@@ -93,6 +93,55 @@ Results of {cfg['name']!r}:
     return 0
 
 
+def _analysis_source_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--from-mlflow", nargs="?", const="", metavar="URI",
+                   help="read the evaluated runs from an MLflow store or server instead of the "
+                        "result files (default URI: $MLFLOW_TRACKING_URI, else "
+                        "sqlite:///<results_dir>/mlflow.db)")
+    p.add_argument("--experiment", action="append", metavar="NAME",
+                   help="with --from-mlflow: experiment(s) to read, repeatable (default: the "
+                        "config's name)")
+    p.add_argument("--filter", default="", metavar="SEARCH",
+                   help="with --from-mlflow: MLflow search string narrowing the runs, e.g. "
+                        "\"tags.dag_run = '20250101-120000-ab12'\"")
+    p.add_argument("--out", help="with --from-mlflow: output folder (default: "
+                                 "<results_dir>/<experiment>/analysis-mlflow)")
+
+
+def _mlflow_analysis_spec(args) -> dict:
+    """`analyze --from-mlflow`: the analysis job of --configfile (its settings and task order)
+    or of analysis defaults, reading its inputs from MLflow runs; never logs a run itself."""
+    from harness import tracking
+    cfg = _config(args) if args.configfile else None
+    experiments = args.experiment or ([cfg["name"]] if cfg else None)
+    if not experiments:
+        raise ConfigError("analyze --from-mlflow needs --experiment NAME (or --configfile)")
+    results = Path(cfg.get("results_dir", "results")) if cfg else Path("results")
+    spec = plan.analysis_job(cfg) if cfg else {
+        "step": "analyze", "config": {"reps": 2000, "seed": 0, "name": "+".join(experiments)}}
+    # URI: given, else where the jobs log (MLFLOW_TRACKING_URI, the config's, the sqlite store)
+    configured = ((cfg or {}).get("mlflow") or {}).get("tracking_uri")
+    uri = args.from_mlflow or os.environ.get("MLFLOW_TRACKING_URI") or configured \
+        or tracking.default_uri(results)
+    return {**spec, "scores": [], "rollout_error": [], "tasks": cfg["tasks"] if cfg else None,
+            "mlflow": {"uri": uri, "experiments": experiments, "filter": args.filter},
+            "out": args.out or str(results / "+".join(experiments) / "analysis-mlflow")}
+
+
+def _analyze_from_mlflow(args) -> int:
+    from mlflow.exceptions import MlflowException
+    spec = _mlflow_analysis_spec(args)
+    try:
+        result = registry.resolve(registry.STEPS["analyze"])(spec, None)
+    except (ValueError, MlflowException) as err:  # no such experiment / runs, a bad --filter
+        print(f"dydiff-bench analyze: error: {str(err).splitlines()[0]}", file=sys.stderr)
+        return 2
+    print(json.dumps(result, indent=2, default=str))
+    print(f"analysis of {spec['mlflow']['uri']} {spec['mlflow']['experiments']} written to "
+          f"{spec['out']}")
+    return 0
+
+
 COMMANDS = {"init-tracking": cmd_init_tracking, "check-config": cmd_check_config,
             "where": cmd_where}
 
@@ -114,6 +163,8 @@ def parser() -> argparse.ArgumentParser:
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--threads", type=int, default=None,
                        help="torch intra-op threads (default: torch's own choice)")
+        if name == "analyze":
+            _analysis_source_args(p)
     for name, fn in COMMANDS.items():
         p = sub.add_parser(name, help=fn.__doc__.strip().splitlines()[0])
         p.add_argument("--configfile", required=True, help="experiment config YAML")
@@ -131,6 +182,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.threads:
             import torch
             torch.set_num_threads(args.threads)
+        if getattr(args, "from_mlflow", None) is not None:
+            return _analyze_from_mlflow(args)
         from harness.runner import run_job
         result = run_job(_spec(args))
         print(json.dumps(result, indent=2, default=str))

@@ -7,6 +7,7 @@ v5 `is_healthy` checks and are vectorised over a batch of next observations (num
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import gymnasium as gym
@@ -22,13 +23,23 @@ class TaskSpec:
     ref_min_score: float  # D4RL's REF_MIN_SCORE (random policy return)
     ref_max_score: float  # D4RL's REF_MAX_SCORE (expert return)
     max_episode_steps: int = 1000
+    # Simulator models (files in gymnasium's mujoco/assets) a dataset may have been recorded
+    # with; the first is the gym id's own. harness.data.consistency picks one per dataset.
+    models: tuple[str, ...] = ()
+    # The observation clips qvel to +-this (gymnasium hopper_v5.py / walker2d_v5.py _get_obs).
+    qvel_clip: float | None = None
 
 
 # Reference returns from d4rl/infos.py (the -v1/-v2 datasets reuse the -v0 values).
+# Walker2d-v5 gives both feet friction 1.9 (walker2d_v5.xml); v2-v4, which D4RL recorded,
+# used walker2d.xml (right foot 0.9, left 1.9): gymnasium's walker2d_v5.py changelog.
 TASKS: dict[str, TaskSpec] = {
-    "hopper": TaskSpec("hopper", "Hopper-v5", 11, 3, -20.272305, 3234.3),
-    "halfcheetah": TaskSpec("halfcheetah", "HalfCheetah-v5", 17, 6, -280.178953, 12135.0),
-    "walker2d": TaskSpec("walker2d", "Walker2d-v5", 17, 6, 1.629008, 4592.3),
+    "hopper": TaskSpec("hopper", "Hopper-v5", 11, 3, -20.272305, 3234.3,
+                       models=("hopper.xml",), qvel_clip=10.0),
+    "halfcheetah": TaskSpec("halfcheetah", "HalfCheetah-v5", 17, 6, -280.178953, 12135.0,
+                            models=("half_cheetah.xml",)),
+    "walker2d": TaskSpec("walker2d", "Walker2d-v5", 17, 6, 1.629008, 4592.3,
+                         models=("walker2d_v5.xml", "walker2d.xml"), qvel_clip=10.0),
 }
 
 DATASET_KINDS = ("random", "medium", "medium-replay", "medium-expert", "expert")
@@ -59,9 +70,28 @@ def normalized_score(name: str, returns):
         spec.ref_max_score - spec.ref_min_score)
 
 
-def make_env(name: str, seed: int | None = None, **kwargs) -> gym.Env:
-    """A gymnasium MuJoCo v5 env for the task family of `name` (with its 1000-step limit)."""
+def model_file(model: str) -> Path:
+    """The installed gymnasium's copy of a MuJoCo model file ('walker2d.xml')."""
+    import gymnasium.envs.mujoco as mujoco_envs
+    path = Path(mujoco_envs.__file__).resolve().parent / "assets" / model
+    if not path.exists():
+        raise FileNotFoundError(f"simulator model {model!r}: no {path} in the installed "
+                                f"gymnasium {gym.__version__}")
+    return path
+
+
+def make_env(name: str, seed: int | None = None, model: str | None = None,
+             **kwargs) -> gym.Env:
+    """A gymnasium MuJoCo v5 env for the task family of `name` (with its 1000-step limit).
+
+    `model`: one of the task's `TaskSpec.models` (the one recorded with a dataset); None or
+    the first is the gym id's own model."""
     spec = task_spec(name)
+    if model is not None and model != spec.models[0]:
+        if model not in spec.models:
+            raise ValueError(f"simulator model {model!r} is not one of {spec.family}'s models "
+                             f"{list(spec.models)}")
+        kwargs["xml_file"] = str(model_file(model))
     env = gym.make(spec.gym_id, max_episode_steps=spec.max_episode_steps, **kwargs)
     if seed is not None:
         env.reset(seed=seed)

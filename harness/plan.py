@@ -40,6 +40,8 @@ PATHS = {
     "improvement": "{root}/analysis/improvement_probability.png",
     "tables": "{root}/analysis/tables/tables.md",
     "summary": "{root}/analysis/summary.md",
+    "tables_html": "{root}/analysis/tables/tables.html",  # the report's copies (HTML renders)
+    "summary_html": "{root}/analysis/summary.html",
     "log_generate": "{root}/logs/datasets/{family}.log",
     "log_import": "{root}/logs/datasets/{task}.log",
     "log_model": "{root}/logs/models/{model}/{task}/seed{mseed}.log",
@@ -177,6 +179,8 @@ def validate(cfg: dict) -> None:
             and policy_method not in cfg["methods"]:
         raise ConfigError(f"rollout_error.policy_method: {policy_method!r} is not one of "
                           f"methods {cfg['methods']}")
+    _validated("harness.data.consistency:ConsistencyConfig",  # also when no import uses it
+               (cfg.get("data") or {}).get("consistency"), "data.consistency")
     all_jobs(cfg, seeds=cfg["seeds"][:1])
 
 
@@ -271,7 +275,9 @@ def import_job(cfg: dict, task: str) -> dict:
     name = (f"{task}-{data.get('d4rl_version', 'v2')}" if source == "d4rl"
             else f"mujoco/{family}/{kind}-{data.get('minari_version', 'v0')}")
     return {"step": "import-dataset", "task": task, "out": str(path(cfg, "dataset", task=task)),
-            "config": {"source": source, "name": name}}
+            "config": {"source": source, "name": name,
+                       "consistency": _validated("harness.data.consistency:ConsistencyConfig",
+                                                 data.get("consistency"), "data.consistency")}}
 
 
 def models_shared(cfg: dict) -> bool:
@@ -357,6 +363,7 @@ def eval_job(cfg: dict, method: str, task: str, seed: int) -> dict:
     evaluation = task_config(cfg, task).get("evaluation") or {}
     return {"step": "evaluate", "method": method, "task": task, "seed": seed,
             "policy_dir": str(path(cfg, "policy_dir", method=method, task=task, seed=seed)),
+            "dataset": str(path(cfg, "dataset", task=task)),  # its sim_model attr: the dynamics
             "out": str(path(cfg, "eval", method=method, task=task, seed=seed)),
             "config": {"episodes": evaluation.get("final_episodes", 10),
                        "seed": 1_000_003 + seed}}
@@ -399,7 +406,8 @@ def analysis_job(cfg: dict) -> dict:
             "out": str(path(cfg, "analysis_dir")),
             "config": {"reps": acfg.get("reps", 2000), "seed": acfg.get("seed", 0),
                        "name": cfg["name"], "seeds": len(cfg["seeds"]),
-                       "models_shared": models_shared(cfg)}}
+                       "models_shared": models_shared(cfg),
+                       "score_rule": acfg.get("score_rule", "final")}}
 
 
 def all_jobs(cfg: dict, seeds: list[int] | None = None) -> list[dict]:

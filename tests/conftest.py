@@ -12,3 +12,13 @@ def hopper_random():
     """3000 uniformly random Hopper-v5 transitions (D4RL layout with qpos/qvel), seed 0."""
     from datagen.generate import random_dataset
     return random_dataset("hopper", 3000, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_dag(tmp_path_factory):
+    """The tiny grid (tests/configs/tiny.yaml) run once, uninterrupted, from the repository
+    root: (results folder, resolved config). The reference the DAG tests compare with (the
+    workflow, kill and disk-full tests); a test copies it before changing anything in it."""
+    from dag_helpers import run_tiny_dag
+    results = tmp_path_factory.mktemp("tiny_results")
+    return results, run_tiny_dag(results)

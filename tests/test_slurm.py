@@ -1,5 +1,5 @@
 """The `slurm` profile against a real SLURM: a single-node slurmctld + slurmd + slurmdbd on
-loopback (workflow/ci/slurm-up.sh) and MLflow in server mode on 127.0.0.1.
+loopback (workflow/ci/slurm-up.sh) and an authenticated MLflow server on 127.0.0.1 (basic-auth).
 
 - the smoke DAG runs to completion with the exact user command `snakemake --cores all --profile
   slurm` from a repository root; its jobs are seen in squeue while they run and in sacct after,
@@ -18,19 +18,19 @@ import math
 import os
 import re
 import shutil
-import socket
 import subprocess
 import tempfile
 import threading
 import time
-import urllib.request
 import uuid
 from pathlib import Path
 
 import pytest
+import requests
 
-from dag_helpers import (BIN, LONGER_POLICY, ROOT, assert_same_training, copy_repo,
-                         env_with_bin, snakemake, tail)
+import mlflow_server as tracking_server
+from dag_helpers import (LONGER_POLICY, ROOT, assert_same_training, copy_repo, env_with_bin,
+                         snakemake, tail)
 from harness import plan
 
 pytestmark = pytest.mark.slurm
@@ -86,35 +86,18 @@ def cluster():
 
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory):
-    """`mlflow server` on 127.0.0.1 (sqlite backend, artefacts in a shared folder): the
-    README's cluster set-up. Yields its tracking URI."""
+    """The README's cluster tracking server: MLflow's basic-auth app on 127.0.0.1 (sqlite
+    backend, artefacts in a shared folder) and one user for the jobs. Yields its URI and the
+    jobs' credentials, which reach them as environment variables only."""
     skip_unless_possible()
-    store = tmp_path_factory.mktemp("mlflow-server")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    log = open(store / "server.log", "w")
-    proc = subprocess.Popen(
-        [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{store / 'mlflow.db'}",
-         "--artifacts-destination", str(store / "artifacts"), "--workers", "2"],
-        stdout=log, stderr=subprocess.STDOUT, env=env_with_bin())
-    uri = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while True:
-        try:
-            with urllib.request.urlopen(f"{uri}/health", timeout=5) as r:
-                if r.status == 200:
-                    break
-        except OSError:
-            pass
-        assert proc.poll() is None and time.monotonic() < deadline, \
-            (store / "server.log").read_text()[-3000:]
-        time.sleep(0.5)
-    yield uri
-    proc.terminate()
-    proc.wait(timeout=60)
-    log.close()
+    server = tracking_server.start(tmp_path_factory.mktemp("mlflow-server"))
+    try:
+        refused = requests.post(f"{server.uri}/api/2.0/mlflow/experiments/search", json={},
+                                timeout=30)
+        assert refused.status_code == 401, refused.text[:500]  # no credentials, no access
+        yield server.uri, server.create_user("dydiff-jobs")
+    finally:
+        server.stop()
 
 
 class QueueWatcher(threading.Thread):
@@ -171,15 +154,16 @@ def minutes(timelimit: str) -> int:
     return (int(days or 0) * 24 + h) * 60 + m + s // 60
 
 
-def test_smoke_dag_on_slurm(cluster, mlflow_server, tmp_path):
+def test_smoke_dag_on_slurm(cluster, mlflow_server, tmp_path, monkeypatch):
     from mlflow.tracking import MlflowClient
+    uri, creds = mlflow_server
     repo = copy_repo(tmp_path / "repo")
     dag_run = uuid.uuid4().hex[:12]
     watcher = QueueWatcher()
     watcher.start()
     start = time.monotonic()
     res = subprocess.run(["snakemake", "--cores", "all", "--profile", "slurm"], cwd=repo,
-                         env=env_with_bin({"MLFLOW_TRACKING_URI": mlflow_server,
+                         env=env_with_bin({"MLFLOW_TRACKING_URI": uri, **creds,
                                            "DYDIFF_DAG_RUN": dag_run}),
                          capture_output=True, text=True, timeout=4800)
     wall = time.monotonic() - start
@@ -214,7 +198,12 @@ def test_smoke_dag_on_slurm(cluster, mlflow_server, tmp_path):
         assert log.is_relative_to(repo / "results/logs/slurm") and log.stat().st_size > 0, job
     assert len({(j["mem_mb"], j["runtime"]) for j in submitted}) > 1  # the check can tell
 
-    client = MlflowClient(mlflow_server)
+    # The jobs logged with the credentials from their environment, which no log shows.
+    logs = [res.stdout, res.stderr, *(j["log"].read_text() for j in submitted)]
+    assert not [text for text in logs if creds["MLFLOW_TRACKING_PASSWORD"] in text]
+    for key, value in creds.items():
+        monkeypatch.setenv(key, value)
+    client = MlflowClient(uri)
     exp = client.get_experiment_by_name(cfg["name"])
     runs = client.search_runs([exp.experiment_id], f"tags.dag_run = '{dag_run}'",
                               max_results=1000)
@@ -234,7 +223,8 @@ def test_scancelled_job_is_retried_and_resumes(cluster, mlflow_server, tmp_path)
     target = f"{results}/tiny/policies/td3bc/{task}/seed0/final.json"
     args = ("--configfile", "tests/configs/tiny.yaml", "--config", f"results_dir={results}",
             LONGER_POLICY, "--", target)
-    env = env_with_bin({"MLFLOW_TRACKING_URI": mlflow_server})
+    uri, creds = mlflow_server
+    env = env_with_bin({"MLFLOW_TRACKING_URI": uri, **creds})
     proc = subprocess.Popen(["snakemake", "--cores", "all", "--profile", "slurm", *args],
                             cwd=repo, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)

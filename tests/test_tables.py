@@ -137,3 +137,43 @@ def test_summary_claims_a_difference_only_where_the_interval_supports_it(tmp_pat
     text = write_summary(agg, None, None, tmp_path / "s5.md", models_shared=False)
     assert "statistically distinguishable" in text
     assert "include model-training variance" in text
+
+
+def test_score_rule_picks_the_number_and_each_column_states_its_rule(tmp_path):
+    """analysis.score_rule: 'final' (the final evaluation, CORL's 'last') or 'last10' (the mean
+    of the last 10 training evaluations, OfflineRL-Kit's); each table column says which."""
+    import json
+    from analysis.aggregate import ScoreError, collect_scores
+    d = tmp_path / "runs" / "td3bc" / "hopper-medium" / "seed0"
+    d.mkdir(parents=True)
+    (d / "eval.json").write_text(json.dumps({"method": "td3bc", "task": "hopper-medium",
+                                             "seed": 0, "normalized_score": 60.0,
+                                             "normalized_score_last10": 55.0}))
+    assert collect_scores([tmp_path / "runs"]).normalized_score.tolist() == [60.0]
+    assert collect_scores([tmp_path / "runs"], "last10").normalized_score.tolist() == [55.0]
+    tab = tables.run_tables([tmp_path / "runs"], tmp_path / "tab", rule="last10")
+    t = tab["td3bc"]["table"]
+    rules = dict(zip(t["columns"], t["rules"]))
+    assert rules["TD3+BC (ours)"] == "mean of last 10 evals"
+    assert rules["TD3+BC (CORL)"] == "last eval"
+    assert rules["TD3+BC (OfflineRL-Kit)"] == "mean of last 10 evals"
+    assert "| *score rule* | *mean of last 10 evals* |" in tab["td3bc"]["markdown"]
+    (d / "eval.json").write_text(json.dumps({"method": "td3bc", "task": "hopper-medium",
+                                             "seed": 0, "normalized_score": 60.0}))
+    with pytest.raises(ScoreError, match=r"lacks key\(s\) \['normalized_score_last10'\] "
+                                         r"\(analysis.score_rule: last10\)"):
+        collect_scores([tmp_path / "runs"], "last10")
+
+
+def test_last_ten_evaluations_are_read_from_the_training_table(tmp_path):
+    """OfflineRL-Kit's rule on our table: rows without a score (log-only rows) are skipped."""
+    from harness.training.evaluation import last_evaluations
+    scores = [float(s) for s in range(12)]
+    rows = [{"step": 10 * i, "normalized_score": v} for i, v in enumerate(scores)]
+    rows.insert(3, {"step": 25, "normalized_score": float("nan")})
+    pd.DataFrame(rows).to_parquet(tmp_path / "metrics.parquet")
+    got = last_evaluations(tmp_path / "metrics.parquet")
+    assert got == {"normalized_score_last10": sum(scores[2:]) / 10, "last10_evaluations": 10}
+    pd.DataFrame(rows[:3]).to_parquet(tmp_path / "few.parquet")
+    assert last_evaluations(tmp_path / "few.parquet") == {"normalized_score_last10": 1.0,
+                                                          "last10_evaluations": 3}

@@ -1,7 +1,8 @@
 """D4RL's hdf5 format, read and written directly (the `d4rl` package needs mujoco_py).
 
 Layout: top-level datasets observations, actions, rewards, terminals, timeouts,
-next_observations (float32 / bool), optionally infos/qpos and infos/qvel; metadata as attrs.
+next_observations (float32 / bool), optionally infos/qpos and infos/qvel; metadata as attrs
+(`sim_model`: the simulator model the data replays in, see harness/data/consistency.py).
 """
 from __future__ import annotations
 
@@ -39,14 +40,26 @@ def read_hdf5(path: str | os.PathLike, name: str | None = None) -> Dataset:
             for key in ("qpos", "qvel"):
                 arrays[key] = f[f"infos/{key}"][()] if f"infos/{key}" in f else None
             stored_name = f.attrs.get("name")
+            sim_model = _text(f.attrs.get("sim_model"))
     except OSError as err:
         raise DatasetError(f"{path} is not a readable hdf5 file: {err}") from None
     problems = validate_arrays(arrays)
     if problems:
         raise DatasetError(f"{path} is not a valid D4RL dataset:\n  - " + "\n  - ".join(problems))
-    name = name or (stored_name.decode() if isinstance(stored_name, bytes) else stored_name) \
-        or path.stem
-    return Dataset(name=str(name), source=str(path), **arrays)
+    name = name or _text(stored_name) or path.stem
+    extra = {"sim_model": sim_model} if sim_model else {}
+    return Dataset(name=str(name), source=str(path), extra=extra, **arrays)
+
+
+def _text(value) -> str | None:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def stored_sim_model(path: str | os.PathLike) -> str | None:
+    """The simulator model recorded with a dataset file (attr `sim_model`, written by the
+    import step's consistency check and by dataset generation); None if it has none."""
+    with h5py.File(path, "r") as f:
+        return _text(f.attrs.get("sim_model"))
 
 
 def write_hdf5(dataset: Dataset, path: str | os.PathLike, **attrs) -> Path:
@@ -61,6 +74,8 @@ def write_hdf5(dataset: Dataset, path: str | os.PathLike, **attrs) -> Path:
                 f.create_dataset("infos/qpos", data=dataset.qpos)
                 f.create_dataset("infos/qvel", data=dataset.qvel)
             f.attrs["name"] = dataset.name
+            if dataset.extra.get("sim_model"):  # read from a file: keep it with the data
+                f.attrs["sim_model"] = dataset.extra["sim_model"]
             for key, value in attrs.items():
                 f.attrs[key] = value
     return path

@@ -183,9 +183,18 @@ def _check_dims(dataset: Dataset, spec: str) -> None:
 
 
 def import_step(spec: dict, log_fn=None) -> dict:
-    """Job step: read a task's dataset (D4RL hdf5 / Minari) into the results folder."""
+    """Job step: read a task's dataset (D4RL hdf5 / Minari) into the results folder, after
+    the dynamics-consistency check has chosen the simulator model it replays in (recorded as
+    the file's `sim_model` attr, which evaluation and the rollout-error study use)."""
+    from harness.config import from_dict
+    from harness.data import consistency
     from harness.data.d4rl import write_hdf5
+    cfg = from_dict(consistency.ConsistencyConfig, spec["config"].get("consistency"),
+                    where=consistency.CONFIG_KEY)
     dataset = load_dataset(spec["config"]["name"])
     dataset.name = spec["task"]
-    write_hdf5(dataset, spec["out"], source=str(dataset.source))
-    return dataset.summary()
+    report = consistency.check(dataset, cfg)
+    write_hdf5(dataset, spec["out"], source=str(dataset.source), **consistency.attrs(report))
+    return {**dataset.summary(), **consistency.metrics(report),
+            "tags": {"sim_model": report["sim_model"],
+                     "consistency_status": report["status"]}}

@@ -8,12 +8,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from harness.envs import make_env, normalized_score
+from harness import checkpoint
+from harness.envs import make_env, normalized_score, task_spec
 from harness.runtime import device_of
 
 
-def evaluate(agent, task: str, episodes: int, seed: int) -> dict:
+def evaluate(agent, task: str, episodes: int, seed: int, model: str | None = None) -> dict:
     """Run `episodes` episodes with deterministic actions; one batched policy call per step.
+
+    `model`: the simulator model recorded with the training data (its `sim_model`; None = the
+    gym id's own), so a policy is scored under the dynamics its data came from.
 
     Episodes run side by side in separate envs (episode i reset with seed + i); an env that
     has finished is simply no longer stepped, which avoids vector-env autoreset subtleties.
@@ -22,7 +26,7 @@ def evaluate(agent, task: str, episodes: int, seed: int) -> dict:
     """
     if episodes < 1:
         raise ValueError(f"evaluate: episodes must be >= 1, got {episodes}")
-    envs = [make_env(task) for _ in range(episodes)]
+    envs = [make_env(task, model=model) for _ in range(episodes)]
     obs = np.stack([env.reset(seed=seed + i)[0] for i, env in enumerate(envs)])
     returns = np.zeros(episodes)
     lengths = np.zeros(episodes, dtype=np.int64)
@@ -48,25 +52,55 @@ def evaluate(agent, task: str, episodes: int, seed: int) -> dict:
             "normalized_score_std": float(scores.std()), "lengths": lengths.tolist()}
 
 
+# What the final evaluation logs into its trial's MLflow run (harness.runner.TRIAL_ROW: the
+# training run of the same method, task and seed): eval.json key -> metric. A re-evaluation
+# (e.g. another evaluation.final_episodes) logs them again at the same step; the newest value is
+# the run's, as the UI, search and `analyze --from-mlflow` read it.
+METRICS = {"normalized_score": "eval/normalized_score",
+           "normalized_score_last10": "eval/normalized_score_last10",
+           "normalized_score_std": "eval/normalized_score_std",
+           "return_mean": "eval/return_mean", "return_std": "eval/return_std",
+           "eval_episodes": "eval/episodes", "wall_time_s": "eval/wall_time_s"}
+
+
+def last_evaluations(metrics_file: Path, n: int = 10) -> dict:
+    """The mean normalised score of the last `n` evaluations during training (its table's
+    rows with a score: every `eval_every` steps and the last step) and how many there were."""
+    import pandas as pd
+    scores = pd.read_parquet(metrics_file, columns=["normalized_score"]).normalized_score
+    last = scores.dropna().to_numpy()[-n:]
+    if len(last) == 0:
+        raise ValueError(f"{metrics_file}: no evaluation during training to score")
+    return {"normalized_score_last10": float(last.mean()), "last10_evaluations": len(last)}
+
+
 def evaluate_step(spec: dict, log_fn=None) -> dict:
     """Job step: the final evaluation of a trained policy on fresh episodes (eval.json, the
-    file the analysis reads)."""
+    file the analysis reads; its METRICS go to `log_fn` at the policy's last training step).
+    eval.json also holds the mean of the last 10 evaluations during training
+    (`normalized_score_last10`, OfflineRL-Kit's score rule; analysis.score_rule picks)."""
     from harness.checkpoint import atomic_write_text
+    from harness.data.d4rl import stored_sim_model
     from harness.runtime import git_sha
     from harness.training.policy import load_policy
     pdir = Path(spec["policy_dir"])
     agent, method = load_policy(pdir / "policy.pt")
     final = json.loads((pdir / "final.json").read_text())
+    model = stored_sim_model(spec["dataset"]) if spec.get("dataset") else None
     start = time.perf_counter()
     result = evaluate(agent, spec["task"], episodes=spec["config"]["episodes"],
-                      seed=spec["config"]["seed"])
+                      seed=spec["config"]["seed"], model=model)
     out = {"method": method, "task": spec["task"], "seed": spec["seed"],
            "normalized_score": result["normalized_score"],
            "normalized_score_std": result["normalized_score_std"],
            "return_mean": result["return_mean"], "return_std": result["return_std"],
            "eval_episodes": spec["config"]["episodes"], "episode_lengths": result["lengths"],
+           **last_evaluations(pdir / checkpoint.METRICS),  # the offline loop's table
+           "sim_model": model or task_spec(spec["task"]).models[0],
            "steps": final["steps"], "train_wall_time_s": final["wall_time_s"],
            "wall_time_s": time.perf_counter() - start, "git_sha": git_sha(),
            "config_hash": final["config_hash"]}
     atomic_write_text(spec["out"], json.dumps(out, indent=2) + "\n")
+    if log_fn is not None:
+        log_fn({metric: out[key] for key, metric in METRICS.items()}, final["steps"])
     return out

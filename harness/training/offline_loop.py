@@ -164,7 +164,8 @@ def offline_loop(agent, dataset: Dataset, cfg: OfflineConfig, out_dir, seed: int
             sums.clear()
             counts.clear()
         if step % cfg.eval_every == 0 or step == cfg.total_steps:
-            res = evaluate(agent, dataset.name, cfg.eval_episodes, seed=eval_seed(seed, step))
+            res = evaluate(agent, dataset.name, cfg.eval_episodes, seed=eval_seed(seed, step),
+                           model=dataset.extra.get("sim_model"))
             row.update(return_mean=res["return_mean"], return_std=res["return_std"],
                        normalized_score=res["normalized_score"],
                        normalized_score_std=res["normalized_score_std"])

@@ -14,8 +14,12 @@ rule analyze:
                        caption="../report/profile.rst"),
         improvement=report(out("improvement"), category="Aggregate scores",
                            caption="../report/improvement.rst"),
-        tables=report(out("tables"), category="Paper tables", caption="../report/tables.rst"),
-        summary=report(out("summary"), category="Summary", caption="../report/summary.rst"),
+        tables=out("tables"),
+        summary=out("summary"),
+        tables_html=report(out("tables_html"), category="Paper tables",
+                           caption="../report/tables.rst"),
+        summary_html=report(out("summary_html"), category="Summary",
+                            caption="../report/summary.rst"),
     params:
         job=job_param(plan.analysis_job(config)),
     threads: 1

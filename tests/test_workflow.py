@@ -43,7 +43,8 @@ def test_dry_run_job_counts(configfile, tmp_path):
     n_policy = len(cfg["tasks"]) * len(cfg["methods"]) * len(cfg["seeds"])
     assert counts["train_policy"] == n_policy
     assert counts["evaluate"] == n_policy
-    assert counts["train_model"] == len(cfg["tasks"]) * len(plan.needed_models(cfg))
+    model_seeds = 1 if plan.models_shared(cfg) else len(cfg["seeds"])  # smoke: shared
+    assert counts["train_model"] == len(cfg["tasks"]) * len(plan.needed_models(cfg)) * model_seeds
     assert counts["analyze"] == 1
     if plan.rollout_error_enabled(cfg):
         assert counts["rollout_error"] == len(cfg["tasks"])

@@ -19,15 +19,13 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import socket
 import subprocess
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
-from dag_helpers import BIN, ROOT, TINY, env_with_bin, snakemake, tail
+from dag_helpers import ROOT, TINY, snakemake, tail
 from harness import plan, tracking
 
 pytestmark = pytest.mark.browser
@@ -87,33 +85,13 @@ def page(chromium):
 def mlflow_ui(page, tiny_dag, tmp_path_factory):
     """`mlflow server` on a copy of the tiny DAG's store (the server may migrate what it
     serves); yields its URL."""
+    import mlflow_server
     results, _ = tiny_dag
     store = tmp_path_factory.mktemp("mlflow-ui")
     shutil.copy(results / "mlflow.db", store / "mlflow.db")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    log = open(store / "server.log", "w")
-    proc = subprocess.Popen(
-        [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{store / 'mlflow.db'}", "--workers", "1"],
-        cwd=store, stdout=log, stderr=subprocess.STDOUT, env=env_with_bin())
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while True:
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=5) as r:
-                if r.status == 200:
-                    break
-        except OSError:
-            pass
-        assert proc.poll() is None and time.monotonic() < deadline, \
-            (store / "server.log").read_text()[-3000:]
-        time.sleep(0.5)
-    yield url
-    proc.terminate()
-    proc.wait(timeout=60)
-    log.close()
+    server = mlflow_server.start(store, auth=False, workers=1)
+    yield server.uri
+    server.stop()
 
 
 def _search(page, query: str, expected: int) -> list[str]:

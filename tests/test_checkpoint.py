@@ -284,3 +284,17 @@ def test_reward_model_resumed_from_the_previous_checkpoint_equals_uninterrupted(
     pd.testing.assert_frame_equal(ma, mb)
     assert {k: v for k, v in full.items() if k != "wall_time_s"} == \
         {k: v for k, v in resumed.items() if k != "wall_time_s"}
+
+
+def test_atomic_files_get_the_mode_a_plain_write_would(tmp_path):
+    """Not mkstemp's 0600: results on a shared filesystem stay readable by the group."""
+    import os
+    from harness.checkpoint import atomic_write_text
+    old = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "a.txt", "x")
+        (tmp_path / "b.txt").write_text("x")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "a.txt").stat().st_mode == (tmp_path / "b.txt").stat().st_mode

@@ -114,9 +114,11 @@ def test_cql_presets_are_complete_so_the_shared_section_cannot_leak_in():
 def test_the_cql_pair_shares_its_settings_and_columns_say_whose_they_are():
     cfg = plan.load_config(PAPER)
     for task in cfg["tasks"]:
-        pair = [plan.policy_job(cfg, m, task, 0)["config"]["policy"]["agent"]
-                for m in ("cql", "dydiff-cql")]
-        assert pair[0] == pair[1], task
+        for base in ("cql", "td3bc"):  # equal budgets: each pair differs only in its rollouts
+            pair = [plan.policy_job(cfg, m, task, 0)["config"]["policy"]
+                    for m in (base, f"dydiff-{base}")]
+            assert pair[0]["agent"] == pair[1]["agent"], (base, task)
+            assert pair[0]["offline"]["total_steps"] == pair[1]["offline"]["total_steps"]
     # published CQL numbers sit only next to the preset that reproduces their settings
     published = {m.name: m.published for m in registry.METHODS.values() if m.agent == "cql"
                  and m.published}

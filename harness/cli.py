@@ -59,10 +59,6 @@ def cmd_check_config(args) -> int:
     """Validate a config (and that its D4RL / Minari datasets are there) and list the job
     grid it defines."""
     cfg = _config(args)
-    try:
-        plan.check_datasets(cfg)
-    except ConfigError as err:
-        raise ConfigError(f"{args.configfile}: {err}") from None
     counts: dict[str, int] = {}
     for spec in plan.all_jobs(cfg):
         counts[spec["step"]] = counts.get(spec["step"], 0) + 1
@@ -71,6 +67,10 @@ def cmd_check_config(args) -> int:
     print(f"  methods: {', '.join(cfg['methods'])}")
     for name, n in counts.items():
         print(f"  {name:<20} {n} job(s)")
+    try:  # after the listing: the grid is worth seeing before its data is there
+        plan.check_datasets(cfg)
+    except ConfigError as err:
+        raise ConfigError(f"{args.configfile}: {err}") from None
     return 0
 
 

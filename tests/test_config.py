@@ -310,3 +310,14 @@ def test_a_learning_rate_schedule_spans_the_methods_training():
                                                          "offline": {"total_steps": steps}}}}})
         sac = plan.policy_job(cfg, "mopo", task, 0)["config"]["policy"]["agent"]
         assert (sac["actor_lr_schedule"], sac["actor_lr_schedule_steps"]) == ("cosine", steps)
+
+
+def test_check_config_lists_the_grid_then_names_missing_datasets(tmp_path, monkeypatch, capsys):
+    from harness.cli import main
+    monkeypatch.setenv("D4RL_DATASET_DIR", str(tmp_path / "d4rl"))
+    assert main(["check-config", "--configfile", "config/paper.yaml",
+                 "--set", f"results_dir={tmp_path}"]) == 2
+    out = capsys.readouterr()
+    assert "import-dataset       12 job(s)" in out.out
+    assert out.err.startswith("dydiff-bench check-config: error: config/paper.yaml: data.source: "
+                              "d4rl: 12 of 12 dataset(s) not found: ")

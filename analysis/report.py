@@ -75,7 +75,7 @@ def analyze_step(spec: dict, log_fn=None) -> dict:
         rerr = (pd.concat([pd.read_csv(p).assign(task=Path(p).parent.name)
                            for p in spec["rollout_error"]]) if spec["rollout_error"] else None)
     aggregates = run_aggregate(scores, out, reps=cfg["reps"], seed=cfg["seed"], rule=rule)
-    tables = run_tables(scores, out / "tables", rule=rule)
+    tables = run_tables(scores, out / "tables", rule=rule, models_shared=cfg.get("models_shared"))
     summary = write_summary(aggregates, tables, rerr, out / "summary.md", budget=cfg["name"],
                             models_shared=cfg.get("models_shared"))
     # HTML twins of the Markdown for Snakemake's report (it renders HTML, not Markdown).

@@ -153,6 +153,10 @@ def _caption(title: str, table: dict) -> str:
             f"first row: each column's score rule; bold = best own run per task; last row: "
             f"IQM of own runs over all seeds and "
             f"tasks, mean over tasks for published columns.")
+    if table.get("models_shared") is not None:
+        text += (" Our model-based runs: one model per task shared by every seed (intervals "
+                 "leave out model variance)." if table["models_shared"] else
+                 " Our model-based runs: models trained per seed.")
     if table["sources"]:
         text += " Published: " + "; ".join(
             f"{p.label}: {p.source}" + (f" ({p.seeds} seeds)" if p.seeds else "")
@@ -195,8 +199,8 @@ def to_latex(title: str, table: dict, tag: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def make_tables(df: pd.DataFrame, published: list[Published],
-                rule: str = "final") -> dict[str, dict]:
+def make_tables(df: pd.DataFrame, published: list[Published], rule: str = "final",
+                models_shared: bool | None = None) -> dict[str, dict]:
     """{name: {"title", "table", "markdown", "latex"}} for each family present + 'overall'."""
     out = {}
     present = set(df.method)
@@ -207,7 +211,8 @@ def make_tables(df: pd.DataFrame, published: list[Published],
         if not shown:
             continue
         title = f"{label(base)} family"
-        table = build_table(df, methods, published, rule=rule)
+        table = {**build_table(df, methods, published, rule=rule),
+                 "models_shared": models_shared}
         out[base] = {"title": title, "table": table, "markdown": to_markdown(title, table),
                      "latex": to_latex(title, table, f"dydiff-{base}")}
     methods = ordered(present)
@@ -218,19 +223,21 @@ def make_tables(df: pd.DataFrame, published: list[Published],
     table = build_table(df, methods, published,
                         published_methods=[m for m in methods if m not in in_family],
                         rule=rule)
+    table["models_shared"] = models_shared
     out["overall"] = {"title": title, "table": table, "markdown": to_markdown(title, table),
                       "latex": to_latex(title, table, "dydiff-overall")}
     return out
 
 
 def run_tables(score_files: list[Path], out_dir: Path, published: Path | None = None,
-               rule: str = "final") -> dict:
+               rule: str = "final", models_shared: bool | None = None) -> dict:
     """Write table_<name>.md / .tex (and tables.md with all of them) into `out_dir`.
 
     `published` is a published.yaml (default: analysis/published.yaml); `rule` the score rule
-    (aggregate.SCORE_RULES)."""
+    (aggregate.SCORE_RULES); `models_shared` whether the seeds shared their models (said in
+    each caption; None: not said)."""
     df = collect_scores(score_files, rule)
-    tables = make_tables(df, load_published(published), rule)
+    tables = make_tables(df, load_published(published), rule, models_shared)
     out_dir = Path(out_dir)
     for name, t in tables.items():
         atomic_write_text(out_dir / f"table_{name}.md", t["markdown"])

@@ -158,6 +158,11 @@ def test_score_rule_picks_the_number_and_each_column_states_its_rule(tmp_path):
     assert rules["TD3+BC (CORL)"] == "last eval"
     assert rules["TD3+BC (OfflineRL-Kit)"] == "mean of last 10 evals"
     assert "| *score rule* | *mean of last 10 evals* |" in tab["td3bc"]["markdown"]
+    assert "models trained per seed" not in tab["td3bc"]["markdown"]  # not said when unknown
+    shared = tables.run_tables([tmp_path / "runs"], tmp_path / "tab2", models_shared=True)
+    assert "one model per task shared by every seed" in shared["overall"]["markdown"]
+    per_seed = tables.run_tables([tmp_path / "runs"], tmp_path / "tab3", models_shared=False)
+    assert "models trained per seed" in per_seed["td3bc"]["latex"]
     (d / "eval.json").write_text(json.dumps({"method": "td3bc", "task": "hopper-medium",
                                              "seed": 0, "normalized_score": 60.0}))
     with pytest.raises(ScoreError, match=r"lacks key\(s\) \['normalized_score_last10'\] "

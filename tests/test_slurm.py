@@ -180,7 +180,7 @@ def test_smoke_dag_on_slurm(cluster, mlflow_server, tmp_path, monkeypatch):
 
     submitted = submitted_jobs(res.stdout + res.stderr)
     # Every job of the grid (datasets, models, policies, evaluations, the rollout-error study
-    # per task, the analysis): each a SLURM job and an MLflow run.
+    # per task, the analysis): each a SLURM job; each an MLflow run but the evaluations.
     n_jobs = len(plan.all_jobs(cfg))
     assert len(submitted) == n_jobs
     accounting = sacct(*(job["slurm_id"] for job in submitted))
@@ -207,10 +207,14 @@ def test_smoke_dag_on_slurm(cluster, mlflow_server, tmp_path, monkeypatch):
     exp = client.get_experiment_by_name(cfg["name"])
     runs = client.search_runs([exp.experiment_id], f"tags.dag_run = '{dag_run}'",
                               max_results=1000)
-    assert len(runs) == n_jobs and all(r.info.status == "FINISHED" for r in runs)
+    # One run per job, the evaluations excepted: each lands on its trial's training run.
+    n_evaluations = sum(j["step"] == "evaluate" for j in plan.all_jobs(cfg))
+    assert len(runs) == n_jobs - n_evaluations
+    assert all(r.info.status == "FINISHED" for r in runs)
     for run in runs:
         if run.info.run_name.startswith("train-policy/"):
             assert client.get_metric_history(run.info.run_id, "normalized_score")
+            assert "eval/normalized_score" in run.data.metrics
             assert "metrics.parquet" in {a.path for a in client.list_artifacts(run.info.run_id)}
 
 

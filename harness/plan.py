@@ -166,11 +166,11 @@ def validate(cfg: dict) -> None:
     unknown = sorted(set(cfg.get("per_task") or {}) - set(cfg["tasks"]))
     if unknown:
         raise ConfigError(f"per_task: override(s) for task(s) {unknown} not in tasks")
+    configured = _configured_methods(cfg)
     for task in [None, *cfg["tasks"]]:
         section = task_config(cfg, task) if task else cfg
         where = f"per_task.{task}.policy.methods" if task else "policy.methods"
-        unused = sorted(set((section.get("policy") or {}).get("methods") or {})
-                        - _configured_methods(cfg))
+        unused = sorted(set((section.get("policy") or {}).get("methods") or {}) - configured)
         if unused:
             raise ConfigError(f"{where}: settings for method(s) {unused}, which the grid does "
                               f"not run (methods: {cfg['methods']})")

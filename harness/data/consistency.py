@@ -31,7 +31,7 @@ import numpy as np
 
 from harness.config import require
 from harness.data.dataset import Dataset, DatasetError
-from harness.envs import make_env, task_spec
+from harness.envs import make_env, restore_state, task_spec
 
 log = logging.getLogger(__name__)
 
@@ -81,12 +81,11 @@ def usable_rows(dataset: Dataset, rows: np.ndarray) -> tuple[np.ndarray, dict[st
     the observation's clip bound; plus how many were left out for each reason."""
     spec = task_spec(dataset.name)
     env = make_env(dataset.name)  # observations do not depend on the model's friction
-    base = env.unwrapped
     ok_obs = np.empty(len(rows), dtype=bool)
     try:
         for n, i in enumerate(rows):
-            base.set_state(dataset.qpos[i].astype(np.float64), dataset.qvel[i].astype(np.float64))
-            diff = base._get_obs() - dataset.observations[i].astype(np.float64)
+            obs = restore_state(env, dataset.qpos[i], dataset.qvel[i])
+            diff = obs - dataset.observations[i].astype(np.float64)
             ok_obs[n] = float(np.sum(diff ** 2)) < STATE_OBS_SQ_ERROR
     finally:
         env.close()
@@ -108,7 +107,7 @@ def replay_errors(dataset: Dataset, rows: np.ndarray, model: str) -> np.ndarray:
         for n, i in enumerate(rows):
             # No solver warm start: a replayed step is a function of (qpos, qvel, action) only.
             base.data.qacc_warmstart[:] = 0.0
-            base.set_state(dataset.qpos[i].astype(np.float64), dataset.qvel[i].astype(np.float64))
+            restore_state(env, dataset.qpos[i], dataset.qvel[i])
             next_obs = base.step(dataset.actions[i].astype(np.float64))[0]
             errors[n] = np.abs(next_obs - dataset.next_observations[i].astype(np.float64)).max()
     finally:

@@ -79,7 +79,6 @@ def evaluate_step(spec: dict, log_fn=None) -> dict:
     file the analysis reads; its METRICS go to `log_fn` at the policy's last training step).
     eval.json also holds the mean of the last 10 evaluations during training
     (`normalized_score_last10`, OfflineRL-Kit's score rule; analysis.score_rule picks)."""
-    from harness.checkpoint import atomic_write_text
     from harness.data.d4rl import stored_sim_model
     from harness.runtime import git_sha
     from harness.training.policy import load_policy
@@ -100,7 +99,7 @@ def evaluate_step(spec: dict, log_fn=None) -> dict:
            "steps": final["steps"], "train_wall_time_s": final["wall_time_s"],
            "wall_time_s": time.perf_counter() - start, "git_sha": git_sha(),
            "config_hash": final["config_hash"]}
-    atomic_write_text(spec["out"], json.dumps(out, indent=2) + "\n")
+    checkpoint.atomic_write_text(spec["out"], json.dumps(out, indent=2) + "\n")
     if log_fn is not None:
         log_fn({metric: out[key] for key, metric in METRICS.items()}, final["steps"])
     return out

@@ -142,8 +142,33 @@ def _analyze_from_mlflow(args) -> int:
     return 0
 
 
+def cmd_estimate(args) -> int:
+    """Print the grid's expected CPU-/GPU-hours and wall time per rule, before running it."""
+    estimate = registry.resolve("analysis.estimate:estimate")
+    command = "dydiff-bench estimate --configfile " + args.configfile + "".join(
+        f" --set {s}" for s in args.set or []) + " --measure"
+    print(estimate(_config(args), config_name=args.configfile, profile=args.profile,
+                   cores=args.cores, jobs=args.jobs, measure_missing_items=args.measure,
+                   threads=args.threads or 1, command=command,
+                   log=lambda msg: print(msg, file=sys.stderr)))
+    return 0
+
+
+def _estimate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--profile", help="a workflow profile (local, slurm): its `jobs` is the "
+                                     "parallelism of the wall-time estimate")
+    p.add_argument("--cores", type=int, help="cores shared by the jobs' threads (default: this "
+                                            "machine's CPUs; without a profile's `jobs`)")
+    p.add_argument("--jobs", type=int, help="jobs at once (a cluster queue); overrides --profile")
+    p.add_argument("--measure", action="store_true",
+                   help="time every work item the throughput table lacks on this machine and "
+                        "add the rows (seconds to minutes; paper sizes take longest)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads for --measure (default 1)")
+
+
 COMMANDS = {"init-tracking": cmd_init_tracking, "check-config": cmd_check_config,
-            "where": cmd_where}
+            "where": cmd_where, "estimate": cmd_estimate}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -170,6 +195,8 @@ def parser() -> argparse.ArgumentParser:
         p.add_argument("--configfile", required=True, help="experiment config YAML")
         p.add_argument("--set", action="append", metavar="KEY=VALUE",
                        help="override a config value")
+        if name == "estimate":
+            _estimate_args(p)
     return top
 
 

@@ -1,0 +1,93 @@
+"""`dydiff-bench estimate`: work items per job, the throughput table, the DAG's list schedule,
+and the estimate of the tiny grid against the tiny DAG's measured job times."""
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from analysis import estimate as E
+from dag_helpers import BIN, ROOT, TINY, step_seconds
+from harness import plan
+from harness.config import ConfigError
+
+# The estimate of the tiny grid is within this factor of the tiny DAG's measured step times
+# (both ways): the table was measured one job at a time, the DAG runs two at once on 2 CPUs.
+TINY_FACTOR = 3.0
+
+
+def _cost(step, seconds, threads=1, **spec):
+    return E.JobCost({"step": step, **spec}, seconds, threads, False, [])
+
+
+def test_schedule_runs_independent_jobs_side_by_side_and_chains_in_order():
+    jobs = [_cost("train-model", 10, out=f"m{i}") for i in range(4)]
+    assert E.schedule(jobs, slots=2, by_threads=True) == 20
+    assert E.schedule(jobs, slots=4, by_threads=False) == 10
+    chain = [_cost("train-model", 10, out="m", dataset="d"),
+             _cost("train-policy", 5, out="p", model_dirs={"m": "m"}),
+             _cost("evaluate", 1, out="p/eval.json", policy_dir="p")]
+    assert E.schedule(chain, slots=8, by_threads=False) == 16
+    # A 4-thread job on 2 cores takes both; the 1-thread job waits for it.
+    wide = [_cost("train-model", 10, threads=4, out="a"), _cost("train-model", 3, out="b")]
+    assert E.schedule(wide, slots=2, by_threads=True) == 13
+
+
+def test_counts_follow_the_config():
+    cfg = plan.load_config(TINY)
+    spec = plan.policy_job(cfg, "dydiff-td3bc", "hopper-medium-replay", 0)
+    items = {it.name: it for it in E.job_items(cfg, spec)}
+    off = spec["config"]["policy"]["offline"]
+    assert items["agent-update"].count == off["total_steps"] == 300
+    # generator calls at steps 1, 101, 201: 3 x 16 start states
+    assert items["rollout"].count == 3 * 16
+    # 2 evaluations (steps 150, 300) x 1 episode x Hopper's 1000-step limit
+    assert items["env-step"].count == 2 * 1 * 1000
+    # A learning rate changes no work: same key; a wider network does.
+    other = E.item("agent-update", {**E._settings(items["agent-update"]), "config": {
+        **E._settings(items["agent-update"])["config"], "actor_lr": 1.0}}, 1)
+    assert other.key == items["agent-update"].key
+    wider = E.item("agent-update", {**E._settings(items["agent-update"]), "config": {
+        **E._settings(items["agent-update"])["config"], "hidden": [64, 64]}}, 1)
+    assert wider.key != items["agent-update"].key
+
+
+def test_missing_measurements_are_named_with_the_command_that_adds_them(tmp_path):
+    cfg = plan.load_config(TINY)
+    with pytest.raises(ConfigError, match=r"no measurement for 17 work item\(s\).*--measure"):
+        E.estimate(cfg, config_name="tests/configs/tiny.yaml", table=tmp_path / "none.csv")
+
+
+@pytest.mark.parametrize("config", ["config/smoke.yaml", "config/paper.yaml",
+                                    "tests/configs/tiny.yaml"])
+def test_the_committed_table_covers_the_shipped_configs(config):
+    """A settings change that alters a job's work needs new rows (`--measure`)."""
+    cfg = plan.load_config(ROOT / config)
+    missing = E.missing_items(E.plan_costs(cfg, E.read_table()))
+    assert not missing, sorted(f"{n} {k}" for n, k in missing)
+
+
+def test_paper_estimate_on_the_slurm_profile():
+    res = subprocess.run([str(BIN / "dydiff-bench"), "estimate", "--configfile",
+                          "config/paper.yaml", "--profile", "slurm"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    out = res.stdout
+    assert "| train_policy | 540 |" in out and "| train_model | 180 |" in out, out
+    assert "Wall time with 100 jobs at once:" in out
+    assert "GPU-hours are CPU timings" in out  # paper.yaml asks GPUs for policies and diffusion
+
+
+@pytest.mark.slow
+def test_tiny_estimate_is_within_a_factor_of_the_tiny_dag(tiny_dag):
+    results, cfg = tiny_dag
+    costs = E.plan_costs(cfg, E.read_table())
+    assert not E.missing_items(costs)
+    # The runner's "finished in X s" is a job's step without process start-up.
+    start = next(r["seconds"] for r in E.read_table() if r["item"] == "job-start")
+    estimated = sum(c.seconds - start for c in costs)
+    measured = sum(step_seconds(log) for log in Path(results).rglob("logs/**/*.log")
+                   if "finished in" in log.read_text(errors="replace"))
+    print(f"tiny DAG: estimated {estimated:.0f} s of job steps, measured {measured:.0f} s")
+    assert measured / TINY_FACTOR <= estimated <= measured * TINY_FACTOR

@@ -5,7 +5,8 @@ Every job of the plan is broken into *work items*, each a count of one measured 
     train-policy   agent updates (total_steps) + rollout start states (one per trajectory of
                    each generator call) + evaluation env steps (every eval_every steps)
     train-model    diffusion / reward gradient steps; ensemble minibatches (epochs x rows/batch)
-    generate       online SAC env steps + updates, then rollout env steps per dataset kind
+    generate       online SAC env steps + updates, then rollout env steps per dataset kind;
+                   maze2d: transitions of D4RL's waypoint controller
     evaluate       env steps of the final evaluation episodes
     rollout-error  start states of the study's models + simulator env steps
     analyze        bootstrap replications over the grid's runs
@@ -105,8 +106,12 @@ def dataset_rows(cfg: dict, task: str) -> int:
             return int(f["rewards"].shape[0])
     family, kind = plan.split_task(task)
     if plan.data_source(cfg) == "local":
-        n = plan.generate_job(cfg, family)["config"]["generate"]["n_transitions"]
+        settings = plan.generate_job(cfg, family)["config"]
+        if family == "maze2d":
+            return settings["maze2d"]["n_transitions"][kind.removesuffix("-dense")]
+        n = settings["generate"]["n_transitions"]
         return 2 * n if kind == "medium-expert" else n
+    kind = kind.removesuffix("-dense") if family == "maze2d" else kind
     rows = D4RL_ROWS.get(kind if family != "maze2d" or kind != "medium" else "medium-maze",
                          1_000_000)
     return rows[family] if isinstance(rows, dict) else rows
@@ -191,6 +196,10 @@ def _without(d: dict, *keys) -> dict:
 
 
 def _generate_items(cfg: dict, spec: dict) -> list[Item]:
+    if spec["family"] == "maze2d":  # D4RL's waypoint controller, one stream per maze
+        sizes = spec["config"]["maze2d"]["n_transitions"]
+        return [item("maze2d-generate", {"task": f"maze2d-{kind}"},
+                     sizes[kind.removesuffix("-dense")]) for kind in spec["kinds"]]
     gen, family = spec["config"]["generate"], spec["family"]
     task = f"{family}-{spec['kinds'][0]}"
     dims = _dims(task)
@@ -510,6 +519,12 @@ def _measure_analysis(s: dict, reps: int) -> float:
     return _timed(run, repeats=1, warmup=0)
 
 
+def _measure_maze2d_generate(s: dict) -> float:
+    from datagen.maze2d import maze2d_dataset
+    n = 3000
+    return _timed(lambda: maze2d_dataset(s["task"], n, seed=0), repeats=1, warmup=0) / n
+
+
 def _measure_job_start(s: dict) -> float:
     cmd = [sys.executable, "-c", "import torch, mlflow, gymnasium, pandas, harness.runner"]
     def run():
@@ -537,6 +552,8 @@ def measure(it: Item) -> tuple[float, str]:
         return max(large - small, 0.0) / 1000, "bootstrap rep"
     if it.name == "analysis-fixed":
         return 15.0, "job (tables, figures, summary: not timed, a fixed allowance)"
+    if it.name == "maze2d-generate":
+        return _measure_maze2d_generate(s), "transition"
     if it.name == "job-start":
         return _measure_job_start(s), "job"
     raise ValueError(f"no measurement for work item {it.name!r}")

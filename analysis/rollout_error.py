@@ -68,7 +68,8 @@ from tqdm.auto import tqdm
 from analysis import plotting
 from dydiff.rollout import DyDiffConfig, DyDiffGenerator, make_generator
 from harness.data.dataset import Dataset, DatasetError
-from harness.envs import alive_mask, family_of, make_env, restore_state, termination_fn
+from harness.envs import (alive_mask, family_of, make_env, restore_state, sim_state,
+                          termination_fn)
 from harness.checkpoint import atomic_write_text
 
 log = logging.getLogger("dydiff.analysis")
@@ -90,14 +91,18 @@ VELOCITY_CLIP = {"hopper": 10.0, "walker2d": 10.0}
 
 
 def states_from_observations(obs, nq: int, nv: int) -> tuple[np.ndarray, np.ndarray]:
-    """(qpos, qvel) of D4RL-layout observations (..., nq - 1 + nv) = qpos[1:] ++ qvel of the
+    """(qpos, qvel) of D4RL-layout observations: (..., nq - 1 + nv) = qpos[1:] ++ qvel of the
     locomotion tasks: qpos = [0, obs[:nq-1]] (x = 0: neither the dynamics nor the rewards,
     which use x differences, depend on it), qvel = obs[nq-1:]. Exact unless a velocity was
-    clipped in the observation (`clipped_velocities`)."""
+    clipped in the observation (`clipped_velocities`). Maze2d's observation is the whole
+    state (..., nq + nv) = position ++ velocity."""
     obs = np.asarray(obs, dtype=np.float64)
+    if obs.shape[-1] == nq + nv:
+        return obs[..., :nq].copy(), obs[..., nq:].copy()
     if obs.shape[-1] != nq - 1 + nv:
         raise DatasetError(f"observations have {obs.shape[-1]} dims, not nq - 1 + nv = "
-                           f"{nq - 1 + nv} (qpos without x, then qvel): cannot reconstruct "
+                           f"{nq - 1 + nv} (qpos without x, then qvel) or nq + nv = {nq + nv}"
+                           f" (the whole state): cannot reconstruct "
                            f"simulator states from them")
     qpos = np.concatenate([np.zeros(obs.shape[:-1] + (1,)), obs[..., :nq - 1]], -1)
     return qpos, obs[..., nq - 1:].copy()
@@ -178,7 +183,7 @@ class SimulatorModel:
             for i in range(n):
                 self._set(qpos[i], qvel[i])
                 nxt[i], rew[i], *_ = self.sim.step(a_t[i])
-                qpos[i], qvel[i] = self.sim.data.qpos, self.sim.data.qvel
+                qpos[i], qvel[i] = sim_state(self.env)
             for k, v in (("obs", obs_t), ("actions", a_t), ("next_obs", nxt), ("rewards", rew),
                          ("terminals", np.asarray(self.done_fn(nxt)))):
                 out[k].append(v)

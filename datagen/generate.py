@@ -22,7 +22,8 @@ from harness.config import ConfigError, config_hash, require
 from harness.data import consistency
 from harness.data.d4rl import write_hdf5
 from harness.data.dataset import Dataset, concatenate
-from harness.envs import DATASET_KINDS, family_of, make_env, normalized_score, task_spec
+from harness.envs import (DATASET_KINDS, family_of, make_env, normalized_score, sim_state,
+                          task_spec)
 from agents.sac import SAC, SACConfig
 from harness.checkpoint import Checkpointer
 from harness.runtime import git_sha, seed_everything
@@ -30,11 +31,6 @@ from harness.runtime import git_sha, seed_everything
 log = logging.getLogger(__name__)
 
 ActFn = Callable[[np.ndarray], np.ndarray]
-
-
-def _sim_state(env) -> tuple[np.ndarray, np.ndarray]:
-    data = env.unwrapped.data
-    return data.qpos.copy(), data.qvel.copy()
 
 
 def collect(env, act_fn: ActFn, n_steps: int, *, name: str, progress: bool = False,
@@ -59,7 +55,7 @@ def collect(env, act_fn: ActFn, n_steps: int, *, name: str, progress: bool = Fal
 
     obs, _ = env.reset()
     for t in tqdm(range(n_steps), desc=desc, disable=not progress, leave=False):
-        qpos_buf[t], qvel_buf[t] = _sim_state(env)
+        qpos_buf[t], qvel_buf[t] = sim_state(env)
         action = act_fn(obs)
         next_obs, reward, terminated, truncated, _ = env.step(action)
         obs_buf[t], act_buf[t], rew_buf[t], next_buf[t] = obs, action, reward, next_obs
@@ -408,15 +404,72 @@ def generate_datasets(family: str, kinds: list[str], cfg: GenerateConfig, out_di
     return {k: paths[k] for k in kinds}
 
 
+@dataclass
+class Maze2dGenerateConfig:
+    """Local maze2d datasets: D4RL's waypoint-controller recipe (datagen/maze2d.py).
+    D4RL's files hold 1M / 2M / 4M transitions (umaze / medium / large)."""
+    n_transitions: dict[str, int] = field(default_factory=lambda: {
+        "umaze": 1_000_000, "medium": 2_000_000, "large": 4_000_000})
+    # Gaussian std added to the controller's actions: the generation script's --noisy flag
+    # (std 0.5) is off by default (generate_maze2d_datasets.py:43).
+    action_noise: float = 0.0
+
+    def validate(self) -> None:
+        from harness.maze2d import MAZES
+        unknown = sorted(set(self.n_transitions) - set(MAZES))
+        require(not unknown, "n_transitions", f"unknown maze(s) {unknown}; known: {list(MAZES)}")
+        require(all(n > 0 for n in self.n_transitions.values()), "n_transitions",
+                f"must be positive, got {self.n_transitions}")
+        require(self.action_noise >= 0, "action_noise", f"must be >= 0, got {self.action_noise}")
+
+
+def generate_maze2d(kinds: list[str], cfg: Maze2dGenerateConfig, out_dir: Path, seed: int,
+                    progress: bool = True) -> dict[str, Path]:
+    """Write <out_dir>/maze2d-<kind>.hdf5 for each kind ('umaze', 'umaze-dense', ...). A maze's
+    sparse and dense files share one stream (the same seed), as D4RL's dense files are its
+    sparse ones relabelled (relabel_maze2d_rewards.py)."""
+    from datagen.maze2d import maze2d_dataset
+    cfg.validate()
+    out_dir = Path(out_dir)
+    paths = {}
+    for kind in kinds:
+        maze = kind.removesuffix("-dense")
+        if maze not in cfg.n_transitions:
+            raise ConfigError(f"data.maze2d.n_transitions: no size for maze {maze!r} "
+                              f"(task maze2d-{kind})")
+        task = f"maze2d-{kind}"
+        dataset = maze2d_dataset(task, cfg.n_transitions[maze], seed=_maze_seed(seed, maze),
+                                 progress=progress, action_noise=cfg.action_noise)
+        replay = consistency.check(dataset, models=task_spec(task).models[:1])
+        paths[kind] = write_hdf5(dataset, out_dir / f"{task}.hdf5", kind=kind, seed=seed,
+                                 config_hash=config_hash(cfg), family="maze2d",
+                                 git_sha=git_sha(), generator="datagen.maze2d",
+                                 behaviour_normalized_return=float(
+                                     dataset.normalized_returns().mean()),
+                                 **consistency.attrs(replay))
+    return paths
+
+
+def _maze_seed(seed: int, maze: str) -> int:
+    from harness.maze2d import MAZES
+    return int(np.random.SeedSequence([seed, 100 + list(MAZES).index(maze)])
+               .generate_state(1)[0])
+
+
 def generate_step(spec: dict, log_fn=None) -> dict:
     """Job step: build a family's datasets and copy each kind to its place in the DAG."""
     import shutil
     from harness.checkpoint import atomic_path
     from harness.config import from_dict
     from harness.data.d4rl import read_hdf5
-    cfg = from_dict(GenerateConfig, spec["config"]["generate"], where="data.generate")
-    paths = generate_datasets(spec["family"], spec["kinds"], cfg, Path(spec["out"]),
-                              seed=spec["config"]["seed"], progress=True)
+    if spec["family"] == "maze2d":
+        cfg = from_dict(Maze2dGenerateConfig, spec["config"]["maze2d"], where="data.maze2d")
+        paths = generate_maze2d(spec["kinds"], cfg, Path(spec["out"]),
+                                seed=spec["config"]["seed"], progress=True)
+    else:
+        cfg = from_dict(GenerateConfig, spec["config"]["generate"], where="data.generate")
+        paths = generate_datasets(spec["family"], spec["kinds"], cfg, Path(spec["out"]),
+                                  seed=spec["config"]["seed"], progress=True)
     summary = {}
     for kind, target in spec["outputs"].items():
         with atomic_path(target) as tmp:

@@ -1,8 +1,9 @@
 """MuJoCo tasks: gymnasium factories, D4RL reference scores, termination functions, state restore.
 
-Observation layouts match D4RL's (qpos without the x position, then qvel), so D4RL files, Minari
-datasets and locally generated ones share one format. Termination functions mirror gymnasium's
-v5 `is_healthy` checks and are vectorised over a batch of next observations (numpy or torch).
+Observation layouts match D4RL's (locomotion: qpos without the x position, then qvel; maze2d:
+position then velocity, harness/maze2d.py), so D4RL files, Minari datasets and locally generated
+ones share one format. Termination functions mirror gymnasium's v5 `is_healthy` checks and are
+vectorised over a batch of next observations (numpy or torch).
 """
 from __future__ import annotations
 
@@ -13,18 +14,21 @@ from typing import Callable
 import gymnasium as gym
 import numpy as np
 
+from harness import maze2d
+
 
 @dataclass(frozen=True)
 class TaskSpec:
-    family: str          # hopper | halfcheetah | walker2d
-    gym_id: str          # gymnasium MuJoCo v5 id
+    family: str          # hopper | halfcheetah | walker2d | maze2d
+    gym_id: str          # gymnasium MuJoCo v5 id (maze2d: the gymnasium-robotics PointMaze id)
     obs_dim: int
     act_dim: int
     ref_min_score: float  # D4RL's REF_MIN_SCORE (random policy return)
     ref_max_score: float  # D4RL's REF_MAX_SCORE (expert return)
     max_episode_steps: int = 1000
-    # Simulator models (files in gymnasium's mujoco/assets) a dataset may have been recorded
-    # with; the first is the gym id's own. harness.data.consistency picks one per dataset.
+    # Simulator models (files in gymnasium's mujoco/assets; maze2d: the PointMaze id) a dataset
+    # may have been recorded with; the first is the gym id's own. harness.data.consistency
+    # picks one per dataset.
     models: tuple[str, ...] = ()
     # The observation clips qvel to +-this (gymnasium hopper_v5.py / walker2d_v5.py _get_obs).
     qvel_clip: float | None = None
@@ -43,23 +47,47 @@ TASKS: dict[str, TaskSpec] = {
 }
 
 DATASET_KINDS = ("random", "medium", "medium-replay", "medium-expert", "expert")
+FAMILIES = (*TASKS, maze2d.FAMILY)
+
+
+def dataset_kinds(family: str) -> tuple[str, ...]:
+    """The dataset kinds of a family: 'maze2d-umaze-dense' = family 'maze2d' + kind
+    'umaze-dense'; the locomotion families share DATASET_KINDS."""
+    if family == maze2d.FAMILY:
+        return maze2d.KINDS
+    if family not in TASKS:
+        raise KeyError(f"unknown task family {family!r}: known are {list(FAMILIES)}")
+    return DATASET_KINDS
+
+
+def _maze_spec(name: str) -> TaskSpec:
+    maze, reward_type = maze2d.parse_task(name)
+    lo, hi = maze.ref_scores(reward_type)
+    return TaskSpec(maze2d.FAMILY, maze.pointmaze_id, 4, 2, lo, hi,
+                    max_episode_steps=maze.max_episode_steps, models=(maze.pointmaze_id,))
 
 
 def task_spec(name: str) -> TaskSpec:
-    """Spec for a family ('hopper') or a D4RL/Minari dataset name ('hopper-medium-v2')."""
+    """Spec for a family ('hopper') or a D4RL/Minari dataset name ('hopper-medium-v2');
+    maze2d needs the maze ('maze2d-umaze', 'maze2d-large-dense-v1'): each has its own goal,
+    episode length and reference returns."""
     family = family_of(name)
+    if family == maze2d.FAMILY:
+        return _maze_spec(name)
     return TASKS[family]
 
 
 def family_of(name: str) -> str:
-    """'hopper-medium-replay-v2' -> 'hopper'; 'mujoco/walker2d/medium-v0' -> 'walker2d'."""
+    """'hopper-medium-replay-v2' -> 'hopper'; 'mujoco/walker2d/medium-v0' -> 'walker2d';
+    'maze2d-umaze-dense-v1' -> 'maze2d'."""
     key = name.lower()
     if key.startswith("mujoco/"):
         key = key.split("/")[1]
     family = key.split("-")[0]
-    if family not in TASKS:
-        raise KeyError(f"unknown task {name!r}: known task families are {sorted(TASKS)} "
-                       f"(dataset names like 'hopper-medium-v2' or 'mujoco/hopper/medium-v0')")
+    if family not in FAMILIES:
+        raise KeyError(f"unknown task {name!r}: known task families are {sorted(FAMILIES)} "
+                       f"(dataset names like 'hopper-medium-v2', 'mujoco/hopper/medium-v0' "
+                       f"or 'maze2d-umaze-v1')")
     return family
 
 
@@ -82,11 +110,17 @@ def model_file(model: str) -> Path:
 
 def make_env(name: str, seed: int | None = None, model: str | None = None,
              **kwargs) -> gym.Env:
-    """A gymnasium MuJoCo v5 env for the task family of `name` (with its 1000-step limit).
+    """A gymnasium MuJoCo v5 env for the task family of `name` (with its 1000-step limit);
+    maze2d: D4RL's maze task on PointMaze (harness.maze2d.make, its 300/600/800-step limit).
 
     `model`: one of the task's `TaskSpec.models` (the one recorded with a dataset); None or
     the first is the gym id's own model."""
     spec = task_spec(name)
+    if spec.family == maze2d.FAMILY:
+        if model not in (None, *spec.models) or kwargs:
+            raise ValueError(f"{name}: simulator model {model!r} / options {sorted(kwargs)}: "
+                             f"a maze2d task has the one model {list(spec.models)}, no options")
+        return maze2d.make(name, seed)
     if model is not None and model != spec.models[0]:
         if model not in spec.models:
             raise ValueError(f"simulator model {model!r} is not one of {spec.family}'s models "
@@ -99,8 +133,18 @@ def make_env(name: str, seed: int | None = None, model: str | None = None,
     return env
 
 
+def sim_state(env: gym.Env) -> tuple[np.ndarray, np.ndarray]:
+    """The simulator's (qpos, qvel) as datasets store them (maze2d: D4RL's coordinates, not
+    the PointMaze MuJoCo model's own); copies."""
+    base = env.unwrapped
+    if isinstance(base, maze2d.Maze2dEnv):
+        return base.state()
+    return base.data.qpos.copy(), base.data.qvel.copy()
+
+
 def restore_state(env: gym.Env, qpos: np.ndarray, qvel: np.ndarray) -> np.ndarray:
-    """Put the simulator exactly in (qpos, qvel) and return the matching observation."""
+    """Put the simulator exactly in (qpos, qvel) and return the matching observation
+    (maze2d: position and velocity in D4RL's coordinates, as its files store them)."""
     base = env.unwrapped
     base.set_state(np.asarray(qpos, dtype=np.float64), np.asarray(qvel, dtype=np.float64))
     return base._get_obs()
@@ -149,6 +193,7 @@ TERMINATION_FNS: dict[str, Callable] = {
     "hopper": hopper_termination,
     "walker2d": walker2d_termination,
     "halfcheetah": halfcheetah_termination,
+    maze2d.FAMILY: halfcheetah_termination,  # D4RL's MazeEnv never terminates either
 }
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from harness import registry
 from harness.config import ConfigError, check_schema, deep_merge, from_dict, read_yaml
 from harness.data.dataset import DatasetError
-from harness.envs import DATASET_KINDS, family_of
+from harness.envs import dataset_kinds, family_of
 
 SCHEMA = Path(__file__).resolve().parent.parent / "workflow" / "schemas" / "config.schema.yaml"
 
@@ -213,9 +213,9 @@ def split_task(task: str) -> tuple[str, str]:
     except KeyError as err:
         raise ConfigError(f"tasks: {err.args[0]}") from None
     kind = task[len(family) + 1:]
-    if kind not in DATASET_KINDS:
+    if kind not in dataset_kinds(family):
         raise ConfigError(f"tasks: {task!r} has unknown dataset kind {kind!r}; "
-                          f"known kinds: {list(DATASET_KINDS)}")
+                          f"known {family} kinds: {list(dataset_kinds(family))}")
     return family, kind
 
 
@@ -256,26 +256,41 @@ def _validated(cls_ref: str, data: dict | None, where: str) -> dict:
 # ---- job specs -------------------------------------------------------------------------------
 
 def generate_job(cfg: dict, family: str) -> dict:
-    """Build a family's datasets locally: one online SAC run yields every kind."""
+    """Build a family's datasets locally: for locomotion one online SAC run yields every kind
+    (`data.generate`); for maze2d D4RL's waypoint controller drives each maze (`data.maze2d`)."""
     data = cfg.get("data") or {}
     kinds = families(cfg)[family]
+    settings = (("maze2d", "datagen.generate:Maze2dGenerateConfig") if family == "maze2d"
+                else ("generate", "datagen.generate:GenerateConfig"))
     return {"step": "generate-datasets", "family": family, "kinds": kinds,
             "outputs": {k: str(path(cfg, "dataset", task=f"{family}-{k}")) for k in kinds},
             "out": str(path(cfg, "generated", family=family)),
-            "config": {"generate": _validated("datagen.generate:GenerateConfig",
-                                              data.get("generate"), "data.generate"),
+            "config": {settings[0]: _validated(settings[1], data.get(settings[0]),
+                                               f"data.{settings[0]}"),
                        "seed": data.get("seed", 0)}}
+
+
+def source_name(cfg: dict, task: str) -> str:
+    """The D4RL file name or Minari id a task is imported from: 'hopper-medium-v2',
+    'mujoco/hopper/medium-v0'; maze2d: D4RL's 'maze2d-umaze-v1', Minari's
+    'D4RL/pointmaze/umaze-v2' (versions: `data.d4rl_version` / `data.minari_version`, and
+    `data.maze2d_d4rl_version` / `data.maze2d_minari_version` for the mazes)."""
+    data = cfg.get("data") or {}
+    family, kind = split_task(task)
+    if family == "maze2d":
+        if data_source(cfg) == "d4rl":
+            return f"{task}-{data.get('maze2d_d4rl_version', 'v1')}"
+        return f"D4RL/pointmaze/{kind}-{data.get('maze2d_minari_version', 'v2')}"
+    if data_source(cfg) == "d4rl":
+        return f"{task}-{data.get('d4rl_version', 'v2')}"
+    return f"mujoco/{family}/{kind}-{data.get('minari_version', 'v0')}"
 
 
 def import_job(cfg: dict, task: str) -> dict:
     """Read a task's dataset from D4RL's hdf5 files or a local Minari root."""
     data = cfg.get("data") or {}
-    family, kind = split_task(task)
-    source = data_source(cfg)
-    name = (f"{task}-{data.get('d4rl_version', 'v2')}" if source == "d4rl"
-            else f"mujoco/{family}/{kind}-{data.get('minari_version', 'v0')}")
     return {"step": "import-dataset", "task": task, "out": str(path(cfg, "dataset", task=task)),
-            "config": {"source": source, "name": name,
+            "config": {"source": data_source(cfg), "name": source_name(cfg, task),
                        "consistency": _validated("harness.data.consistency:ConsistencyConfig",
                                                  data.get("consistency"), "data.consistency")}}
 

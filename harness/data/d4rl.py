@@ -3,6 +3,8 @@
 Layout: top-level datasets observations, actions, rewards, terminals, timeouts,
 next_observations (float32 / bool), optionally infos/qpos and infos/qvel; metadata as attrs
 (`sim_model`: the simulator model the data replays in, see harness/data/consistency.py).
+D4RL's maze2d files have no next_observations: they are derived as d4rl.qlearning_dataset
+does (`derive_next_observations`).
 """
 from __future__ import annotations
 
@@ -43,12 +45,38 @@ def read_hdf5(path: str | os.PathLike, name: str | None = None) -> Dataset:
             sim_model = _text(f.attrs.get("sim_model"))
     except OSError as err:
         raise DatasetError(f"{path} is not a readable hdf5 file: {err}") from None
+    derived = arrays["next_observations"] is None and not any(
+        arrays[k] is None for k in ("observations", "timeouts"))
+    if derived:
+        arrays = derive_next_observations(arrays)
     problems = validate_arrays(arrays)
     if problems:
         raise DatasetError(f"{path} is not a valid D4RL dataset:\n  - " + "\n  - ".join(problems))
     name = name or _text(stored_name) or path.stem
     extra = {"sim_model": sim_model} if sim_model else {}
+    if derived:
+        extra["next_observations"] = "derived: observations[t + 1], timeout rows dropped"
     return Dataset(name=str(name), source=str(path), extra=extra, **arrays)
+
+
+def derive_next_observations(arrays: dict) -> dict:
+    """next_observations for a file without them (D4RL's maze2d), as d4rl.qlearning_dataset
+    builds its transitions: next = observations[t + 1]; a row flagged as timeout, and the last
+    row, has no recorded successor and is dropped. The row before a dropped one becomes the
+    end of its episode (timeout), so no sequence model reads across the cut."""
+    n = len(arrays["observations"])
+    timeouts = np.asarray(arrays["timeouts"], dtype=bool)
+    keep = ~timeouts
+    keep[-1] = False
+    out = {k: None if v is None else np.asarray(v)[keep] for k, v in arrays.items()
+           if k != "next_observations"}
+    out["next_observations"] = np.asarray(arrays["observations"])[1:][keep[:-1]]
+    before_cut = np.zeros(n, dtype=bool)
+    before_cut[:-1] = ~keep[1:]   # the next row is dropped (or is the end of the data)
+    out["timeouts"] = (before_cut & keep)[keep]
+    if out.get("terminals") is not None:
+        out["timeouts"] &= ~out["terminals"].astype(bool)
+    return out
 
 
 def _text(value) -> str | None:

@@ -27,12 +27,18 @@ HOW_TO_GET_DATA = (
     "generate-datasets` (the Snakemake workflow runs it) and pass the .hdf5 file's path.")
 
 
+# Minari environment names whose tasks the harness knows under D4RL's name.
+MINARI_ENVS = {"pointmaze": "maze2d"}
+
+
 def d4rl_style_name(spec: str) -> str:
     """'hopper-medium-replay-v2' / 'mujoco/hopper/medium-v0' / '.../hopper-medium-v2.hdf5'
-    -> 'hopper-medium-replay' / 'hopper-medium' / 'hopper-medium'."""
+    -> 'hopper-medium-replay' / 'hopper-medium' / 'hopper-medium';
+    'D4RL/pointmaze/umaze-dense-v2' -> 'maze2d-umaze-dense'."""
     if is_minari_id(spec):
         _ns, env, dataset = spec.split("/")
-        return f"{env.lower()}-{_VERSION.sub('', dataset.lower())}"
+        env = MINARI_ENVS.get(env.lower(), env.lower())
+        return f"{env}-{_VERSION.sub('', dataset.lower())}"
     stem = Path(spec).name
     for suffix in HDF5_SUFFIXES:
         if stem.endswith(suffix):
@@ -133,8 +139,46 @@ def _load_minari(dataset_id: str, minari_root: str | os.PathLike | None) -> Data
         minari_ds = MinariDataset(str(data_path))
     except Exception as err:  # minari raises assorted types for broken folders
         raise DatasetError(f"Minari dataset at {data_path} could not be read: {err}") from None
-    return minari_to_dataset(minari_ds, name=d4rl_style_name(dataset_id),
-                             source=f"minari:{dataset_id}")
+    name = d4rl_style_name(dataset_id)
+    if family_of(name) == "maze2d":
+        return pointmaze_to_dataset(minari_ds, name, source=f"minari:{dataset_id}")
+    return minari_to_dataset(minari_ds, name=name, source=f"minari:{dataset_id}")
+
+
+def pointmaze_to_dataset(minari_ds, name: str, source: str = "") -> Dataset:
+    """Minari's `D4RL/pointmaze/*` episodes as D4RL's maze2d task sees them.
+
+    Minari records PointMaze's dict observations in its centred frame, with rewards towards
+    each episode's own random goal. Here: the 'observation' entry mapped to D4RL's coordinates
+    (harness.maze2d.from_sim_pos / from_sim_vec), qpos/qvel = that position / velocity (the
+    point mass's whole state), and rewards relabelled against the task's fixed evaluation goal
+    from each row's observation, as D4RL's relabel_maze2d_rewards.py made its files."""
+    from harness import maze2d
+    maze, reward_type = maze2d.parse_task(name)
+    parts: dict[str, list[np.ndarray]] = {k: [] for k in (
+        "observations", "next_observations", "actions", "terminals", "timeouts")}
+    for ep in minari_ds.iterate_episodes():
+        raw = ep.observations.get("observation") if isinstance(ep.observations, dict) else None
+        if raw is None:
+            raise DatasetError(f"{source}: expected PointMaze dict observations with an "
+                               f"'observation' entry, episode {ep.id} has "
+                               f"{type(ep.observations).__name__}")
+        raw = np.asarray(raw, dtype=np.float64)
+        obs = np.concatenate([maze2d.from_sim_pos(maze, raw[:, :2]),
+                              maze2d.from_sim_vec(raw[:, 2:4])], axis=1)
+        term = np.asarray(ep.terminations, dtype=bool)
+        parts["observations"].append(obs[:-1])
+        parts["next_observations"].append(obs[1:])
+        parts["actions"].append(maze2d.from_sim_vec(np.asarray(ep.actions, dtype=np.float64)))
+        parts["terminals"].append(term)
+        parts["timeouts"].append(np.asarray(ep.truncations, dtype=bool) & ~term)
+    if not parts["observations"]:
+        raise DatasetError(f"{source}: the Minari dataset has no episodes")
+    arrays = {k: np.concatenate(v) for k, v in parts.items()}
+    obs = arrays["observations"]
+    arrays["rewards"] = maze2d.reward(obs[:, :2].astype(np.float32), maze.goal, reward_type)
+    return Dataset(name=name, source=source, qpos=obs[:, :2].copy(), qvel=obs[:, 2:4].copy(),
+                   extra={"rewards": "relabelled to the evaluation goal"}, **arrays)
 
 
 def minari_to_dataset(minari_ds, name: str, source: str = "") -> Dataset:

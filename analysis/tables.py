@@ -23,9 +23,9 @@ from analysis.aggregate import SCORE_RULES, collect_scores, ordered
 from analysis.plotting import label
 from harness import registry
 from harness.checkpoint import atomic_write_text
+from harness.envs import FAMILIES, dataset_kinds
 
 DEFAULT_PUBLISHED = Path(__file__).with_name("published.yaml")
-KIND_ORDER = ["random", "medium", "medium-replay", "medium-expert", "expert"]
 NA, NOT_RUN = "n/a", "–"
 
 
@@ -84,8 +84,11 @@ def load_published(path: Path | None = None) -> list[Published]:
 # ---- table model --------------------------------------------------------------------------
 
 def _task_key(task: str):
+    """Family, then its datasets in the family's order (random ... expert; maze2d: umaze,
+    medium, large: harness.envs.dataset_kinds), unknown ones last."""
     family, _, kind = task.partition("-")
-    return (family, KIND_ORDER.index(kind) if kind in KIND_ORDER else len(KIND_ORDER), kind)
+    kinds = dataset_kinds(family) if family in FAMILIES else ()
+    return (family, kinds.index(kind) if kind in kinds else len(kinds), kind)
 
 
 def _fmt(mean: float, std: float | None, digits: int = 1) -> str:

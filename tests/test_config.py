@@ -20,10 +20,14 @@ def test_smoke_and_paper_configs_are_valid():
     ({"methods": ["td3bc", "dreamer"]}, f"methods[1]: 'dreamer' is not one of {METHODS}"),
     ({"tasks": ["ant-medium"]},
      "tasks: unknown task 'ant-medium': known task families are ['halfcheetah', 'hopper', "
-     "'walker2d'] (dataset names like 'hopper-medium-v2' or 'mujoco/hopper/medium-v0')"),
+     "'maze2d', 'walker2d'] (dataset names like 'hopper-medium-v2', "
+     "'mujoco/hopper/medium-v0' or 'maze2d-umaze-v1')"),
     ({"tasks": ["hopper-mediocre"]},
-     "tasks: 'hopper-mediocre' has unknown dataset kind 'mediocre'; known kinds: ['random', "
-     "'medium', 'medium-replay', 'medium-expert', 'expert']"),
+     "tasks: 'hopper-mediocre' has unknown dataset kind 'mediocre'; known hopper kinds: "
+     "['random', 'medium', 'medium-replay', 'medium-expert', 'expert']"),
+    ({"tasks": ["maze2d-tiny"]},
+     "tasks: 'maze2d-tiny' has unknown dataset kind 'tiny'; known maze2d kinds: ['umaze', "
+     "'medium', 'large', 'umaze-dense', 'medium-dense', 'large-dense']"),
     ({"seeds": [-1]}, "seeds[0]: -1 is less than the minimum of 0"),
     ({"seeds": [0, 0]}, "seeds: [0, 0] has non-unique elements"),
     ({"learning_rate": 3},
@@ -142,14 +146,15 @@ def test_paper_config_uses_mopo_grid_settings_per_task():
 
 
 def test_paper_grid_job_counts():
-    """12 tasks x 9 methods (cql-corl: CQL with CORL's settings) x 5 seeds, D4RL files
-    imported, every model (ensemble, reward, diffusion) once per task and seed."""
+    """15 tasks (12 MuJoCo, 3 maze2d) x 9 methods (cql-corl: CQL with CORL's settings) x 5
+    seeds, D4RL files imported, every model (ensemble, reward, diffusion) once per task and
+    seed."""
     cfg = plan.load_config("config/paper.yaml")
     counts: dict[str, int] = {}
     for spec in plan.all_jobs(cfg):
         counts[spec["step"]] = counts.get(spec["step"], 0) + 1
-    assert counts == {"import-dataset": 12, "train-model": 3 * 12 * 5, "train-policy": 540,
-                      "evaluate": 540, "rollout-error": 12, "analyze": 1}
+    assert counts == {"import-dataset": 15, "train-model": 3 * 15 * 5, "train-policy": 675,
+                      "evaluate": 675, "rollout-error": 15, "analyze": 1}
 
 
 def test_models_per_seed_or_shared():
@@ -157,7 +162,7 @@ def test_models_per_seed_or_shared():
     their own folders; shared: one model per task (models.seed) for every seed."""
     task = "hopper-medium-replay"
     cfg = plan.load_config("tests/configs/tiny.yaml", {"seeds": [0, 1]})
-    models = [s for s in plan.all_jobs(cfg) if s["step"] == "train-model"]
+    models = [s for s in plan.all_jobs(cfg) if s["step"] == "train-model" and s["task"] == task]
     assert sorted((s["model"], s["config"]["seed"]) for s in models) == sorted(
         (m, seed) for m in ("ensemble", "reward", "diffusion") for seed in (0, 1))
     dirs = [plan.policy_job(cfg, "dydiff-td3bc", task, seed)["model_dirs"] for seed in (0, 1)]
@@ -168,7 +173,8 @@ def test_models_per_seed_or_shared():
 
     shared = plan.load_config("tests/configs/tiny.yaml", {
         "seeds": [0, 1], "models": {"shared_across_seeds": True, "seed": 3}})
-    models = [s for s in plan.all_jobs(shared) if s["step"] == "train-model"]
+    models = [s for s in plan.all_jobs(shared) if s["step"] == "train-model"
+              and s["task"] == task]
     assert sorted(s["config"]["seed"] for s in models) == [3, 3, 3]
     assert {plan.policy_job(shared, "mopo", task, seed)["model_dirs"]["ensemble"]
             for seed in (0, 1)} == {models[0]["out"].replace(models[0]["model"], "ensemble")}
@@ -318,6 +324,6 @@ def test_check_config_lists_the_grid_then_names_missing_datasets(tmp_path, monke
     assert main(["check-config", "--configfile", "config/paper.yaml",
                  "--set", f"results_dir={tmp_path}"]) == 2
     out = capsys.readouterr()
-    assert "import-dataset       12 job(s)" in out.out
+    assert "import-dataset       15 job(s)" in out.out
     assert out.err.startswith("dydiff-bench check-config: error: config/paper.yaml: data.source: "
-                              "d4rl: 12 of 12 dataset(s) not found: ")
+                              "d4rl: 15 of 15 dataset(s) not found: ")

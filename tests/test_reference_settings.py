@@ -38,7 +38,9 @@ def drift(cfg: dict, ref: dict) -> list[str]:
     problems = []
     for method in ref["methods"]:
         for task in cfg["tasks"]:
-            resolved = plan.policy_job(cfg, method, task, 0)["config"]["policy"]
+            resolved = {**plan.policy_job(cfg, method, task, 0)["config"]["policy"],
+                        "evaluation": {"final_episodes": plan.eval_job(
+                            cfg, method, task, 0)["config"]["episodes"]}}
             for key, want in expected(ref, method, task).items():
                 section, _, name = key.partition(".")
                 found = resolved[section].get(name, "<missing>")
@@ -86,13 +88,67 @@ def test_a_drifted_value_is_named_with_method_task_key_and_source():
                            " found None")
 
 
+def test_maze2d_drift_is_named_too():
+    """The maze2d settings are checked like the MuJoCo ones: CORL's Lagrange CQL and its
+    evaluation episodes, during training and at the end."""
+    ref = reference()
+    cfg = plan.load_config(PAPER, {"per_task": {"maze2d-umaze": {"policy": {"methods": {
+        "cql-corl": {"cql": {"lagrange_threshold": 5.0}}}}}}})
+    assert drift(cfg, ref) == [
+        "cql-corl / maze2d-umaze: agent.lagrange_threshold expected 50.0 (source: "
+        "tinkoff-ai/CORL/configs/offline/cql/maze2d/umaze_v1.yaml:12,14 (cql_alpha x "
+        "cql_target_action_gap); tinkoff-ai/CORL/algorithms/offline/cql.py:681-693), found 5.0"]
+    cfg = plan.load_config(PAPER, {"per_task": {"maze2d-large": {
+        "evaluation": {"final_episodes": 10}}}})
+    assert drift(cfg, ref) == [
+        f"{m} / maze2d-large: evaluation.final_episodes expected 100 (source: tinkoff-ai/CORL/"
+        f"configs/offline/{algo}/maze2d/large_v1.yaml:{line}), found 10"
+        for m, algo, line in (("td3bc", "td3_bc", 13), ("cql-corl", "cql", 23))]
+
+
+def test_maze2d_evaluates_every_method_on_corls_100_episodes():
+    """Evaluation is part of the task, not of a method: every method of the grid, MOPO /
+    MBPO / DyDiff included, scores maze2d on 100 episodes (CORL's n_episodes) and MuJoCo on
+    10."""
+    cfg = plan.load_config(PAPER)
+    for task in cfg["tasks"]:
+        want = 100 if task.startswith("maze2d-") else 10
+        for method in cfg["methods"]:
+            offline = plan.policy_job(cfg, method, task, 0)["config"]["policy"]["offline"]
+            final = plan.eval_job(cfg, method, task, 0)["config"]["episodes"]
+            assert (offline["eval_episodes"], final) == (want, want), (method, task)
+
+
+def test_maze2d_mopo_setting_is_a_named_choice_and_what_it_says():
+    """No source lists MOPO's h / lambda for maze2d: the preset says so, and its claim (the
+    MOPO authors' most common setting, MOPOConfig's defaults) is recounted here."""
+    from collections import Counter
+    from baselines.mopo import MOPOConfig, PRESETS
+    ref = reference()
+    maze = ref["mopo_presets"]["maze2d-choice"]
+    tasks = [t for t in plan.load_config(PAPER)["tasks"] if t.startswith("maze2d-")]
+    assert sorted(maze) == sorted(tasks) == ["maze2d-large", "maze2d-medium", "maze2d-umaze"]
+    assert all("no source lists maze2d" in e["choice"] for e in maze.values())
+    assert not any(t.startswith("maze2d") for p in ("offlinerl-kit", "mopo-authors")
+                   for t in PRESETS[p])
+    authors = [(e["rollout_length"], e["penalty_coef"]) for e in PRESETS["mopo-authors"].values()]
+    (mode, n), = Counter(authors).most_common(1)
+    assert (mode, n) == ((5, 1.0), 4)
+    assert sum(h == 5 for h, _ in authors) == 8 and sum(lam == 1.0 for _, lam in authors) == 7
+    default = MOPOConfig()
+    for entry in maze.values():
+        assert (entry["rollout_length"], entry["penalty_coef"]) == mode == \
+            (default.rollout_length, default.penalty_coef)
+
+
 def test_random_datasets_keep_the_mopo_authors_values():
     from baselines.mopo import GRID_PRESETS, PRESETS, grid_settings
     ref = reference()
     assert GRID_PRESETS == tuple(ref["methods"]["mopo"]["per_task_presets"])
     for task in plan.load_config(PAPER)["tasks"]:
         preset, values = grid_settings(task)
-        assert preset == ("mopo-authors" if task.endswith("-random") else "offlinerl-kit")
+        assert preset == ("maze2d-choice" if task.startswith("maze2d-") else
+                          "mopo-authors" if task.endswith("-random") else "offlinerl-kit")
         assert values == PRESETS[preset][task]
 
 
@@ -122,7 +178,8 @@ def test_the_cql_pair_shares_its_settings_and_columns_say_whose_they_are():
     # published CQL numbers sit only next to the preset that reproduces their settings
     published = {m.name: m.published for m in registry.METHODS.values() if m.agent == "cql"
                  and m.published}
-    assert published == {"dydiff-cql": ("dydiff-paper",), "cql-corl": ("corl",),
+    assert published == {"dydiff-cql": ("dydiff-paper",),
+                         "cql-corl": ("corl",),
                          "cql-offlinerl-kit": ("offlinerl-kit",)}
     assert registry.method("cql-corl").label == "CQL, CORL settings"
     assert "settings" in registry.method("cql").label

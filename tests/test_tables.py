@@ -26,6 +26,13 @@ def test_published_yaml_holds_only_reference_numbers():
     pub = {p.key: p for p in tables.load_published()}
     assert pub["offlinerl-kit"].scores["td3bc"]["hopper-medium-replay"] == (67.3, 13.2)
     assert pub["corl"].scores["cql-corl"]["walker2d-medium-replay"] == (73.09, 13.22)
+    maze = {m: {t: v for t, v in cells.items() if t.startswith("maze2d")}
+            for m, cells in pub["corl"].scores.items()}
+    assert maze == {  # CORL README.md:78-80 (TD3+BC, CQL columns)
+        "td3bc": {"maze2d-umaze": (29.41, 12.31), "maze2d-medium": (59.45, 36.25),
+                  "maze2d-large": (97.10, 25.41)},
+        "cql-corl": {"maze2d-umaze": (-8.90, 6.11), "maze2d-medium": (86.11, 9.68),
+                     "maze2d-large": (23.75, 36.70)}}
     assert pub["mopo-paper"].scores == {"mopo": {"halfcheetah-random": (35.4, 2.5)},
                                         "mbpo": {"halfcheetah-random": (30.7, 3.9)}}
     assert all(not cells for cells in pub["dydiff-paper"].scores.values())
@@ -60,6 +67,41 @@ def test_table_content():
     assert "MOPO 1 seed" in overall
     latex = t["td3bc"]["latex"]
     assert r"\toprule" in latex and r"\textbf{62.0 $\pm$ 3.0}" in latex
+
+
+def test_maze2d_rows_sit_next_to_corls_maze2d_numbers():
+    """maze2d rows in maze order after the MuJoCo ones; CORL's -v1 maze2d numbers in CORL's
+    column (its caption names both dataset versions); the DyDiff paper's n/a."""
+    rows = [(m, t, seed, v) for m, base in (("td3bc", 40.0), ("dydiff-td3bc", 50.0),
+                                            ("cql-corl", 30.0))
+            for t in ("maze2d-large", "hopper-medium", "maze2d-umaze", "maze2d-medium")
+            for seed, v in enumerate((base, base + 2.0))]
+    df = pd.DataFrame(rows, columns=["method", "task", "seed", "normalized_score"])
+    out = tables.make_tables(df, tables.load_published())
+    td3 = out["td3bc"]["table"]
+    assert [t for t, _ in td3["rows"]] == ["hopper-medium", "maze2d-umaze", "maze2d-medium",
+                                           "maze2d-large"]
+    cells = {t: dict(zip(td3["columns"], c)) for t, c in td3["rows"]}
+    assert cells["maze2d-umaze"]["TD3+BC (ours)"] == "41.0 ± 1.4"
+    assert cells["maze2d-umaze"]["TD3+BC (CORL)"] == "29.4 ± 12.3"
+    assert cells["maze2d-large"]["TD3+BC (CORL)"] == "97.1 ± 25.4"
+    assert cells["hopper-medium"]["TD3+BC (CORL)"] == "60.4 ± 3.5"
+    assert cells["maze2d-umaze"]["TD3+BC (OfflineRL-Kit)"] == tables.NA
+    assert cells["maze2d-medium"]["DyDiff-TD3BC (DyDiff paper)"] == tables.NA
+    rules = dict(zip(td3["columns"], td3["rules"]))
+    assert rules["TD3+BC (CORL)"] == "last eval"
+    assert "Maze2d table, D4RL maze2d -v1" in out["td3bc"]["markdown"]
+    cql = {t: dict(zip(out["cql"]["table"]["columns"], c)) for t, c in out["cql"]["table"]["rows"]}
+    assert cql["maze2d-umaze"]["CQL, CORL settings (CORL)"] == "-8.9 ± 6.1"
+    assert cql["maze2d-umaze"]["CQL, CORL settings (ours)"] == "31.0 ± 1.4"
+    # maze2d alone: the published columns' last row is CORL's maze2d average (README: 61.99,
+    # 33.65)
+    maze = tables.make_tables(df[df.task != "hopper-medium"], tables.load_published())
+    summary = dict(zip(maze["td3bc"]["table"]["columns"], maze["td3bc"]["table"]["summary"]))
+    assert summary["TD3+BC (CORL)"] == "62.0"
+    assert summary["TD3+BC (OfflineRL-Kit)"] == tables.NA
+    summary = dict(zip(maze["cql"]["table"]["columns"], maze["cql"]["table"]["summary"]))
+    assert summary["CQL, CORL settings (CORL)"] == "33.7"
 
 
 def test_bad_published_file_names_the_key(tmp_path):

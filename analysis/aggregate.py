@@ -6,9 +6,11 @@ read like the numbers in the papers' tables; the optimality gap therefore uses g
 units.
 
 Statistics: stratified bootstrap over runs (seeds) within each task, percentile 95 % CIs,
-`reps` replications (2,000 for smoke runs, 50,000 as in the rliable paper). rliable draws its
-resampling indices from numpy's global RNG, so every estimate re-seeds it from `seed`: the same
-inputs and seed give the same CIs.
+`reps` replications (2,000 for smoke runs, 50,000 as in the rliable paper). By default one
+vectorised bootstrap per method computes every metric from the same index arrays, drawn by a
+numpy Generator seeded from `seed`; `engine="rliable"` runs rliable's own per-replicate loop
+(numpy's global RNG, re-seeded from `seed`). Either way the same inputs and seed give the same
+CIs, and the point estimates are rliable's functions on the data.
 """
 from __future__ import annotations
 
@@ -197,6 +199,25 @@ def score_matrices(df: pd.DataFrame, tasks: list[str] | None = None,
 
 
 # ---- statistics --------------------------------------------------------------------------
+# Two engines give the same point estimates (rliable's functions on the data) and percentile
+# CIs that agree within Monte-Carlo error:
+# - "vectorised" (default): every replicate of a method at once, from index arrays drawn by a
+#   numpy Generator seeded with `seed` (chunked to bound memory); one set of index arrays per
+#   method serves all four metrics and its performance profile.
+# - "rliable": rly.get_interval_estimates / create_performance_profile, one Python call per
+#   replicate, indices from numpy's global RNG (re-seeded from `seed`); ~30x slower on the
+#   paper grid (tests/benchmarks/test_bench_rliable.py).
+
+ENGINES = ("vectorised", "rliable")
+CI_SIZE = 0.95         # rliable's confidence_interval_size default (percentile method)
+IQM_CUT = 0.25         # rliable's aggregate_iqm: scipy trim_mean(proportiontocut=0.25)
+CHUNK_BYTES = 1 << 26  # float64 working set of one chunk of replicates (64 MiB)
+
+
+def _check_engine(engine: str) -> None:
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+
 
 def _all_metrics(scores: np.ndarray) -> np.ndarray:
     return np.array([metrics.aggregate_iqm(scores), metrics.aggregate_mean(scores),
@@ -204,21 +225,136 @@ def _all_metrics(scores: np.ndarray) -> np.ndarray:
                      metrics.aggregate_optimality_gap(scores, gamma=OPTIMALITY_GAMMA)])
 
 
+def _profile(scores: np.ndarray, taus) -> np.ndarray:
+    """Fraction of runs above each tau (vectorised over thresholds; rliable's default loops)."""
+    return (scores[..., None] > np.asarray(taus)).mean(axis=(0, 1))
+
+
+def stratified_indices(rng: np.random.Generator, shape: tuple[int, int],
+                       reps: int) -> np.ndarray:
+    """(reps, runs, tasks) run indices drawn with replacement within each task (column): the
+    (runs, tasks) array rliable's StratifiedBootstrap draws per replicate, `reps` at once."""
+    runs, tasks = shape
+    return rng.integers(0, runs, size=(reps, runs, tasks))
+
+
+def _run_counts(idx: np.ndarray) -> np.ndarray:
+    """(R, tasks, runs) float counts of how often each run of each task was drawn."""
+    reps, runs, tasks = idx.shape
+    key = (np.arange(reps)[:, None, None] * tasks + np.arange(tasks)) * runs + idx
+    return np.bincount(key.ravel(), minlength=reps * tasks * runs).reshape(
+        reps, tasks, runs).astype(float)
+
+
+def metric_replicates(scores: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """(R, 4) IQM, mean, median, optimality gap of each resample scores[idx[r], task].
+
+    rliable's metrics batched over a leading replicate axis. IQM sorts each replicate's
+    flattened scores once and averages the slice scipy's trim_mean keeps (cut = int(0.25 n),
+    rounded down as scipy does); scipy partitions instead of sorting, which only reorders the
+    sum (~1 ulp) and is ~7x slower here. Mean, median (of the task means) and optimality gap
+    use rliable's numpy reductions and match it bit for bit on the same indices."""
+    reps = len(idx)
+    sample = scores[idx, np.arange(scores.shape[1])]  # (R, runs, tasks)
+    flat = sample.reshape(reps, -1)                    # row-major, as trim_mean ravels
+    lo = int(IQM_CUT * flat.shape[1])
+    hi = flat.shape[1] - lo
+    iqm = np.sort(flat, axis=1)[:, lo:hi].mean(axis=1)
+    task_means = sample.mean(axis=1)
+    gap = OPTIMALITY_GAMMA - np.minimum(flat, OPTIMALITY_GAMMA).mean(axis=1)
+    return np.stack([iqm, task_means.mean(axis=1), np.median(task_means, axis=1), gap], 1)
+
+
+def profile_replicates(scores: np.ndarray, idx: np.ndarray, taus: np.ndarray) -> np.ndarray:
+    """(R, T) `_profile` of each resample: run counts @ [score > tau] is the exact number of
+    resampled runs above tau, divided by runs * tasks as that mean does (bit for bit)."""
+    above = (scores.T[..., None] > taus).reshape(-1, len(taus)).astype(float)  # (tasks*runs, T)
+    return (_run_counts(idx).reshape(len(idx), -1) @ above) / scores.size
+
+
+def improvement_replicates(x: np.ndarray, y: np.ndarray, idx_x: np.ndarray,
+                           idx_y: np.ndarray) -> np.ndarray:
+    """(R,) `probability_of_improvement` of independent stratified resamples of x and y: per
+    task the pairs (i, j) weigh count_x(i) count_y(j) in the exact integer counts of
+    x_i > y_j and x_i == y_j, combined as that function combines its means (bit for bit)."""
+    cx, cy = _run_counts(idx_x), _run_counts(idx_y)  # (R, tasks, n)
+    pairs = len(x) * len(y)
+    xt, yt = x.T[:, :, None], y.T[:, None, :]         # (tasks, n_x, 1), (tasks, 1, n_y)
+    gt = np.einsum("rti,tij,rtj->rt", cx, (xt > yt).astype(float), cy) / pairs
+    eq = np.einsum("rti,tij,rtj->rt", cx, (xt == yt).astype(float), cy) / pairs
+    return (gt + 0.5 * eq).mean(axis=1)
+
+
+def bootstrap_replicates(stat, shapes: list[tuple[int, int]], reps: int,
+                         rng: np.random.Generator) -> np.ndarray:
+    """stat(*index arrays) over `reps` stratified resamples: per chunk of replicates one
+    index array per shape (independent draws, in order). The chunk size depends on the shapes
+    only (about 8 float64 per resampled score per replicate within CHUNK_BYTES), so the same
+    seed draws the same index arrays whatever `stat` computes."""
+    if reps < 1:
+        raise ValueError(f"reps must be >= 1, got {reps}")
+    per_rep = 8 * 8 * sum(r * t for r, t in shapes)
+    chunk = max(1, CHUNK_BYTES // per_rep)
+    return np.concatenate([stat(*[stratified_indices(rng, s, min(chunk, reps - start))
+                                  for s in shapes]) for start in range(0, reps, chunk)])
+
+
+def percentile_ci(values: np.ndarray, size: float = CI_SIZE) -> np.ndarray:
+    """(2, ...) percentile interval of (R, ...) replicates, as arch's conf_int(method=
+    'percentile') computes it for rliable (np.percentile, linear interpolation)."""
+    alpha = (1.0 - size) / 2
+    return np.percentile(values, [100 * alpha, 100 * (1.0 - alpha)], axis=0)
+
+
+def method_bootstrap(scores: np.ndarray, reps: int, seed: int, taus=None,
+                     with_metrics: bool = True):
+    """Point estimates and 95 % CIs of one method's (runs, tasks) scores: the four metrics
+    (METRIC_NAMES), then with `taus` its performance profile, all from one set of index
+    arrays drawn by a Generator seeded with `seed`.
+
+    Returns (point (P,), ci (2, P)). Point estimates are rliable's functions on the data; with
+    one run per task every resample is the data itself and the CI is the point, as rliable's."""
+    stats, point = [], []
+    if with_metrics:
+        stats.append(lambda idx: metric_replicates(scores, idx))
+        point.append(_all_metrics(scores))
+    if taus is not None:
+        stats.append(lambda idx: profile_replicates(scores, idx, taus))
+        point.append(_profile(scores, taus))
+    point = np.concatenate(point)
+    if scores.shape[0] == 1:
+        return point, np.stack([point, point])
+    values = bootstrap_replicates(lambda idx: np.concatenate([s(idx) for s in stats], axis=1),
+                                  [scores.shape], reps, np.random.default_rng(seed))
+    return point, percentile_ci(values)
+
+
+def _rliable_metrics(scores: np.ndarray, reps: int, seed: int):
+    np.random.seed(seed)  # rliable resamples with np.random.choice
+    point, ci = rly.get_interval_estimates({"m": scores}, _all_metrics, reps=reps)
+    return point["m"], ci["m"]
+
+
+def _aggregate_rows(method: str, scores: np.ndarray, point, ci) -> list[dict]:
+    return [{"method": method, "metric": name, "estimate": float(point[i]),
+             "ci_low": float(ci[0, i]), "ci_high": float(ci[1, i]),
+             "n_runs": scores.shape[0], "n_tasks": scores.shape[1]}
+            for i, name in enumerate(METRIC_NAMES)]
+
+
 def aggregate(df: pd.DataFrame, reps: int = 2000, seed: int = 0,
-              notes: list[str] | None = None) -> pd.DataFrame:
+              notes: list[str] | None = None, engine: str = "vectorised") -> pd.DataFrame:
     """IQM, mean, median and optimality gap per method with stratified-bootstrap 95 % CIs.
 
     Columns: method, metric, estimate, ci_low, ci_high, n_runs, n_tasks (0-100 scale). With
-    one run per task the bootstrap has nothing to resample and the CI collapses to the point."""
-    mats = score_matrices(df, notes=notes)
+    one run per task the bootstrap has nothing to resample and the CI collapses to the point.
+    `engine`: "vectorised" or "rliable" (see above)."""
+    _check_engine(engine)
     rows = []
-    for method, scores in mats.items():
-        np.random.seed(seed)  # rliable resamples with np.random.choice
-        point, ci = rly.get_interval_estimates({method: scores}, _all_metrics, reps=reps)
-        for i, name in enumerate(METRIC_NAMES):
-            rows.append({"method": method, "metric": name, "estimate": float(point[method][i]),
-                         "ci_low": float(ci[method][0, i]), "ci_high": float(ci[method][1, i]),
-                         "n_runs": scores.shape[0], "n_tasks": scores.shape[1]})
+    for method, scores in score_matrices(df, notes=notes).items():
+        point, ci = (method_bootstrap(scores, reps, seed) if engine == "vectorised"
+                     else _rliable_metrics(scores, reps, seed))
+        rows += _aggregate_rows(method, scores, point, ci)
     return pd.DataFrame(rows)
 
 
@@ -231,20 +367,35 @@ def default_taus(mats: dict[str, np.ndarray], n: int = 101) -> np.ndarray:
 
 
 def performance_profiles(df: pd.DataFrame, reps: int = 2000, seed: int = 0,
-                         taus: np.ndarray | None = None):
+                         taus: np.ndarray | None = None, engine: str = "vectorised"):
     """Score distributions P(score > tau) over runs and tasks, with 95 % CIs.
 
     Returns (taus, {method: (T,)}, {method: (2, T)})."""
+    _check_engine(engine)
     mats = score_matrices(df)
     taus = default_taus(mats) if taus is None else np.asarray(taus, dtype=float)
+    if engine == "rliable":
+        np.random.seed(seed)
+        profiles, cis = rly.create_performance_profile(mats, taus, custom_profile_func=_profile,
+                                                       reps=reps)
+        return taus, profiles, cis
+    out = {m: method_bootstrap(s, reps, seed, taus, with_metrics=False) for m, s in mats.items()}
+    return taus, {m: p for m, (p, _) in out.items()}, {m: ci for m, (_, ci) in out.items()}
 
-    def profile(scores, tau_list):  # vectorised over thresholds (rliable's default is a loop)
-        return (scores[..., None] > np.asarray(tau_list)).mean(axis=(0, 1))
 
-    np.random.seed(seed)
-    profiles, cis = rly.create_performance_profile(mats, taus, custom_profile_func=profile,
-                                                   reps=reps)
-    return taus, profiles, cis
+def aggregates_and_profiles(df: pd.DataFrame, reps: int = 2000, seed: int = 0,
+                            notes: list[str] | None = None, taus: np.ndarray | None = None):
+    """`aggregate` and `performance_profiles` (vectorised engine, the same numbers) from one
+    bootstrap per method: (aggregates DataFrame, (taus, profiles, cis))."""
+    mats = score_matrices(df, notes=notes)
+    taus = default_taus(mats) if taus is None else np.asarray(taus, dtype=float)
+    k = len(METRIC_NAMES)
+    rows, profiles, cis = [], {}, {}
+    for method, scores in mats.items():
+        point, ci = method_bootstrap(scores, reps, seed, taus)
+        rows += _aggregate_rows(method, scores, point[:k], ci[:, :k])
+        profiles[method], cis[method] = point[k:], ci[:, k:]
+    return pd.DataFrame(rows), (taus, profiles, cis)
 
 
 def probability_of_improvement(x: np.ndarray, y: np.ndarray) -> float:
@@ -255,12 +406,33 @@ def probability_of_improvement(x: np.ndarray, y: np.ndarray) -> float:
     return float((gt + 0.5 * eq).mean())
 
 
+def pair_bootstrap(x: np.ndarray, y: np.ndarray, reps: int, seed: int,
+                   engine: str = "vectorised"):
+    """(P(X > Y), (2,) 95 % CI): x and y (runs, tasks), possibly of different run counts,
+    resampled independently within each task (rliable's StratifiedIndependentBootstrap)."""
+    _check_engine(engine)
+    if engine == "rliable":
+        np.random.seed(seed)
+        point, ci = rly.get_interval_estimates(
+            {"pair": [x, y]}, lambda a, b: np.array([probability_of_improvement(a, b)]),
+            reps=reps)
+        return float(point["pair"][0]), ci["pair"][:, 0]
+    point = probability_of_improvement(x, y)
+    if len(x) == len(y) == 1:  # nothing to resample: the CI is the point, as rliable's
+        return point, np.array([point, point])
+    values = bootstrap_replicates(lambda ix, iy: improvement_replicates(x, y, ix, iy),
+                                  [x.shape, y.shape], reps, np.random.default_rng(seed))
+    return point, percentile_ci(values)
+
+
 def improvement_probabilities(df: pd.DataFrame, reps: int = 2000, seed: int = 0,
-                              notes: list[str] | None = None) -> pd.DataFrame:
+                              notes: list[str] | None = None,
+                              engine: str = "vectorised") -> pd.DataFrame:
     """P(X > Y) for every registered comparison present (registry.comparisons: DyDiff-X over
     X, a method over each of its ablations), on the tasks both ran, with
     stratified independent bootstrap 95 % CIs. Pairs with a missing member are skipped and
     the reason appended to `notes`."""
+    _check_engine(engine)
     notes = [] if notes is None else notes
     rows = []
     present = set(df.method)
@@ -276,13 +448,9 @@ def improvement_probabilities(df: pd.DataFrame, reps: int = 2000, seed: int = 0,
             notes.append(f"P({x} > {y}) skipped: no task run by both")
             continue
         mats = score_matrices(df[df.method.isin([x, y])], tasks=tasks, notes=notes)
-        np.random.seed(seed)
-        point, ci = rly.get_interval_estimates({"pair": [mats[x], mats[y]]},
-                                               lambda a, b: np.array(
-                                                   [probability_of_improvement(a, b)]),
-                                               reps=reps)
-        rows.append({"x": x, "y": y, "probability": float(point["pair"][0]),
-                     "ci_low": float(ci["pair"][0, 0]), "ci_high": float(ci["pair"][1, 0]),
+        point, ci = pair_bootstrap(mats[x], mats[y], reps, seed, engine)
+        rows.append({"x": x, "y": y, "probability": point,
+                     "ci_low": float(ci[0]), "ci_high": float(ci[1]),
                      "n_runs_x": mats[x].shape[0], "n_runs_y": mats[y].shape[0],
                      "n_tasks": len(tasks)})
     for note in notes:
@@ -366,20 +534,25 @@ def plot_improvement(poi: pd.DataFrame):
 # ---- the step the CLI calls --------------------------------------------------------------
 
 def run_aggregate(score_files: list[Path], out_dir: Path, reps: int = 2000,
-                  seed: int = 0, rule: str = "final") -> dict:
+                  seed: int = 0, rule: str = "final", engine: str = "vectorised") -> dict:
     """Aggregates, profiles and P(improvement) -> CSVs + PNG/PDF figures in `out_dir`, from
-    eval.json files or the same rows read from MLflow (`scores_from_mlflow`).
+    eval.json files or the same rows read from MLflow (`scores_from_mlflow`). `engine`:
+    "vectorised" (one bootstrap per method for its aggregates and profile) or "rliable".
 
     Returns {"aggregates": DataFrame, "improvement": DataFrame, "profiles": DataFrame,
     "scores": DataFrame, "notes": [str], "reps": int, "files": [Path]}."""
     if reps < 1:
         raise ValueError(f"reps must be >= 1, got {reps}")
+    _check_engine(engine)
     out_dir = Path(out_dir)
     df = collect_scores(score_files, rule)
     notes: list[str] = []
-    agg = aggregate(df, reps=reps, seed=seed, notes=notes)
-    poi = improvement_probabilities(df, reps=reps, seed=seed, notes=notes)
-    taus, profiles, cis = performance_profiles(df, reps=reps, seed=seed)
+    if engine == "vectorised":
+        agg, (taus, profiles, cis) = aggregates_and_profiles(df, reps, seed, notes)
+    else:
+        agg = aggregate(df, reps=reps, seed=seed, notes=notes, engine=engine)
+        taus, profiles, cis = performance_profiles(df, reps=reps, seed=seed, engine=engine)
+    poi = improvement_probabilities(df, reps=reps, seed=seed, notes=notes, engine=engine)
     prof = pd.DataFrame([{"method": m, "tau": t, "fraction": profiles[m][j],
                           "ci_low": cis[m][0, j], "ci_high": cis[m][1, j]}
                          for m in profiles for j, t in enumerate(taus)])

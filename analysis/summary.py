@@ -115,10 +115,10 @@ def _tables_section(tables: dict) -> list[str]:
             diff = np.mean([o - p for o, p in pairs])
             lines.append(f"  - Our {method} is on average {abs(diff):.1f} points "
                          f"{'above' if diff >= 0 else 'below'} {c} on {len(pairs)} task(s).")
-    lines += ["", "Published numbers were obtained on D4RL -v2 (mujoco-py) datasets with "
-              "their authors' budgets; if this run used locally generated gymnasium-v5 data or "
-              "a reduced budget, differences to them are expected and are not a verdict on "
-              "the implementation.", ""]
+    lines += ["", "Published numbers were obtained on D4RL's datasets (-v2; maze2d -v1, "
+              "recorded with mujoco-py) with their authors' budgets; if this run used locally "
+              "generated data or a reduced budget, differences to them are expected and are "
+              "not a verdict on the implementation.", ""]
     return lines
 
 

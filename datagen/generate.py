@@ -256,7 +256,7 @@ class OnlineSAC:
                    disable=not progress, leave=False)
         obs, _ = env.reset()
         while not self.done(need_expert):
-            qpos, qvel = _sim_state(env)
+            qpos, qvel = sim_state(env)
             if self.step < cfg.start_steps:
                 action = self.rng.uniform(space.low, space.high).astype(np.float32)
             else:

@@ -6,6 +6,10 @@ where the log-sum-exp over actions is estimated by importance sampling with N ac
 each of: Uniform(-1, 1)^d, pi(.|s) and pi(.|s') (all evaluated at s), each Q corrected by the
 log-density of its proposal. With the Lagrange variant the weight becomes a learned
 alpha' >= 0 that pushes the (weighted) gap towards `lagrange_threshold`.
+
+Per update the actor runs once, without grad, on [s; s'] for every action it proposes there
+(the TD target's at s', the N proposals at s and at s': one forward per state, the N draws
+from its output); one critic call covers the data actions and all 3N proposals.
 """
 from __future__ import annotations
 
@@ -19,7 +23,9 @@ from torch import nn
 
 from harness.config import require
 from harness.nets import Standardizer
-from agents.sac import SAC, SACConfig, fit_obs_stats
+from agents.sac import SAC, SACConfig, adam, as_floats, fit_obs_stats
+
+Dist = tuple[torch.Tensor, torch.Tensor]  # (mu, log_std) of the actor's pre-tanh Gaussian
 
 
 @dataclass
@@ -107,7 +113,7 @@ class CQL(SAC):
         super().__init__(obs_dim, act_dim, cfg)
         self.cfg: CQLConfig = cfg
         self.cql_log_alpha = nn.Parameter(torch.zeros(()))
-        self.cql_alpha_opt = torch.optim.Adam([self.cql_log_alpha], lr=cfg.cql_alpha_lr)
+        self.cql_alpha_opt = adam([self.cql_log_alpha], cfg.cql_alpha_lr)
         # Only with normalize_obs, so the default agent's state_dict keeps its keys.
         self.normalizer = (Standardizer(obs_dim, eps=cfg.obs_std_eps) if cfg.normalize_obs
                            else None)
@@ -143,49 +149,67 @@ class CQL(SAC):
         """Action for raw observations (standardised inside when `normalize_obs`)."""
         return self.actor(self.normalize(obs), deterministic)[0]
 
-    def td_target(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def td_target(self, batch: dict[str, torch.Tensor], next_dist: Dist | None = None
+                  ) -> torch.Tensor:
+        """r + gamma (1 - d) V(s'); `next_dist` is the actor's output at s' if already known."""
         with torch.no_grad():
+            next_obs = batch["next_obs"]
+            mu, log_std = self.actor.dist(next_obs) if next_dist is None else next_dist
             if self.cfg.max_target_backup:
-                b, n = len(batch["next_obs"]), self.cfg.num_repeat_actions
-                next_rep = batch["next_obs"].repeat_interleave(n, 0)
-                next_act, next_logp = self.actor(next_rep)
+                b, n = len(next_obs), self.cfg.num_repeat_actions
+                next_rep = next_obs.repeat_interleave(n, 0)
+                next_act, next_logp = self.actor.sample(mu.repeat_interleave(n, 0),
+                                                        log_std.repeat_interleave(n, 0))
                 q = self.critic_target(next_rep, next_act).min(0).values.reshape(b, n)
                 next_q, best = q.max(1)
                 next_logp = next_logp.reshape(b, n).gather(1, best[:, None]).squeeze(1)
             else:
-                next_act, next_logp = self.actor(batch["next_obs"])
-                next_q = self.critic_target(batch["next_obs"], next_act).min(0).values
+                next_act, next_logp = self.actor.sample(mu, log_std)
+                next_q = self.critic_target(next_obs, next_act).min(0).values
             if not self.cfg.deterministic_backup:
                 next_q = next_q - self.policy_alpha * next_logp
             return batch["rewards"] + self.cfg.gamma * (1 - batch["terminals"]) * next_q
 
     @torch.no_grad()
-    def sample_cql_actions(self, obs: torch.Tensor, next_obs: torch.Tensor
-                           ) -> dict[str, torch.Tensor]:
-        """N actions per state from each proposal, flattened to (B*N, .), with log-densities."""
-        n, a = self.cfg.num_repeat_actions, self.act_dim
-        obs_rep = obs.repeat_interleave(n, 0)
-        next_rep = next_obs.repeat_interleave(n, 0)
-        m = self.cfg.max_action
-        rand = (torch.rand(len(obs_rep), a, device=obs.device) * 2 - 1) * m
-        pi, logp_pi = self.actor(obs_rep)
-        next_pi, logp_next_pi = self.actor(next_rep)
+    def sample_cql_actions(self, obs: torch.Tensor, next_obs: torch.Tensor,
+                           dists: tuple[Dist, Dist] | None = None) -> dict[str, torch.Tensor]:
+        """N actions per state from each proposal, flattened to (B*N, .), with log-densities.
+        `dists`: the actor's output at obs and at next_obs, if already known."""
+        n, a, m = self.cfg.num_repeat_actions, self.act_dim, self.cfg.max_action
+        if dists is None:
+            dists = self.actor_dists(obs, next_obs)
+        (mu, log_std), (next_mu, next_log_std) = dists
+        rep = lambda t: t.repeat_interleave(n, 0)  # noqa: E731  (state i's rows: i*N .. i*N+N-1)
+        rand = (torch.rand(len(obs) * n, a, device=obs.device) * 2 - 1) * m
+        pi, logp_pi = self.actor.sample(rep(mu), rep(log_std))
+        next_pi, logp_next_pi = self.actor.sample(rep(next_mu), rep(next_log_std))
         logp_rand = torch.full_like(logp_pi, -a * math.log(2 * m))  # Uniform(-m, m)^a
-        return {"obs_rep": obs_rep, "rand": rand, "logp_rand": logp_rand, "pi": pi,
+        return {"obs_rep": rep(obs), "rand": rand, "logp_rand": logp_rand, "pi": pi,
                 "logp_pi": logp_pi, "next_pi": next_pi, "logp_next_pi": logp_next_pi}
 
-    def conservative_gap(self, q_data: torch.Tensor, samples: dict[str, torch.Tensor]
-                         ) -> torch.Tensor:
-        """Per critic (2,): T * mean_s logsumexp_a(Q_IS / T) - mean Q(s, a_data)."""
-        b, n = q_data.shape[1], self.cfg.num_repeat_actions
-        s = samples["obs_rep"]
-        # One critic call over all 3N proposals; each Q minus its proposal's log-density.
+    def actor_dists(self, obs: torch.Tensor, next_obs: torch.Tensor) -> tuple[Dist, Dist]:
+        """The actor's output at obs and at next_obs from one forward on [obs; next_obs]."""
+        mu, log_std = self.actor.dist(torch.cat([obs, next_obs]))
+        b = len(obs)
+        return (mu[:b], log_std[:b]), (mu[b:], log_std[b:])
+
+    @staticmethod
+    def proposals(samples: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Critic inputs [s, a] of the 3N proposals, ordered (proposal, state, repeat)."""
         acts = torch.cat([samples["rand"], samples["pi"], samples["next_pi"]])
-        logp = torch.cat([samples["logp_rand"], samples["logp_pi"], samples["logp_next_pi"]])
-        q_is = self.critic(s.repeat(3, 1), acts)                              # (2, 3*B*N)
-        if self.cfg.importance_sample:
-            q_is = q_is - logp
-        q_is = q_is.reshape(2, 3, b, n).permute(0, 2, 1, 3).reshape(2, b, 3 * n)
+        return torch.cat([samples["obs_rep"].repeat(3, 1), acts], -1)
+
+    def conservative_gap(self, q_data: torch.Tensor, samples: dict[str, torch.Tensor],
+                         q_is: torch.Tensor | None = None) -> torch.Tensor:
+        """Per critic (2,): T * mean_s logsumexp_a(Q_IS / T) - mean Q(s, a_data). `q_is`:
+        the critics at `proposals(samples)`, (2, 3*B*N), computed here if None."""
+        b, n = q_data.shape[1], self.cfg.num_repeat_actions
+        if q_is is None:
+            q_is = self.critic.net(self.proposals(samples)).squeeze(-1)     # (2, 3*B*N)
+        if self.cfg.importance_sample:  # each Q minus its proposal's log-density
+            q_is = q_is - torch.cat([samples["logp_rand"], samples["logp_pi"],
+                                     samples["logp_next_pi"]])
+        q_is = q_is.reshape(-1, 3, b, n).permute(0, 2, 1, 3).reshape(-1, b, 3 * n)
         if not self.cfg.importance_sample:  # CORL's plain branch also counts Q(s, a_data)
             q_is = torch.cat([q_is, q_data[..., None]], -1)
         t = self.cfg.temperature
@@ -226,17 +250,25 @@ class CQL(SAC):
         closs.backward()
         self.critic_opt.step()
         self.soft_update()
-        info.update(actor_loss=aloss.item(), alpha=self.alpha.item())
+        info.update(actor_loss=aloss.detach(), alpha=self.alpha)
         if self.cfg.log_alpha_clamp is not None:
-            info["policy_alpha"] = policy_alpha.item()
-        return info
+            info["policy_alpha"] = policy_alpha
+        return as_floats(info)
 
-    def critic_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
-        """TD + conservative loss of both critics (a Lagrange step on alpha' included)."""
-        q = self.critic(batch["obs"], batch["actions"])                       # (2, B)
-        td_loss = F.mse_loss(q, self.td_target(batch).expand_as(q), reduction="none").mean(1)
-        samples = self.sample_cql_actions(batch["obs"], batch["next_obs"])
-        penalty = self.cfg.cql_weight * self.conservative_gap(q, samples)     # (2,)
+    def critic_loss(self, batch: dict[str, torch.Tensor]
+                    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """TD + conservative loss of both critics (a Lagrange step on alpha' included), and
+        the logged scalars as 0-d tensors."""
+        obs, b = batch["obs"], len(batch["obs"])
+        with torch.no_grad():  # the TD target's draw first, then the proposals' (RNG order)
+            at_obs, at_next = self.actor_dists(obs, batch["next_obs"])
+            target = self.td_target(batch, at_next)
+            samples = self.sample_cql_actions(obs, batch["next_obs"], (at_obs, at_next))
+        q_all = self.critic.net(torch.cat([torch.cat([obs, batch["actions"]], -1),
+                                           self.proposals(samples)])).squeeze(-1)  # (2, B+3BN)
+        q, q_is = q_all[:, :b], q_all[:, b:]
+        td_loss = F.mse_loss(q, target.expand_as(q), reduction="none").mean(1)
+        penalty = self.cfg.cql_weight * self.conservative_gap(q, samples, q_is)  # (2,)
         info = {}
         if self.cfg.with_lagrange:
             cql_alpha = self.cql_log_alpha.exp().clamp(0.0, 1e6)
@@ -247,9 +279,9 @@ class CQL(SAC):
             cql_alpha_loss.backward()
             self.cql_alpha_opt.step()
             penalty = cql_alpha.detach() * (penalty - self.cfg.lagrange_threshold)
-            info["cql_alpha"] = cql_alpha.item()
-        info.update(critic_loss=td_loss.sum().item(), cql_loss=penalty.sum().item(),
-                    q_mean=q.mean().item())
+            info["cql_alpha"] = cql_alpha.detach()
+        info.update(critic_loss=td_loss.detach().sum(), cql_loss=penalty.detach().sum(),
+                    q_mean=q.detach().mean())
         return (td_loss + penalty).sum(), info
 
     def training_state(self) -> dict:

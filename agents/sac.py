@@ -5,13 +5,20 @@ The base agent of MOPO / MBPO-style training, the online learner that generates 
 `update(batch) -> dict of float losses` and `act(obs, deterministic) -> action` (no grad).
 Batches are dicts of tensors: obs (B, o), actions (B, a), rewards (B,), next_obs (B, o),
 terminals (B,) float in {0, 1}.
+
+Speed (one CPU thread, batch 256; tests/benchmarks/test_bench_agents.py): the twin critics are
+one `StackedMLP` (one weight tensor per layer for both), Adam is `fused`, the actor's loss goes
+through the critic with its weights detached (their gradient used to be computed and thrown
+away), target networks move in one `_foreach_lerp_`, and the logged numbers leave the tensors
+in one conversion per update. tests/test_agent_equivalence.py checks the update against the
+former formulation.
 """
 from __future__ import annotations
 
 import copy
 import math
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Callable, Iterable, Literal
 
 import numpy as np
 import torch
@@ -19,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from harness.config import require
-from harness.nets import Standardizer, mlp
+from harness.nets import StackedMLP, Standardizer, mlp, stack_linear_params
 
 
 @dataclass
@@ -125,6 +132,19 @@ def fit_obs_stats(normalizer: Standardizer, observations, eps: float) -> None:
     normalizer.std.copy_(obs.std(0, correction=0) + eps)
 
 
+def adam(params: Iterable[torch.Tensor], lr: float) -> torch.optim.Adam:
+    """Adam as every agent builds it: `fused`, 3x faster per step on CPU than the for-loop
+    default and within an ulp of it (`foreach` is bit-identical but barely faster)."""
+    return torch.optim.Adam(params, lr=lr, fused=True)
+
+
+def as_floats(info: dict[str, torch.Tensor]) -> dict[str, float]:
+    """The logged scalars of one update as Python floats, in one conversion."""
+    if not info:
+        return {}
+    return dict(zip(info, torch.stack([v.detach() for v in info.values()]).tolist()))
+
+
 class TanhGaussianActor(nn.Module):
     """pi(a|s) = tanh(N(mu(s), sigma(s))), log-std clamped to [log_std_min, log_std_max]
     (default [-5, 2]); the deterministic action is tanh(mu)."""
@@ -142,31 +162,93 @@ class TanhGaussianActor(nn.Module):
 
     def forward(self, obs: torch.Tensor, deterministic: bool = False
                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        mu, log_std = self.dist(obs)
+        if deterministic:
+            return torch.tanh(mu), torch.zeros(obs.shape[:-1], device=obs.device)
+        return self.sample(mu, log_std)
+
+    def dist(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mu, clamped log-std) of the pre-tanh Gaussian at `obs`."""
         mu, log_std = self.net(obs).chunk(2, dim=-1)
         if hasattr(self, "log_std_scale"):
             log_std = self.log_std_scale * log_std + self.log_std_offset
-        log_std = log_std.clamp(self.log_std_min, self.log_std_max)
-        if deterministic:
-            return torch.tanh(mu), torch.zeros(obs.shape[:-1], device=obs.device)
-        std = log_std.exp()
-        pre = mu + std * torch.randn_like(mu)
-        # log N(pre; mu, std) - sum log(1 - tanh(pre)^2), the latter in a stable form.
-        log_prob = (-0.5 * ((pre - mu) / std) ** 2 - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
-        log_prob = log_prob - (2 * (math.log(2) - pre - F.softplus(-2 * pre))).sum(-1)
+        return mu, log_std.clamp(self.log_std_min, self.log_std_max)
+
+    @staticmethod
+    def sample(mu: torch.Tensor, log_std: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A reparameterised tanh-Gaussian sample and its log-density (one randn draw of
+        mu's shape, as `forward` makes), so rows repeated after `dist` cost no forward."""
+        noise = torch.randn_like(mu)
+        pre = mu + log_std.exp() * noise
+        # log N(pre; mu, std) - sum log(1 - tanh(pre)^2), the latter in a stable form;
+        # (pre - mu) / std is the noise itself (no gradient), so it enters as such.
+        log_prob = (-0.5 * noise ** 2 - log_std - 0.5 * math.log(2 * math.pi)
+                    - 2 * (math.log(2) - pre - F.softplus(-2 * pre))).sum(-1)
         return torch.tanh(pre), log_prob
 
 
 class TwinQ(nn.Module):
-    """Two Q-networks evaluated together; forward returns (2, B)."""
+    """Two Q-networks over [obs, act] in one StackedMLP; forward returns (2, B).
 
-    def __init__(self, obs_dim: int, act_dim: int, hidden: list[int]):
+    Built as two plain MLPs, each passed to `init` (q1's layers, then q2's: the RNG draws of
+    separate networks), then stacked. `q1`/`q2` are the members as plain MLPs (views of the
+    stacked weights). State dicts of the former layout (q1.*, q2.*) load as well."""
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden: list[int],
+                 init: Callable[[nn.Sequential], object] | None = None):
         super().__init__()
-        self.q1 = mlp(obs_dim + act_dim, 1, hidden)
-        self.q2 = mlp(obs_dim + act_dim, 1, hidden)
+        members = [mlp(obs_dim + act_dim, 1, hidden) for _ in range(2)]
+        if init is not None:
+            for net in members:
+                init(net)
+        self.net = StackedMLP(members)
 
-    def forward(self, obs: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
-        x = torch.cat([obs, act], -1)
-        return torch.stack([self.q1(x).squeeze(-1), self.q2(x).squeeze(-1)])
+    def forward(self, obs: torch.Tensor, act: torch.Tensor, members: slice | None = None,
+                detach: bool = False) -> torch.Tensor:
+        """Q of each member (or of the slice `members`), (E, B); `detach`: gradients reach
+        only obs and act (StackedMLP.forward)."""
+        return self.net(torch.cat([obs, act], -1), members, detach).squeeze(-1)
+
+    @property
+    def q1(self) -> nn.Sequential:
+        return self.net.member(0)
+
+    @property
+    def q2(self) -> nn.Sequential:
+        return self.net.member(1)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Former layout: two nn.Sequential, Linear k of q1/q2 at index 2k.
+        for k in range(len(self.net.layers)):
+            old = [f"{prefix}{q}.{2 * k}.{kind}" for q in ("q1", "q2")
+                   for kind in ("weight", "bias")]
+            if all(key in state_dict for key in old):
+                w1, b1, w2, b2 = (state_dict.pop(key) for key in old)
+                new = f"{prefix}net.layers.{k}."
+                state_dict[new + "weight"], state_dict[new + "bias"] = stack_linear_params(
+                    [w1, w2], [b1, b2])
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+def stack_twin_q_adam_state(state: dict) -> dict:
+    """An Adam state dict over a former-layout TwinQ (q1's weight, bias, ..., then q2's) as
+    one over its StackedMLP (the moments stacked as the weights are), so an old checkpoint
+    resumes."""
+    params = state["param_groups"][0]["params"]
+    half = len(params) // 2
+    moments = {}
+    for k in range(0, half, 2):  # (weight, bias) of layer k // 2
+        old = [state["state"].get(i) for i in (params[k], params[k + 1], params[half + k],
+                                                params[half + k + 1])]
+        if any(s is None for s in old):
+            continue
+        w1, b1, w2, b2 = old
+        moments[k], moments[k + 1] = {"step": w1["step"]}, {"step": b1["step"]}
+        for name in w1.keys() - {"step"}:
+            moments[k][name], moments[k + 1][name] = stack_linear_params(
+                [w1[name], w2[name]], [b1[name], b2[name]])
+    return {"state": moments,
+            "param_groups": [{**state["param_groups"][0], "params": list(range(half))}]}
 
 
 class SAC(nn.Module):
@@ -182,19 +264,16 @@ class SAC(nn.Module):
             corl_init_(self.actor.net, orthogonal=False)
         else:
             init_weights_(self.actor, cfg.weight_init)
-        self.critic = TwinQ(obs_dim, act_dim, cfg.hidden)
-        if corl:
-            corl_init_(self.critic.q1, orthogonal=True)
-            corl_init_(self.critic.q2, orthogonal=True)
-        else:
-            init_weights_(self.critic, cfg.weight_init)
+        self.critic = TwinQ(obs_dim, act_dim, cfg.hidden,
+                            init=(lambda q: corl_init_(q, orthogonal=True)) if corl
+                            else (lambda q: init_weights_(q, cfg.weight_init)))
         self.critic_target = copy.deepcopy(self.critic).requires_grad_(False)
         self.log_alpha = nn.Parameter(torch.tensor(math.log(cfg.alpha)))
         self.target_entropy = (cfg.target_entropy if cfg.target_entropy is not None
                                else -float(act_dim))
-        self.actor_opt = torch.optim.Adam(self.actor.parameters(), lr=cfg.actor_lr)
-        self.critic_opt = torch.optim.Adam(self.critic.parameters(), lr=cfg.critic_lr)
-        self.alpha_opt = torch.optim.Adam([self.log_alpha], lr=cfg.alpha_lr)
+        self.actor_opt = adam(self.actor.parameters(), cfg.actor_lr)
+        self.critic_opt = adam(self.critic.parameters(), cfg.critic_lr)
+        self.alpha_opt = adam([self.log_alpha], cfg.alpha_lr)
         self.updates = 0  # gradient updates done (the actor-lr schedule's clock)
 
     def actor_lr_at(self, update: int) -> float:
@@ -239,16 +318,19 @@ class SAC(nn.Module):
             next_v = next_q - self.alpha * next_logp
             return batch["rewards"] + self.cfg.gamma * (1 - batch["terminals"]) * next_v
 
-    def critic_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
+    def critic_loss(self, batch: dict[str, torch.Tensor]
+                    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(loss, logged scalars as 0-d tensors)."""
         q = self.critic(batch["obs"], batch["actions"])
         loss = F.mse_loss(q, self.td_target(batch).expand_as(q), reduction="none").mean(1).sum()
-        return loss, {"critic_loss": loss.item(), "q_mean": q.mean().item()}
+        return loss, {"critic_loss": loss.detach(), "q_mean": q.detach().mean()}
 
     def actor_loss(self, obs: torch.Tensor, sample: tuple[torch.Tensor, torch.Tensor] | None = None
                    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(loss, log pi) on `sample` = (actions, log-probs) from the actor (drawn here if None)."""
+        """(loss, log pi) on `sample` = (actions, log-probs) from the actor (drawn here if None).
+        The critic's weights enter detached: this loss trains the actor only."""
         act, logp = self.actor(obs) if sample is None else sample
-        q = self.critic(obs, act).min(0).values
+        q = self.critic(obs, act, detach=True).min(0).values
         return (self.policy_alpha * logp - q).mean(), logp
 
     def update(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -262,21 +344,21 @@ class SAC(nn.Module):
         self.actor_opt.zero_grad(set_to_none=True)
         aloss.backward()
         self.actor_opt.step()
-        info["actor_loss"] = aloss.item()
+        info["actor_loss"] = aloss.detach()
 
         if self.cfg.auto_alpha:
             alpha_loss = -(self.log_alpha * (logp.detach() + self.target_entropy)).mean()
             self.alpha_opt.zero_grad(set_to_none=True)
             alpha_loss.backward()
             self.alpha_opt.step()
-        info["alpha"] = self.alpha.item()
+        info["alpha"] = self.alpha
         self.soft_update()
-        return info
+        return as_floats(info)
 
     @torch.no_grad()
     def soft_update(self) -> None:
-        for p, tp in zip(self.critic.parameters(), self.critic_target.parameters()):
-            tp.lerp_(p, self.cfg.tau)
+        torch._foreach_lerp_(list(self.critic_target.parameters()),
+                             list(self.critic.parameters()), self.cfg.tau)
 
     def training_state(self) -> dict:
         """Everything to resume training exactly: weights and optimiser moments."""
@@ -291,5 +373,12 @@ class SAC(nn.Module):
         self.updates = state.get("updates", 0)
         self.load_state_dict(state["model"])
         self.actor_opt.load_state_dict(state["actor_opt"])
-        self.critic_opt.load_state_dict(state["critic_opt"])
+        self.critic_opt.load_state_dict(critic_opt_state(self.critic, state["critic_opt"]))
         self.alpha_opt.load_state_dict(state["alpha_opt"])
+
+
+def critic_opt_state(critic: TwinQ, state: dict) -> dict:
+    """A critic optimiser's saved state for `critic`, converted if it predates the stacked
+    critics (twice as many tensors)."""
+    former = len(state["param_groups"][0]["params"]) == 2 * len(list(critic.parameters()))
+    return stack_twin_q_adam_state(state) if former else state

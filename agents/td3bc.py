@@ -26,7 +26,8 @@ from torch import nn
 
 from harness.config import require
 from harness.nets import Standardizer, mlp
-from agents.sac import TanhGaussianActor, TwinQ, fit_obs_stats, init_weights_
+from agents.sac import (TanhGaussianActor, TwinQ, adam, as_floats, critic_opt_state,
+                        fit_obs_stats, init_weights_)
 
 
 @dataclass
@@ -107,10 +108,11 @@ class TD3BC(nn.Module):
             actor = mlp(obs_dim, act_dim, cfg.hidden, out_activation=nn.Tanh())
         self.actor = init_weights_(actor, cfg.weight_init)
         self.actor_target = copy.deepcopy(self.actor).requires_grad_(False)
-        self.critic = init_weights_(TwinQ(obs_dim, act_dim, cfg.hidden), cfg.weight_init)
+        self.critic = TwinQ(obs_dim, act_dim, cfg.hidden,
+                            init=lambda q: init_weights_(q, cfg.weight_init))
         self.critic_target = copy.deepcopy(self.critic).requires_grad_(False)
-        self.actor_opt = torch.optim.Adam(self.actor.parameters(), lr=cfg.actor_lr)
-        self.critic_opt = torch.optim.Adam(self.critic.parameters(), lr=cfg.critic_lr)
+        self.actor_opt = adam(self.actor.parameters(), cfg.actor_lr)
+        self.critic_opt = adam(self.critic.parameters(), cfg.critic_lr)
         self.total_it = 0
 
     @classmethod
@@ -167,25 +169,26 @@ class TD3BC(nn.Module):
         self.critic_opt.zero_grad(set_to_none=True)
         critic_loss.backward()
         self.critic_opt.step()
-        info = {"critic_loss": critic_loss.item(), "q_mean": q.mean().item()}
+        info = {"critic_loss": critic_loss.detach(), "q_mean": q.detach().mean()}
 
         if self.total_it % self.cfg.policy_freq == 0:  # delayed actor + target updates
             pi = self.policy(self.actor, s)  # a sample for tanh_gaussian
-            q_pi = self.critic.q1(torch.cat([s, pi], -1)).squeeze(-1)
+            # Q1 only, its weights detached: this loss trains the actor alone.
+            q_pi = self.critic(s, pi, members=slice(0, 1), detach=True)[0]
             actor_loss, lmbda = td3bc_actor_loss(q_pi, pi, batch["actions"], self.cfg.alpha,
                                                  self.cfg.bc_weight)
             self.actor_opt.zero_grad(set_to_none=True)
             actor_loss.backward()
             self.actor_opt.step()
             self.soft_update()
-            info.update(actor_loss=actor_loss.item(), lmbda=lmbda.item())
-        return info
+            info.update(actor_loss=actor_loss.detach(), lmbda=lmbda)
+        return as_floats(info)
 
     @torch.no_grad()
     def soft_update(self) -> None:
-        for net, target in ((self.critic, self.critic_target), (self.actor, self.actor_target)):
-            for p, tp in zip(net.parameters(), target.parameters()):
-                tp.lerp_(p, self.cfg.tau)
+        nets, targets = (self.critic, self.actor), (self.critic_target, self.actor_target)
+        torch._foreach_lerp_([p for t in targets for p in t.parameters()],
+                             [p for n in nets for p in n.parameters()], self.cfg.tau)
 
     def training_state(self) -> dict:
         return {"model": self.state_dict(), "actor_opt": self.actor_opt.state_dict(),
@@ -194,5 +197,5 @@ class TD3BC(nn.Module):
     def load_training_state(self, state: dict) -> None:
         self.load_state_dict(state["model"])
         self.actor_opt.load_state_dict(state["actor_opt"])
-        self.critic_opt.load_state_dict(state["critic_opt"])
+        self.critic_opt.load_state_dict(critic_opt_state(self.critic, state["critic_opt"]))
         self.total_it = state["total_it"]

@@ -439,8 +439,9 @@ def improvement_probabilities(df: pd.DataFrame, reps: int = 2000, seed: int = 0,
     for x, y in registry.comparisons():
         if x not in present or y not in present:
             missing = [m for m in (x, y) if m not in present]
-            # A pair half run is worth a note, unless the missing half is an optional ablation.
-            if len(missing) == 1 and not registry.METHODS[missing[0]].ablation:
+            # A pair half run is worth a note, unless the missing half is an optional variant
+            # (an ablation, the fast-sampler preset) of a method the grid runs.
+            if len(missing) == 1 and registry.METHODS[missing[0]].parent is None:
                 notes.append(f"P({x} > {y}) skipped: no runs of {missing}")
             continue
         tasks = common_tasks(df, [x, y])

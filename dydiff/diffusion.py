@@ -24,7 +24,8 @@ from harness.config import from_dict, require
 from harness.data.dataset import Dataset
 from dydiff.segments import Normalizer, Segments, make_segments
 from dydiff.edm import EDMDenoiser, edm_loss
-from dydiff.sampler import DiffusionDynamics, SamplerConfig
+from dydiff.sampler import (SAMPLER_PRESETS, DiffusionDynamics, SamplerConfig,
+                            sampler_config)
 from dydiff.unet import TemporalUnet
 from harness.checkpoint import CHECKPOINT, Checkpointer, load_checkpoint, save_checkpoint
 from harness.runtime import start_training
@@ -52,9 +53,18 @@ class DiffusionConfig:
     grad_clip: float | None = None
     log_every: int = 1000
     checkpoint_every: int = 10_000
-    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    # A mapping of SamplerConfig fields, or a preset name ("authors", "fast": dydiff/
+    # sampler.py SAMPLER_PRESETS), resolved to a SamplerConfig on construction.
+    sampler: SamplerConfig | str = field(default_factory=SamplerConfig)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.sampler, str) and self.sampler in SAMPLER_PRESETS:
+            self.sampler = sampler_config(self.sampler)
 
     def validate(self) -> None:
+        require(isinstance(self.sampler, SamplerConfig), "sampler",
+                f"unknown sampler preset {self.sampler!r}; known: {sorted(SAMPLER_PRESETS)} "
+                f"(or a mapping of sampler settings)")
         require(self.horizon >= 2, "horizon", f"must be >= 2, got {self.horizon}")
         require(self.dim >= 8 and self.dim % 8 == 0, "dim",
                 f"must be a positive multiple of 8 (GroupNorm groups), got {self.dim}")
@@ -190,14 +200,18 @@ def train_diffusion(dataset: Dataset, cfg: DiffusionConfig | dict, out_dir: str 
 
 
 def load_diffusion(out_dir: str | Path, device: torch.device | str = "cpu",
-                   sampler: dict | None = None) -> DiffusionDynamics:
-    """The EMA model from out_dir/model.pt; `sampler` overrides sampler settings (e.g. steps)."""
+                   sampler: dict | str | None = None) -> DiffusionDynamics:
+    """The EMA model from out_dir/model.pt; `sampler` overrides sampler settings (e.g. steps),
+    or a preset name replaces them (the stored batch_size, a memory bound, is kept)."""
     path = Path(out_dir) / MODEL
     state = load_checkpoint(path)
     if state is None:
         raise FileNotFoundError(f"no diffusion model at {path}"
                                 " (run `dydiff-bench train-model --model diffusion` first)")
     cfg_dict = dict(state["config"])
+    if isinstance(sampler, str):
+        preset = dataclasses.asdict(sampler_config(sampler, where="sampler"))
+        sampler = {**preset, "batch_size": cfg_dict["sampler"]["batch_size"]}
     cfg_dict["sampler"] = {**cfg_dict["sampler"], **(sampler or {})}
     cfg = from_dict(DiffusionConfig, cfg_dict, where=f"{path}:config")
     denoiser = build_denoiser(cfg, state["obs_dim"] + state["act_dim"])

@@ -20,6 +20,7 @@ authors' `OfflineTrainer._rollout_model`, rlkit/trainer.py:248-313):
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Literal
@@ -28,7 +29,7 @@ import torch
 
 from harness.config import from_dict, require
 from harness.data.dataset import Dataset
-from dydiff.sampler import DiffusionDynamics, Limits
+from dydiff.sampler import SAMPLER_PRESETS, DiffusionDynamics, Limits
 from harness.envs import alive_mask, termination_fn
 
 
@@ -52,7 +53,10 @@ class DyDiffConfig:
     # row t = 0..T of the trajectory, before truncating at the first terminal; alive_rows: only
     # the transitions up to and including the first terminal.
     score: Literal["all_rows", "alive_rows"] = "all_rows"
-    sampler_steps: int | None = None  # override the model's sampler num_steps for rollouts
+    # Override the model's sampler for rollouts: a preset name (dydiff/sampler.py
+    # SAMPLER_PRESETS: "authors", "fast"; null keeps the model's), then sampler_steps its steps.
+    sampler: str | None = None
+    sampler_steps: int | None = None
 
     def validate(self) -> None:
         require(self.iterative_times >= 0, "iterative_times",
@@ -65,6 +69,8 @@ class DyDiffConfig:
         require(self.temp > 0, "temp", f"must be > 0, got {self.temp}")
         require(self.sampler_steps is None or self.sampler_steps >= 1, "sampler_steps",
                 "must be >= 1 or null")
+        require(self.sampler is None or self.sampler in SAMPLER_PRESETS, "sampler",
+                f"unknown sampler preset {self.sampler!r}; known: {sorted(SAMPLER_PRESETS)}")
 
 
 def n_kept(n: int, fraction: float) -> int:
@@ -208,8 +214,9 @@ def make_generator(dataset: Dataset, cfg: dict | DyDiffConfig, model_dirs: dict[
                        f"(got {sorted(model_dirs)}){hint}")
     from dydiff.diffusion import load_diffusion
     from dydiff.reward_model import load_reward_model
-    sampler = {} if cfg.sampler_steps is None else {"num_steps": cfg.sampler_steps}
-    dyn = load_diffusion(model_dirs["diffusion"], device, sampler)
+    dyn = load_diffusion(model_dirs["diffusion"], device, cfg.sampler)
+    if cfg.sampler_steps is not None:
+        dyn.sampler = dataclasses.replace(dyn.sampler, num_steps=cfg.sampler_steps)
     if dyn.obs_dim != dataset.obs_dim or dyn.act_dim != dataset.act_dim:
         raise ValueError(f"diffusion model at {model_dirs['diffusion']} has obs/act dims "
                          f"{dyn.obs_dim}/{dyn.act_dim}, dataset {dataset.name} has "

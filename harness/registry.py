@@ -298,6 +298,11 @@ for _base in ("dydiff-td3bc", "dydiff-cql"):
                        next(_colors), overrides={"rollout": _rollout}, ablation=_group,
                        source=("authors' hardmax spec, exp_specs/*hardmax*.yaml"
                                if _suffix == "hardmax" else f"ablation: {_what}"))
+    # The `fast` sampler preset for rollouts (same trained model; not in any grid or ablation).
+    variant_of(_base, f"{_base}-fastsampler", f"{METHODS[_base].label} (fast sampler)",
+               {"dydiff-td3bc": "#d94801", "dydiff-cql": "#99000d"}[_base],
+               overrides={"rollout": {"sampler": "fast"}},
+               source="sampler preset 'fast' (docs/sampler-study.md)")
 
 
 def _load_plugins() -> None:

@@ -49,7 +49,10 @@ D4RL_ROWS = {"random": 1_000_000, "medium": 1_000_000, "expert": 1_000_000,
                                                            "halfcheetah": 202_000,
                                                            "walker2d": 302_000},
              "umaze": 1_000_000, "medium-maze": 2_000_000, "large": 4_000_000}
-MEASURE_BATCH = {"rollout": 32, "ensemble-rollout": 4096}  # starts timed per rollout call
+# Start states timed per rollout call: enough to amortise per-call overhead, few enough that a
+# paper-size diffusion call (its cost is linear in the starts) takes seconds, not minutes.
+MEASURE_BATCH = {"rollout": 32, "rollout-large": 4, "ensemble-rollout": 4096}
+LARGE_DENOISER = 5_000_000  # parameters
 
 
 @dataclass(frozen=True)
@@ -487,7 +490,9 @@ def _measure_rollout(s: dict) -> float:
     if "diffusion" in models:
         from dydiff.rollout import DyDiffConfig, DyDiffGenerator, _reward_fn
         from dydiff.sampler import Limits
-        n = min(s["rollout"].get("rollout_batch_size", 2048), MEASURE_BATCH["rollout"])
+        params = sum(p.numel() for p in models["diffusion"].denoiser.parameters())
+        n = min(s["rollout"].get("rollout_batch_size", 2048),
+                MEASURE_BATCH["rollout-large" if params > LARGE_DENOISER else "rollout"])
         cfg = from_dict(DyDiffConfig, {**s["rollout"], "rollout_batch_size": n},
                         where="policy.rollout")
         limits = Limits(-torch.ones(o) * 5, torch.ones(o) * 5, -torch.ones(a), torch.ones(a))

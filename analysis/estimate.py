@@ -10,7 +10,7 @@ Every job of the plan is broken into *work items*, each a count of one measured 
     evaluate       env steps of the final evaluation episodes
     rollout-error  start states of the study's models + simulator env steps
     analyze        bootstrap replications over the grid's runs
-    every job      a fixed start-up (interpreter, torch, MLflow imports)
+    every job      a fixed start-up (interpreter, torch, MLflow imports) and its MLflow run
 
 A unit's seconds come from `THROUGHPUT_FILE`, a table of measurements kept in the repository
 (one row per item and settings: machine, threads, date and the command that measured it).
@@ -250,14 +250,18 @@ ITEMS = {"train-policy": _policy_items, "train-model": _model_items,
          "import-dataset": _import_items}
 
 
+# Every job: the process's start-up (imports) and its own MLflow run.
+JOB_FIXED = [item("job-start", {}, 1), item("job-tracking", {}, 1)]
+
+
 def job_items(cfg: dict, spec: dict) -> list[Item]:
     step = spec["step"]
     if step == "evaluate":
         agent = registry.method(spec["method"]).agent
         return [_env_item(spec["task"], agent,
                           spec["config"]["episodes"] * _episode_steps(spec["task"])),
-                item("job-start", {}, 1)]
-    return ITEMS[step](cfg, spec) + [item("job-start", {}, 1)]
+                *JOB_FIXED]
+    return ITEMS[step](cfg, spec) + JOB_FIXED
 
 
 # ---- resources of a job (the Snakefile's rules read the same config keys) --------------------
@@ -530,38 +534,65 @@ def _measure_maze2d_generate(s: dict) -> float:
     return _timed(lambda: maze2d_dataset(s["task"], n, seed=0), repeats=1, warmup=0) / n
 
 
+def _measure_job_tracking(s: dict) -> float:
+    """A job's own MLflow run, as a fresh job process meets it (first connection to an
+    existing sqlite store, params, tags, a metric, an artefact): a process doing that, less
+    one that only imports (`job-start`)."""
+    import tempfile
+    from harness import tracking
+    with tempfile.TemporaryDirectory() as tmp:
+        uri = f"sqlite:///{tmp}/mlflow.db"
+        tracking.init_store(uri, "estimate")
+        code = (f"{IMPORTS}\nfrom pathlib import Path\nfrom harness import tracking\n"
+                f"out = Path({tmp!r}) / 'job'; out.mkdir(exist_ok=True)\n"
+                f"(out / 'final.json').write_text('{{}}')\n"
+                f"with tracking.job_run(experiment='estimate', run_name='job', "
+                f"params={{f'p{{i}}': i for i in range(60)}}, tags={{'step': 'estimate'}}, "
+                f"out_dir=out, uri={uri!r}, artifacts=lambda: [out / 'final.json']) as log:\n"
+                f"    log({{'loss': 1.0}}, 0)\n")
+        with_run = _timed(lambda: subprocess.run([sys.executable, "-c", code], check=True,
+                                                 capture_output=True), repeats=3)
+    return max(with_run - _measure_job_start(s), 0.0)
+
+
+IMPORTS = "import torch, mlflow, gymnasium, pandas, harness.runner"
+
+
 def _measure_job_start(s: dict) -> float:
-    cmd = [sys.executable, "-c", "import torch, mlflow, gymnasium, pandas, harness.runner"]
+    cmd = [sys.executable, "-c", IMPORTS]
     def run():
         subprocess.run(cmd, check=True, capture_output=True)
     return _timed(run, repeats=3, warmup=1)
 
 
+def _measure_analysis_rep(s: dict) -> float:
+    """Per replication: the difference of two runs, so the fixed part cancels."""
+    return max(_measure_analysis(s, 1200) - _measure_analysis(s, 200), 0.0) / 1000
+
+
+# item -> (how to time one unit, the unit)
+MEASURES = {
+    "agent-update": (_measure_agent_update, "update"),
+    "env-step": (_measure_env_step, "env step"),
+    "diffusion-train": (_measure_diffusion_train, "gradient step"),
+    "ensemble-train": (_measure_ensemble_train, "minibatch"),
+    "reward-train": (_measure_reward_train, "gradient step"),
+    "rollout": (_measure_rollout, "start state"),
+    "analysis-rep": (_measure_analysis_rep, "bootstrap rep"),
+    "analysis-fixed": (lambda s: 15.0,
+                       "job (tables, figures, summary: not timed, a fixed allowance)"),
+    "maze2d-generate": (_measure_maze2d_generate, "transition"),
+    "job-start": (_measure_job_start, "job"),
+    "job-tracking": (_measure_job_tracking, "job"),
+}
+
+
 def measure(it: Item) -> tuple[float, str]:
     """(seconds per unit, unit) of an item, timed here with the current torch thread count."""
-    s = _settings(it)
-    if it.name == "agent-update":
-        return _measure_agent_update(s), "update"
-    if it.name == "env-step":
-        return _measure_env_step(s), "env step"
-    if it.name == "diffusion-train":
-        return _measure_diffusion_train(s), "gradient step"
-    if it.name == "ensemble-train":
-        return _measure_ensemble_train(s), "minibatch"
-    if it.name == "reward-train":
-        return _measure_reward_train(s), "gradient step"
-    if it.name == "rollout":
-        return _measure_rollout(s), "start state"
-    if it.name == "analysis-rep":
-        small, large = _measure_analysis(s, 200), _measure_analysis(s, 1200)
-        return max(large - small, 0.0) / 1000, "bootstrap rep"
-    if it.name == "analysis-fixed":
-        return 15.0, "job (tables, figures, summary: not timed, a fixed allowance)"
-    if it.name == "maze2d-generate":
-        return _measure_maze2d_generate(s), "transition"
-    if it.name == "job-start":
-        return _measure_job_start(s), "job"
-    raise ValueError(f"no measurement for work item {it.name!r}")
+    if it.name not in MEASURES:
+        raise ValueError(f"no measurement for work item {it.name!r}")
+    fn, unit = MEASURES[it.name]
+    return fn(_settings(it)), unit
 
 
 # ---- the estimate ----------------------------------------------------------------------------

@@ -13,8 +13,10 @@ from harness import plan
 from harness.config import ConfigError
 
 # The estimate of the tiny grid is within this factor of the tiny DAG's measured step times
-# (both ways): the table was measured one job at a time, the DAG runs two at once on 2 CPUs.
-TINY_FACTOR = 3.0
+# (both ways): the table was measured one job at a time, the DAG runs two at once on 2 CPUs,
+# and a tiny job's step is mostly fixed costs (first use of the MLflow store, torch, files).
+# Measured on the 2-CPU machine that made the table: estimate 80 s, DAG 131 s.
+TINY_FACTOR = 2.5
 
 
 def _cost(step, seconds, threads=1, **spec):
@@ -55,7 +57,7 @@ def test_counts_follow_the_config():
 
 def test_missing_measurements_are_named_with_the_command_that_adds_them(tmp_path):
     cfg = plan.load_config(TINY)
-    with pytest.raises(ConfigError, match=r"no measurement for 17 work item\(s\).*--measure"):
+    with pytest.raises(ConfigError, match=r"no measurement for 31 work item\(s\).*--measure"):
         E.estimate(cfg, config_name="tests/configs/tiny.yaml", table=tmp_path / "none.csv")
 
 

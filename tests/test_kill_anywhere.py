@@ -58,6 +58,7 @@ class Trial:
 # longest first so that two workers finish together; then the deterministic edge case.
 TRIALS = [
     Trial("datasets", "generate-datasets", {"family": "hopper"}),
+    Trial("datasets-maze2d", "generate-datasets", {"family": "maze2d"}),
     Trial("diffusion", "train-model", {"model": "diffusion"}),
     Trial("policy-dydiff-cql", "train-policy", {"method": "dydiff-cql"}),
     Trial("policy-mopo", "train-policy", {"method": "mopo"}),
@@ -82,9 +83,11 @@ class JobFiles:
 
 
 def job_spec(cfg: dict, trial: Trial) -> dict:
-    """The trial's job among every job of the grid (harness.plan)."""
+    """The trial's job among every job of the grid (harness.plan), on the grid's first task
+    (hopper-medium-replay) unless the trial names another."""
+    coords = {"task": cfg["tasks"][0], **trial.coords}
     found = [s for s in plan.all_jobs(cfg) if s["step"] == trial.step
-             and all(s.get(k) == v for k, v in trial.coords.items())]
+             and all(s.get(k) == v for k, v in coords.items() if k in s)]
     assert len(found) == 1, f"{trial.name}: {len(found)} jobs match"
     return found[0]
 

@@ -66,10 +66,12 @@ def test_one_row_per_trial_holds_curve_final_score_dataset_and_description(tiny_
         assert {t.key: t.value for t in given.tags}["mlflow.data.context"] == "training"
     # Model runs stay rows of their own (filter them by tags.step), with their dataset.
     models = _runs(client, cfg["name"], "tags.step = 'train-model'")
-    assert sorted(r.data.tags["method"] for r in models) == sorted(plan.needed_models(cfg))
-    task = cfg["tasks"][0]
-    on_task = _runs(client, cfg["name"], f"datasets.name = '{task}'")
-    assert {r.info.run_id for r in trials + models} <= {r.info.run_id for r in on_task}
+    assert sorted((r.data.tags["method"], r.data.tags["task"]) for r in models) == sorted(
+        (m, t) for m in plan.needed_models(cfg) for t in cfg["tasks"])
+    for task in cfg["tasks"]:
+        on_task = _runs(client, cfg["name"], f"datasets.name = '{task}'")
+        assert {r.info.run_id for r in trials + models if r.data.tags["task"] == task} <= \
+            {r.info.run_id for r in on_task}
 
 
 def test_analysis_from_mlflow_equals_the_file_analysis(tiny_dag, tmp_path):

@@ -407,7 +407,8 @@ def generate_datasets(family: str, kinds: list[str], cfg: GenerateConfig, out_di
 @dataclass
 class Maze2dGenerateConfig:
     """Local maze2d datasets: D4RL's waypoint-controller recipe (datagen/maze2d.py).
-    D4RL's files hold 1M / 2M / 4M transitions (umaze / medium / large)."""
+    Sizes: the generation script's default is 1M (generate_maze2d_datasets.py:45, `--num_samples`);
+    1M / 2M / 4M are the sizes of D4RL's released umaze / medium / large -v1 files."""
     n_transitions: dict[str, int] = field(default_factory=lambda: {
         "umaze": 1_000_000, "medium": 2_000_000, "large": 4_000_000})
     # Gaussian std added to the controller's actions: the generation script's --noisy flag

@@ -46,7 +46,8 @@ OBS, ACT, BATCH = 17, 6, 256
 
 
 class CriticOneNode(torch.autograd.Function):
-    """Members `index` of a stacked ReLU MLP on x ((R, in) shared or (E, R, in)) as one node."""
+    """Members `index` of a stacked ReLU MLP on x ((R, in) shared, or one (R, in) per member of
+    `index`) as one autograd node."""
 
     @staticmethod
     def forward(ctx, x, index, *params):
@@ -55,7 +56,7 @@ class CriticOneNode(torch.autograd.Function):
         out = x.new_empty(len(index), x.shape[-2], weights[-1].shape[-1])
         inputs = []  # per member, the input of every layer (ReLU outputs after the first)
         for j, e in enumerate(index):
-            h, seen = (x if x.dim() == 2 else x[e]), []
+            h, seen = (x if x.dim() == 2 else x[j]), []  # x[j]: as StackedMLP pairs them
             for k, (w, b) in enumerate(zip(weights, biases)):
                 seen.append(h)
                 if k < last:
@@ -63,7 +64,7 @@ class CriticOneNode(torch.autograd.Function):
                 else:
                     torch.addmm(b[e], h, w[e], out=out[j])
             inputs.append(seen)
-        ctx.index, ctx.inputs, ctx.shared = index, inputs, x.dim() == 2
+        ctx.index, ctx.inputs, ctx.shared, ctx.x_shape = index, inputs, x.dim() == 2, x.shape
         ctx.save_for_backward(*weights)
         return out
 
@@ -89,8 +90,8 @@ class CriticOneNode(torch.autograd.Function):
                         grad_x = g if grad_x is None else grad_x + g
                     else:
                         if grad_x is None:
-                            grad_x = grad.new_zeros(weights[0].shape[0], *g.shape)
-                        grad_x[e] = g
+                            grad_x = grad.new_zeros(ctx.x_shape)
+                        grad_x[j] = g
         ctx.inputs = None
         return (grad_x, None, *[t for pair in zip(grad_w, grad_b) for t in pair])
 

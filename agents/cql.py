@@ -39,6 +39,10 @@ class CQLConfig(SACConfig):
     with_lagrange: bool = False
     lagrange_threshold: float = 10.0
     cql_alpha_lr: float = 3e-4
+    # Initial log(alpha') of the Lagrange variant. 0 (alpha' = 1): ours, OfflineRL-Kit
+    # (offlinerlkit/policy/model_free/cql.py:57), the DyDiff authors (rlkit/algo/cql.py:83).
+    # CORL: 1.0, alpha' = e (algorithms/offline/cql.py:513, Scalar(1.0)).
+    cql_log_alpha_init: float = 0.0
     max_action: float = 1.0
     # Learning rates: the DyDiff authors use policy_lr 3e-5 (actor_lr), qf_lr 3e-4 (critic_lr),
     # and their temperature optimiser reuses policy_lr, so set alpha_lr = actor_lr = 3e-5
@@ -112,7 +116,7 @@ class CQL(SAC):
         cfg = cfg or CQLConfig()
         super().__init__(obs_dim, act_dim, cfg)
         self.cfg: CQLConfig = cfg
-        self.cql_log_alpha = nn.Parameter(torch.zeros(()))
+        self.cql_log_alpha = nn.Parameter(torch.tensor(float(cfg.cql_log_alpha_init)))
         self.cql_alpha_opt = adam([self.cql_log_alpha], cfg.cql_alpha_lr)
         # Only with normalize_obs, so the default agent's state_dict keeps its keys.
         self.normalizer = (Standardizer(obs_dim, eps=cfg.obs_std_eps) if cfg.normalize_obs

@@ -151,6 +151,9 @@ def test_cql_update_penalises_and_lagrange_moves_alpha_prime():
     before = lag.cql_log_alpha.item()
     info = lag.update(batch())
     assert info["cql_alpha"] == pytest.approx(1.0) and lag.cql_log_alpha.item() != before
+    # CORL starts log(alpha') at 1: the first update's penalty weight is e, not 1
+    corl = CQL(O, A, CQLConfig(hidden=[16, 16], with_lagrange=True, cql_log_alpha_init=1.0))
+    assert corl.update(batch())["cql_alpha"] == pytest.approx(math.e)
 
 
 @pytest.mark.parametrize("make", [

@@ -12,6 +12,8 @@ the N-fold repeated states, the critic weight gradients of the actor loss, no ch
 """
 from __future__ import annotations
 
+import torch
+
 from agents.cql import CQL
 from agents.sac import SAC
 from agents.td3bc import TD3BC
@@ -72,3 +74,14 @@ def update_flops(agent: TD3BC | SAC | CQL, batch_size: int, former: bool = False
     policy_freq cycle of critic-only and critic + actor updates)."""
     matmuls, updates = update_matmuls(agent, batch_size, former)
     return sum(2 * m * k * n for m, k, n in matmuls) / updates
+
+
+def timing_batch(batch_size: int, obs_dim: int, act_dim: int) -> dict[str, torch.Tensor]:
+    """The fixed synthetic batch the update timings use (benchmark and scripts/agent_levers.py):
+    observations ~ N(2, 3^2) as unnormalised states, actions in [-1, 1], no terminals."""
+    g = torch.Generator().manual_seed(0)
+    return {"obs": torch.randn(batch_size, obs_dim, generator=g) * 3 + 2,
+            "actions": torch.rand(batch_size, act_dim, generator=g) * 2 - 1,
+            "rewards": torch.randn(batch_size, generator=g),
+            "next_obs": torch.randn(batch_size, obs_dim, generator=g) * 3 + 2,
+            "terminals": torch.zeros(batch_size)}

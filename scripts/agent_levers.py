@@ -38,6 +38,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from agents.flops import timing_batch  # noqa: E402
 from agents.sac import SAC, SACConfig  # noqa: E402
 from agents.td3bc import TD3BC  # noqa: E402
 from harness.nets import StackedMLP  # noqa: E402
@@ -133,15 +134,6 @@ def with_lever(agent, lever: str):
     return agent
 
 
-def batch() -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(0)
-    return {"obs": torch.randn(BATCH, OBS, generator=g) * 3 + 2,
-            "actions": torch.rand(BATCH, ACT, generator=g) * 2 - 1,
-            "rewards": torch.randn(BATCH, generator=g),
-            "next_obs": torch.randn(BATCH, OBS, generator=g) * 3 + 2,
-            "terminals": torch.zeros(BATCH)}
-
-
 def ratio_ci(current: np.ndarray, lever: np.ndarray, reps: int = 10_000) -> tuple[float, float]:
     """95 % bootstrap CI of mean(current) / mean(lever) over paired rounds."""
     rng = np.random.default_rng(0)
@@ -156,7 +148,7 @@ def main() -> None:
     parser.add_argument("--updates", type=int, default=40, help="per round (even)")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    data, levers = batch(), ["current", "one-node critic", "compiled nets"]
+    data, levers = timing_batch(BATCH, OBS, ACT), ["current", "one-node critic", "compiled nets"]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread, batch {BATCH}, "
           f"{args.rounds} rounds x {args.updates} updates, alternating\n")
     print("| agent | variant | ms / update | speed vs current [95 % CI] | compile s |")

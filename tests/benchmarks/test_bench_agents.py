@@ -20,7 +20,7 @@ import pytest
 import torch
 import yaml
 
-from agents.flops import update_flops, update_matmuls
+from agents.flops import timing_batch, update_flops, update_matmuls
 from test_agent_equivalence import O, A, make, paper_section, reference
 
 B = 256
@@ -73,12 +73,7 @@ def table(request):
 
 @pytest.fixture
 def batch():
-    g = torch.Generator().manual_seed(0)
-    return {"obs": torch.randn(B, O, generator=g) * 3 + 2,
-            "actions": torch.rand(B, A, generator=g) * 2 - 1,
-            "rewards": torch.randn(B, generator=g),
-            "next_obs": torch.randn(B, O, generator=g) * 3 + 2,
-            "terminals": torch.zeros(B)}
+    return timing_batch(B, O, A)
 
 
 @pytest.mark.benchmark(group="matmul")

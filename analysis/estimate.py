@@ -16,8 +16,8 @@ A unit's seconds come from `THROUGHPUT_FILE`, a table of measurements kept in th
 (one row per item and settings: machine, threads, date and the command that measured it).
 `--measure` times every item the grid needs that the table lacks, on this machine, with the
 real classes at the job's settings (untrained weights: cost does not depend on them), and adds
-rows. Counts are upper bounds where the run decides (episodes that end early, early stopping:
-then `ASSUMED_EPOCHS`). Wall time is a list schedule of the DAG on the profile's parallelism.
+rows. Counts are upper bounds where the run decides (episodes and model rollouts that end
+early, early stopping: then `ASSUMED_EPOCHS`). Wall time is a list schedule of the DAG on the profile's parallelism.
 """
 from __future__ import annotations
 
@@ -483,14 +483,18 @@ def _untrained_models(s: dict):
 
 
 def _measure_rollout(s: dict) -> float:
-    """Seconds per start state of one generator call (a call of MEASURE_BATCH starts)."""
+    """Seconds per start state of one generator call (a call of MEASURE_BATCH starts).
+
+    Rollouts never terminate here: the untrained models' states are noise, on which a task's
+    termination ends most rows at the first step (hopper's made its calls ~5x cheaper than
+    halfcheetah's), while a trained model's rows mostly live the whole horizon. Every row
+    running the whole horizon is the upper bound the estimate's other counts take too."""
     import torch
-    from harness.envs import termination_fn
+    from harness.envs import TERMINATION_FNS
     o, a = s["obs_dim"], s["act_dim"]
     agent = _agent(s["agent"], s["agent_config"], o, a)
     models = _untrained_models(s)
-    task = "hopper-medium" if o == 11 else "halfcheetah-medium"  # termination cost only
-    done_fn = termination_fn(task)
+    done_fn = TERMINATION_FNS["halfcheetah"]  # never terminates (non-finite states only)
     if "diffusion" in models:
         from dydiff.rollout import DyDiffConfig, DyDiffGenerator, _reward_fn
         from dydiff.sampler import Limits
@@ -777,7 +781,8 @@ def report(cfg: dict, costs: list[JobCost], slots: int, by_threads: bool, rows: 
         lines.append(f"Jobs configured with {sorted(threads_note)} threads are timed at the "
                      "table's nearest thread count.")
     lines.append("Counts are upper bounds where the run decides: evaluation episodes at full "
-                 "length; models that train until early stopping at "
+                 "length; model rollouts that never terminate; models that train until early "
+                 "stopping at "
                  + ", ".join(f"{k} {v} epochs" for k, v in ASSUMED_EPOCHS.items()) + ".")
     return "\n".join(lines)
 

@@ -2,8 +2,11 @@
 one, at paper and smoke sizes, with matmul FLOPs per update (agents/flops.py) and the GFLOP/s
 achieved next to this machine's single-thread matmul rate (a chain of 256 x 256 @ 256 x 256
 float32 matmuls, the batch shape of the updates), and a floor: the time of the current
-update's matmuls alone (its exact shapes, preallocated outputs, nothing else). A table is
-printed at the end of the module.
+update's matmuls alone (its exact shapes, preallocated outputs, nothing else). A third
+benchmark runs the two formulations alternately, one update of each per round, and gives
+their paired speed-up with a bootstrap CI over rounds: on a shared machine the separate
+timings drift by 10-20 % between runs, the paired ratio much less. A table is printed at the
+end of the module.
 
     OMP_NUM_THREADS=1 .venv/bin/python -m pytest tests/benchmarks/test_bench_agents.py \\
         --benchmark-enable --benchmark-only
@@ -14,8 +17,10 @@ give the same update); sizes come from the configs: TD3+BC and SAC are 2 x 256 i
 (OfflineRL-Kit; cql-corl has the same sizes), 2 x 256 with N = 10 in config/paper.yaml's
 `policy.cql` (the DyDiff authors'), and 2 x 256 with N = 4 in config/smoke.yaml.
 """
+import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -36,7 +41,8 @@ CASES = {  # name -> (agent, settings, sizes)
 }
 ROUNDS = {"td3bc": 40, "sac": 40, "cql": 10, "cql-paper.yaml": 16, "cql-smoke": 20}
 RESULTS: dict = {}  # (case, formulation) -> (mean seconds, FLOPs); "matmul" -> GFLOP/s;
-#                     (case, "floor") -> seconds per update of its matmuls alone (min)
+#                     (case, "floor") -> seconds per update of its matmuls alone (min);
+#                     (case, "paired") -> (speed-up, CI low, CI high) from alternating rounds
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -51,7 +57,7 @@ def table(request):
              "at floor: the former's time / floor (the speed-up with no time outside matmuls)",
              f"{'agent':15s} {'sizes':28s} {'formulation':11s} {'ms/update':>9s} "
              f"{'GFLOP/upd':>9s} {'GFLOP/s':>7s} {'% peak':>6s} {'FLOP ms':>7s} {'floor ms':>8s} "
-             f"{'speed-up':>8s} {'at floor':>8s}"]
+             f"{'speed-up':>8s} {'at floor':>8s} {'paired [95% CI]':>19s}"]
     for case, (_, _, sizes) in CASES.items():
         for form in ("former", "new"):
             if (case, form) not in RESULTS:
@@ -60,12 +66,14 @@ def table(request):
             rate = flops / sec / 1e9
             floor = RESULTS.get((case, "floor")) if form == "new" else None
             former = RESULTS.get((case, "former"), (None,))[0] if form == "new" else None
+            paired = RESULTS.get((case, "paired")) if form == "new" else None
             cells = [f"{floor * 1e3:8.2f}" if floor else "",
                      f"{former / sec:.2f}x" if former else "",
-                     f"{former / floor:.2f}x" if former and floor else ""]
+                     f"{former / floor:.2f}x" if former and floor else "",
+                     "{:.2f}x [{:.2f}, {:.2f}]".format(*paired) if paired else ""]
             lines.append(f"{case:15s} {sizes:28s} {form:11s} {sec * 1e3:9.2f} {flops / 1e9:9.3f} "
                          f"{rate:7.1f} {100 * rate / peak:6.0f} {flops / peak / 1e6:7.2f} "
-                         f"{cells[0]:>8s} {cells[1]:>8s} {cells[2]:>8s}")
+                         f"{cells[0]:>8s} {cells[1]:>8s} {cells[2]:>8s} {cells[3]:>19s}")
     capture = request.config.pluginmanager.get_plugin("capturemanager")
     with capture.global_and_fixture_disabled():  # shown without -s as well
         print("\n" + "\n".join(lines))
@@ -141,3 +149,33 @@ def test_matmul_floor(benchmark, case):
         return
     RESULTS[case, "floor"] = benchmark.stats.stats.min / updates  # attainable: the fastest
     benchmark.extra_info.update(sizes=sizes, seconds_per_update=RESULTS[case, "floor"])
+
+
+@pytest.mark.benchmark(group="agent-update-paired")
+@pytest.mark.parametrize("case", list(CASES))
+def test_paired_speedup(benchmark, case, batch):
+    """One former and one current update per round, alternating, on twin agents: whatever
+    the machine does during a round hits both. Speed-up = the former's summed time over the
+    current's; 95 % CI from resampling rounds (TD3+BC: both do their actor step in the same
+    rounds)."""
+    torch.set_num_threads(1)
+    kind, settings, _ = CASES[case]
+    updates = {"former": reference(make(kind, settings), record=False).update,
+               "new": make(kind, settings).update}
+    times = {name: [] for name in updates}
+
+    def round_of_both():
+        for name, update in updates.items():
+            t0 = time.perf_counter()
+            update(batch)
+            times[name].append(time.perf_counter() - t0)
+
+    warmup = 3
+    benchmark.pedantic(round_of_both, rounds=ROUNDS[case], iterations=1, warmup_rounds=warmup)
+    if benchmark.stats is None:
+        return
+    former, new = (np.array(times[name][warmup:]) for name in ("former", "new"))
+    rounds = np.random.default_rng(0).integers(0, len(new), (10_000, len(new)))
+    lo, hi = np.quantile(former[rounds].sum(1) / new[rounds].sum(1), [0.025, 0.975])
+    RESULTS[case, "paired"] = (former.sum() / new.sum(), lo, hi)
+    benchmark.extra_info.update(paired_speedup=former.sum() / new.sum(), ci=[lo, hi])

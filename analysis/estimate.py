@@ -17,7 +17,8 @@ A unit's seconds come from `THROUGHPUT_FILE`, a table of measurements kept in th
 `--measure` times every item the grid needs that the table lacks, on this machine, with the
 real classes at the job's settings (untrained weights: cost does not depend on them), and adds
 rows. Counts are upper bounds where the run decides (episodes and model rollouts that end
-early, early stopping: then `ASSUMED_EPOCHS`). Wall time is a list schedule of the DAG on the profile's parallelism.
+early, early stopping: then `ASSUMED_EPOCHS`). Wall time is a list schedule of the DAG on the
+profile's parallelism.
 """
 from __future__ import annotations
 
@@ -124,7 +125,8 @@ def dataset_rows(cfg: dict, task: str) -> int:
 # bounds): left out of a work item's key so tasks differing only in them share a measurement.
 COST_FREE = {"actor_lr", "critic_lr", "alpha_lr", "cql_alpha_lr", "cql_log_alpha_init", "gamma",
              "tau", "alpha", "obs_std_eps", "cql_weight", "target_entropy", "alpha_max",
-             "max_action", "noise_clip", "policy_noise", "bc_weight", "log_std_min", "log_std_max",
+             "max_action", "noise_clip", "policy_noise", "bc_weight", "log_std_min",
+             "log_std_max",
              "actor_lr_schedule_steps", "actor_lr_schedule_every", "lagrange_threshold",
              "temperature", "log_alpha_clamp", "normalize_reward", "weight_init", "lr",
              "weight_decay", "threshold", "temp", "penalty_coef", "sigma_data", "seed",

@@ -35,12 +35,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
 from agents.flops import timing_batch  # noqa: E402
 from agents.sac import SAC, SACConfig  # noqa: E402
 from agents.td3bc import TD3BC  # noqa: E402
+from harness.config import from_dict  # noqa: E402
 from harness.nets import StackedMLP  # noqa: E402
 
 OBS, ACT, BATCH = 17, 6, 256
@@ -110,9 +113,10 @@ def agents() -> dict[str, object]:
     """The benchmark's agents: TD3+BC (CORL) and SAC (paper.yaml's policy.sac)."""
     torch.manual_seed(0)
     td3bc = TD3BC(OBS, ACT)
-    torch.manual_seed(0)
-    sac = SAC(OBS, ACT, SACConfig(actor_lr_schedule="cosine",
-                                  actor_lr_schedule_steps=3_000_000))
+    paper_sac = yaml.safe_load((ROOT / "config" / "paper.yaml").read_text())["policy"]["sac"]
+    torch.manual_seed(0)  # the schedule's length: the benchmark's (OfflineRL-Kit's 3M updates)
+    sac = SAC(OBS, ACT, from_dict(SACConfig, {**paper_sac, "actor_lr_schedule_steps": 3_000_000},
+                                  where="policy.sac"))
     return {"td3bc": td3bc, "sac": sac}
 
 

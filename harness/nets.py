@@ -98,15 +98,19 @@ class StackedMLP(nn.Module):
 
     def forward(self, x: torch.Tensor, members: slice | None = None, detach: bool = False
                 ) -> torch.Tensor:
-        """x (R, in) shared by the members, or (E, R, in) one input each -> (E, R, out).
+        """x (R, in) shared by the members, or (E', R, in) one input per member run ->
+        (E', R, out), E' the number of members run.
 
         `members` runs a slice of the members only; `detach` uses the weights without
         recording their gradients (a loss that must reach only the input, as the actor's
         does through the critic, skips the weight-gradient matmuls)."""
+        index = range(self.num_members)[members or slice(None)]
+        if x.dim() == 3 and x.shape[0] != len(index):
+            raise ValueError(f"StackedMLP: {x.shape[0]} inputs for the {len(index)} members "
+                             f"run (members={members}); give one input per member run")
         if x.shape[-2] > self.chunk_rows:
             return torch.cat([self(c, members, detach) for c in x.split(self.chunk_rows, -2)],
                              -2)
-        index = range(self.num_members)[members or slice(None)]
         inputs = [x] * len(index) if x.dim() == 2 else x.unbind(0)
         params = [(layer.weight, layer.bias) for layer in self.layers]
         if detach:

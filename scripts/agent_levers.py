@@ -60,7 +60,7 @@ class CriticOneNode(torch.autograd.Function):
         out = x.new_empty(len(index), x.shape[-2], weights[-1].shape[-1])
         inputs = []  # per member, the input of every layer (ReLU outputs after the first)
         for j, e in enumerate(index):
-            h, seen = (x if x.dim() == 2 else x[j]), []  # x[j]: as StackedMLP pairs them
+            h, seen = (x if x.dim() == 2 else x[j]), []  # one input per member run
             for k, (w, b) in enumerate(zip(weights, biases)):
                 seen.append(h)
                 if k < last:
@@ -94,7 +94,7 @@ class CriticOneNode(torch.autograd.Function):
                         grad_x = g if grad_x is None else grad_x + g
                     else:
                         if grad_x is None:
-                            grad_x = grad.new_zeros(ctx.x_shape)
+                            grad_x = grad.new_empty(ctx.x_shape)  # every row is set below
                         grad_x[j] = g
         ctx.inputs = None
         return (grad_x, None, *[t for pair in zip(grad_w, grad_b) for t in pair])

@@ -30,9 +30,9 @@ def test_one_node_critic_matches_autograd(levers, shared, members, detach):
     lever.load_state_dict(net.state_dict())
     lever.forward = types.MethodType(levers.one_node_forward, lever)
     lever.chunk_rows = net.chunk_rows = 8  # 20 rows: the chunked path too
-    shape = (20, 5) if shared else (2, 20, 5)
-    x = torch.randn(*shape, dtype=torch.float64)
-    weights = torch.randn(2 if members is None else 1, 20, 1, dtype=torch.float64)
+    run = 2 if members is None else 1
+    x = torch.randn(*((20, 5) if shared else (run, 20, 5)), dtype=torch.float64)
+    weights = torch.randn(run, 20, 1, dtype=torch.float64)
     grads = []
     for model in (net, lever):
         xi = x.clone().requires_grad_(True)
@@ -47,3 +47,9 @@ def test_one_node_critic_matches_autograd(levers, shared, members, detach):
             assert a is None and b is None
         else:  # members outside the slice get zero gradients from the lever, none from autograd
             torch.testing.assert_close(b, a if a is not None else torch.zeros_like(b))
+
+
+def test_stacked_mlp_names_a_mismatch_of_inputs_and_members():
+    net = StackedMLP([mlp(5, 1, [7]) for _ in range(2)])
+    with pytest.raises(ValueError, match="2 inputs for the 1 members run"):
+        net(torch.randn(2, 4, 5), slice(1, 2))

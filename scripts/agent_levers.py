@@ -94,7 +94,7 @@ class CriticOneNode(torch.autograd.Function):
                         grad_x = g if grad_x is None else grad_x + g
                     else:
                         if grad_x is None:
-                            grad_x = grad.new_empty(ctx.x_shape)  # every row is set below
+                            grad_x = grad.new_empty(ctx.x_shape)  # row j: member j run
                         grad_x[j] = g
         ctx.inputs = None
         return (grad_x, None, *[t for pair in zip(grad_w, grad_b) for t in pair])

@@ -1,4 +1,6 @@
-"""The matmuls of one agent update, from the layer shapes: FLOPs and a floor for the benchmarks.
+"""The matmuls of one agent update, from the layer shapes: FLOPs and a floor for the benchmarks;
+and what the update timings share (tests/benchmarks/test_bench_agents.py,
+scripts/agent_levers.py): the synthetic batch and the paired speed-up with its CI.
 
 A linear layer on m rows is one (m, in) @ (in, out) product forward, 2*m*in*out FLOPs;
 backward, one (in, m) @ (m, out) product for the weight gradient and one (m, out) @ (out, in)
@@ -12,6 +14,7 @@ the N-fold repeated states, the critic weight gradients of the actor loss, no ch
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from agents.cql import CQL
@@ -85,3 +88,12 @@ def timing_batch(batch_size: int, obs_dim: int, act_dim: int) -> dict[str, torch
             "rewards": torch.randn(batch_size, generator=g),
             "next_obs": torch.randn(batch_size, obs_dim, generator=g) * 3 + 2,
             "terminals": torch.zeros(batch_size)}
+
+
+def paired_speedup(slow: np.ndarray, fast: np.ndarray, reps: int = 10_000
+                   ) -> tuple[float, float, float]:
+    """mean(slow) / mean(fast) over paired rounds (round i of both timed back to back), with
+    its 95 % bootstrap CI from resampling rounds."""
+    rounds = np.random.default_rng(0).integers(0, len(slow), (reps, len(slow)))
+    lo, hi = np.quantile(slow[rounds].mean(1) / fast[rounds].mean(1), [0.025, 0.975])
+    return float(slow.mean() / fast.mean()), float(lo), float(hi)

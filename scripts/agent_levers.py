@@ -40,7 +40,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from agents.flops import timing_batch  # noqa: E402
+from agents.flops import paired_speedup, timing_batch  # noqa: E402
 from agents.sac import SAC, SACConfig  # noqa: E402
 from agents.td3bc import TD3BC  # noqa: E402
 from harness.config import from_dict  # noqa: E402
@@ -138,14 +138,6 @@ def with_lever(agent, lever: str):
     return agent
 
 
-def ratio_ci(current: np.ndarray, lever: np.ndarray, reps: int = 10_000) -> tuple[float, float]:
-    """95 % bootstrap CI of mean(current) / mean(lever) over paired rounds."""
-    rng = np.random.default_rng(0)
-    idx = rng.integers(0, len(current), (reps, len(current)))
-    ratios = current[idx].mean(1) / lever[idx].mean(1)
-    return tuple(np.quantile(ratios, [0.025, 0.975]))
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=8)
@@ -184,8 +176,8 @@ def main() -> None:
             if lever == "current":
                 speed = "1"
             else:
-                lo, hi = ratio_ci(times["current"], times[lever])
-                speed = f"{times['current'].mean() / times[lever].mean():.2f}x [{lo:.2f}, {hi:.2f}]"
+                speed = "{:.2f}x [{:.2f}, {:.2f}]".format(
+                    *paired_speedup(times["current"], times[lever]))
             comp = f"{compile_s[lever]:.1f}" if lever == "compiled nets" else ""
             print(f"| {name} | {lever} | {ms:.2f} | {speed} | {comp} |")
 

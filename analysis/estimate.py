@@ -126,11 +126,10 @@ def dataset_rows(cfg: dict, task: str) -> int:
 COST_FREE = {"actor_lr", "critic_lr", "alpha_lr", "cql_alpha_lr", "cql_log_alpha_init", "gamma",
              "tau", "alpha", "obs_std_eps", "cql_weight", "target_entropy", "alpha_max",
              "max_action", "noise_clip", "policy_noise", "bc_weight", "log_std_min",
-             "log_std_max",
-             "actor_lr_schedule_steps", "actor_lr_schedule_every", "lagrange_threshold",
-             "temperature", "log_alpha_clamp", "normalize_reward", "weight_init", "lr",
-             "weight_decay", "threshold", "temp", "penalty_coef", "sigma_data", "seed",
-             "filter", "score", "rollout_batch_size"}
+             "log_std_max", "actor_lr_schedule_steps", "actor_lr_schedule_every",
+             "lagrange_threshold", "temperature", "log_alpha_clamp", "normalize_reward",
+             "weight_init", "lr", "weight_decay", "threshold", "temp", "penalty_coef",
+             "sigma_data", "seed", "filter", "score", "rollout_batch_size"}
 
 
 def _cost_settings(d: dict) -> dict:

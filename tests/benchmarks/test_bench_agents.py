@@ -5,7 +5,7 @@ float32 matmuls, the batch shape of the updates), and a floor: the time of the c
 update's matmuls alone (its exact shapes, preallocated outputs, nothing else). A third
 benchmark runs the two formulations alternately, one update of each per round, and gives
 their paired speed-up with a bootstrap CI over rounds: on a shared machine the separate
-timings drift by 10-20 % between runs, the paired ratio much less. A table is printed at the
+timings drift by 10-30 % between runs, the paired ratio much less. A table is printed at the
 end of the module.
 
     OMP_NUM_THREADS=1 .venv/bin/python -m pytest tests/benchmarks/test_bench_agents.py \\

@@ -71,6 +71,7 @@ from harness.data.dataset import Dataset, DatasetError
 from harness.envs import (alive_mask, family_of, make_env, restore_state, sim_state,
                           termination_fn)
 from harness.checkpoint import atomic_write_text
+from harness.runtime import device_of
 
 log = logging.getLogger("dydiff.analysis")
 
@@ -146,7 +147,7 @@ class SimulatorModel:
             self._lookup = {row.tobytes(): i for i, row in enumerate(obs)}
 
     def states_for(self, start_obs) -> tuple[np.ndarray, np.ndarray]:
-        obs = np.ascontiguousarray(torch.as_tensor(start_obs).cpu().numpy(), dtype=np.float32)
+        obs = np.ascontiguousarray(_to_np(start_obs), dtype=np.float32)
         qpos, qvel = states_from_observations(obs, self.nq, self.nv)
         for n, row in enumerate(obs):
             i = self._lookup.get(row.tobytes())
@@ -175,7 +176,8 @@ class SimulatorModel:
         for t in tqdm(range(h), desc="simulator", disable=not self.progress, leave=False):
             if agent is not None:
                 with torch.no_grad():
-                    a_t = agent.act(torch.as_tensor(obs_t, dtype=torch.float32),
+                    a_t = agent.act(torch.as_tensor(obs_t, dtype=torch.float32,
+                                                    device=device_of(agent)),
                                     deterministic=True).cpu().numpy().astype(np.float64)
             else:
                 a_t = np.asarray(actions[:, t], dtype=np.float64)
@@ -193,13 +195,14 @@ class SimulatorModel:
     # -- rollout-model interface --------------------------------------------------------------
     def open_loop(self, start_obs, actions) -> torch.Tensor:
         qpos, qvel = self.states_for(start_obs)
-        acts = torch.as_tensor(actions).cpu().numpy()
-        return torch.as_tensor(self.simulate(qpos, qvel, actions=acts)["next_obs"])
+        # The simulator is the CPU's (MuJoCo): its trajectories are CPU tensors.
+        next_obs = self.simulate(qpos, qvel, actions=_to_np(actions))["next_obs"]
+        return torch.as_tensor(next_obs, device="cpu")
 
     def policy_rollout(self, start_obs, agent, H: int) -> dict[str, torch.Tensor]:
         qpos, qvel = self.states_for(start_obs)
         sim = self.simulate(qpos, qvel, agent=agent, horizon=H)
-        return {k: torch.as_tensor(v) for k, v in sim.items()}
+        return {k: torch.as_tensor(v, device="cpu") for k, v in sim.items()}
 
 
 # ---- the diffusion models in policy mode ---------------------------------------------------
@@ -250,13 +253,14 @@ def bootstrap_masked_mean(values: np.ndarray, mask: np.ndarray, reps: int,
 
 
 def _to_np(x) -> np.ndarray:
-    return torch.as_tensor(x).detach().cpu().numpy().astype(np.float64)
+    x = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+    return x.astype(np.float64)
 
 
 def action_gap(agent, obs, actions) -> np.ndarray:
     """(N,H) ||actions[:, t] - pi(obs[:, t])||, pi the agent's deterministic action: one call per
     step on the (N, o) states, as the models call it."""
-    obs = torch.as_tensor(obs).float()
+    obs = torch.as_tensor(obs, dtype=torch.float32, device=device_of(agent))
     with torch.no_grad():
         pi = np.stack([_to_np(agent.act(obs[:, t].contiguous(), deterministic=True))
                        for t in range(obs.shape[1])], 1)
@@ -317,7 +321,7 @@ def rollout_error_study(dataset: Dataset, models: dict, agent=None, horizon: int
     starts = select_starts(dataset, n_starts, rng)
     sigma = dataset.observations.std(0).astype(np.float64) + 1e-6
     sim = SimulatorModel(dataset.name, dataset, progress=progress)
-    start_obs = torch.as_tensor(dataset.observations[starts])
+    start_obs = torch.as_tensor(dataset.observations[starts], device="cpu")  # models move it
     qpos, qvel = start_states(dataset, starts, sim)
     rows = []
     nan = np.full(horizon, np.nan)
@@ -364,7 +368,7 @@ def rollout_error_study(dataset: Dataset, models: dict, agent=None, horizon: int
             # Models that predict rewards themselves (the ensemble) return them on request.
             extra = ({"with_rewards": True} if "with_rewards" in
                      inspect.signature(model.open_loop).parameters else {})
-            out = model.open_loop(start_obs, torch.as_tensor(acts), **extra)
+            out = model.open_loop(start_obs, torch.as_tensor(acts, device="cpu"), **extra)
         nxt = _to_np(out["next_obs"] if isinstance(out, dict) else out)
         _check_shape(name, "open_loop", nxt, (len(starts), horizon, dataset.obs_dim))
         obs = np.concatenate([_to_np(start_obs)[:, None], nxt[:, :-1]], 1)
@@ -492,7 +496,8 @@ def run_rollout_error(dataset: str | Path | Dataset, model_dirs: dict[str, Path]
 
         def reward_fn(obs, act, _next_obs):  # r(s, a) over (N, H, .) arrays
             n, h = obs.shape[:2]
-            return reward_model(obs.reshape(n * h, -1), act.reshape(n * h, -1)).reshape(n, h)
+            obs, act = (x.to(device).reshape(n * h, -1) for x in (obs, act))
+            return reward_model(obs, act).reshape(n, h)
     df = rollout_error_study(dataset, models, agent=agent, horizon=horizon, n_starts=n_starts,
                              seed=seed, reward_fn=reward_fn, reps=reps, progress=progress)
     out_dir = Path(out_dir)
@@ -506,12 +511,13 @@ def rollout_error_step(spec: dict, log_fn=None) -> dict:
     simulator for one task. The DyDiff generator runs with the rollout settings of the grid's
     first DyDiff method (spec["config"]["dydiff_rollout"], from harness.plan), else the
     DyDiffConfig defaults (the authors' settings)."""
+    from harness.runtime import device
     cfg, dirs = spec["config"], {k: Path(v) for k, v in spec["model_dirs"].items()}
     torch.manual_seed(cfg["seed"])  # the diffusion samplers draw from the global stream
     result = run_rollout_error(spec["dataset"], {k: dirs[k] for k in ("ensemble", "diffusion")},
                                Path(spec["out"]), policy=Path(spec["policy_dir"]) / "policy.pt",
                                horizon=cfg["horizon"], n_starts=cfg["n_starts"], seed=cfg["seed"],
-                               reward_dir=dirs["reward"],
+                               reward_dir=dirs["reward"], device=device(),
                                dydiff=cfg.get("dydiff_rollout") or {})
     df = result["rollout_error"]
     last = df[df["horizon"] == df["horizon"].max()]

@@ -187,17 +187,17 @@ def member_mse(net: EnsembleNet, x: torch.Tensor, y: torch.Tensor,
 
 
 def dataset_tensors(dataset: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
-    """inputs [obs, act] (N, o+a) and targets [next_obs - obs, reward] (N, o+1), float32."""
-    obs = torch.as_tensor(dataset.observations, dtype=torch.float32)
-    act = torch.as_tensor(dataset.actions, dtype=torch.float32)
-    nxt = torch.as_tensor(dataset.next_observations, dtype=torch.float32)
-    rew = torch.as_tensor(dataset.rewards, dtype=torch.float32)[:, None]
+    """inputs [obs, act] (N, o+a) and targets [next_obs - obs, reward] (N, o+1), float32, on
+    the CPU (the trainer moves its splits to its device)."""
+    as_t = lambda a: torch.as_tensor(a, dtype=torch.float32, device="cpu")  # noqa: E731
+    obs, act = as_t(dataset.observations), as_t(dataset.actions)
+    nxt, rew = as_t(dataset.next_observations), as_t(dataset.rewards)[:, None]
     return torch.cat([obs, act], 1), torch.cat([nxt - obs, rew], 1)
 
 
 def split_indices(n: int, cfg: EnsembleConfig, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(train, holdout) row indices of a permutation seeded by `seed` (MBPO's holdout rule)."""
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed), device="cpu")
     train, hold = holdout_split(perm, cfg.holdout_ratio, cfg.max_holdout)
     if len(hold) < 1 or len(train) < 1:
         raise ValueError(f"dataset of {n} transitions is too small for a holdout split "
@@ -211,8 +211,9 @@ def member_rows(members: int, n_train: int, sampling: str, seed: int) -> torch.T
     """(members, n_train) indices into the training rows each member trains on: a bootstrap
     sample each (drawn once from `seed`, so a resumed run draws the same), or all rows."""
     if sampling == "permutation":
-        return torch.arange(n_train).expand(members, n_train)
-    return torch.randint(n_train, (members, n_train), generator=torch.Generator().manual_seed(seed))
+        return torch.arange(n_train, device="cpu").expand(members, n_train)
+    return torch.randint(n_train, (members, n_train), device="cpu",
+                         generator=torch.Generator().manual_seed(seed))
 
 
 def train_ensemble(dataset: Dataset, cfg: EnsembleConfig | dict, out_dir: str | Path,
@@ -244,11 +245,12 @@ def train_ensemble(dataset: Dataset, cfg: EnsembleConfig | dict, out_dir: str | 
     rows = member_rows(E, n_train, cfg.sampling, seed + 2).to(device)
 
     since_update, finished = 0, False
-    best = torch.full((E,), float("inf"))
+    best = torch.full((E,), float("inf"), device="cpu")  # compared with the CPU copy of mse
     snapshot = {k: p.detach().clone() for k, p in net.member_parameters().items()}
     expect = {"config": dataclasses.asdict(cfg), "seed": seed, "n": len(inputs)}
+    # Its only generator is a CPU one (batch orders): the checkpoint resumes on any device.
     ckpt = Checkpointer(out_dir / CHECKPOINT, expect, every=cfg.checkpoint_every,
-                        columns=METRIC_COLUMNS, unit="epoch")
+                        columns=METRIC_COLUMNS, unit="epoch", device=device, portable=True)
     if ckpt.resumed:
         net.load_state_dict(ckpt.state["model"])
         opt.load_state_dict(ckpt.state["optimizer"])
@@ -268,7 +270,8 @@ def train_ensemble(dataset: Dataset, cfg: EnsembleConfig | dict, out_dir: str | 
     while not finished:
         net.train()
         # Every member's rows in a fresh order of its own: (E, n_train).
-        shuffle = torch.argsort(torch.rand(E, n_train, generator=order_gen), dim=1).to(device)
+        shuffle = torch.argsort(torch.rand(E, n_train, generator=order_gen, device="cpu"),
+                                dim=1).to(device)
         order = rows.gather(1, shuffle)
         losses = []
         for lo in range(0, n_train, cfg.batch_size):

@@ -227,6 +227,17 @@ def load_checkpoint(path: str | os.PathLike, expect: dict[str, Any] | None = Non
     raise CheckpointError(f"cannot read {why[0]}; remove it and rerun the step that wrote it")
 
 
+def check_same_device(saved: str, now: str, path) -> None:
+    """Random streams do not move between devices: a CPU generator's state (Mersenne Twister)
+    and a CUDA one's (Philox seed and offset) are different things, so a job resumed on another
+    kind of device could not continue its sampling streams; it stops with one line instead."""
+    if saved != now:
+        raise CheckpointError(f"{path} was written by a job on {saved}, this one runs on {now}: "
+                              f"its random streams cannot continue on another device; run it on "
+                              f"{saved} again (--device {saved} / devices.<kind>) or remove the "
+                              f"checkpoint to start over on {now}")
+
+
 def rng_state() -> dict[str, Any]:
     """Everything needed to resume random streams exactly (for checkpoints), as tensors and
     plain values. CUDA's streams only once CUDA is in use: a CPU job on a GPU machine never
@@ -266,14 +277,21 @@ class Checkpointer:
     """
 
     def __init__(self, path: str | os.PathLike, expect: dict[str, Any], every: int,
-                 what: str = "", columns: Sequence[str] | None = None, unit: str = "step"):
+                 what: str = "", columns: Sequence[str] | None = None, unit: str = "step",
+                 device: str | torch.device | None = None, portable: bool = False):
         """path: the checkpoint file. expect: what a checkpoint must hold unchanged to be
         resumed (config, seed, ...), see `load_checkpoint`; `what` names the job in its error.
         every: counts between saves. columns: the metrics table's leading columns; it is
         written beside the checkpoint as metrics.parquet (None: no table). unit: what a count
-        is, for the log."""
+        is, for the log. device: where the trainer runs (default: the job's,
+        harness.runtime.device()); a checkpoint resumes on the same kind of device only, unless
+        `portable` (the trainer draws from CPU generators alone, so its streams go on anywhere)."""
+        from harness.runtime import device as job_device
         self.path, self.expect, self.every, self.columns = Path(path), expect, every, columns
+        self.device = torch.device(device if device is not None else job_device()).type
         self.state = load_checkpoint(self.path, expect, what, fallback=True)  # None: fresh
+        if self.state is not None and not portable:
+            check_same_device(self.state.get("device", "cpu"), self.device, self.path)
         self.rows: list[dict] = [] if self.state is None else self.state["metrics"]
         self.start = 0 if self.state is None else self.state["at"]  # where training resumes
         self.saved_at = self.start
@@ -322,6 +340,7 @@ class Checkpointer:
         if self.columns is not None:
             self._write_table()
         save_checkpoint(self.path, {**state, **self.expect, "rng": rng_state(),
+                                    "device": self.device,
                                     "metrics": self.rows, "at": at,
                                     "wall_time_s": self.wall_time_s()}, keep_previous=True)
         self.saved_at = at

@@ -188,6 +188,10 @@ def parser() -> argparse.ArgumentParser:
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--threads", type=int, default=None,
                        help="torch intra-op threads (default: torch's own choice)")
+        p.add_argument("--device", default=None, metavar="DEVICE",
+                       help="cpu, cuda or cuda:N: overrides the device the plan gives the job "
+                            "(devices.<kind> in the config; default cuda where the rule asks "
+                            "for a GPU, else cpu)")
         if name == "analyze":
             _analysis_source_args(p)
     for name, fn in COMMANDS.items():
@@ -212,7 +216,11 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, "from_mlflow", None) is not None:
             return _analyze_from_mlflow(args)
         from harness.runner import run_job
-        result = run_job(_spec(args))
+        spec = _spec(args)
+        if getattr(args, "device", None):
+            from harness.runtime import check_device_name
+            spec["device"] = check_device_name(args.device, "--device")
+        result = run_job(spec)
         print(json.dumps(result, indent=2, default=str))
         return 0
     except (ConfigError, DatasetError) as err:

@@ -83,6 +83,7 @@ def schema() -> dict:
     props["models"]["properties"].update({m: {"type": "object"} for m in registry.MODELS})
     props["policy"]["properties"].update({a: {"type": "object"} for a in registry.AGENTS})
     props["policy"]["properties"]["methods"]["propertyNames"] = {"enum": list(registry.METHODS)}
+    props["devices"]["properties"].update({m: {"type": "string"} for m in registry.MODELS})
     return out
 
 
@@ -179,6 +180,7 @@ def validate(cfg: dict) -> None:
             and policy_method not in cfg["methods"]:
         raise ConfigError(f"rollout_error.policy_method: {policy_method!r} is not one of "
                           f"methods {cfg['methods']}")
+    _check_devices(cfg)
     _validated("harness.data.consistency:ConsistencyConfig",  # also when no import uses it
                (cfg.get("data") or {}).get("consistency"), "data.consistency")
     all_jobs(cfg, seeds=cfg["seeds"][:1])
@@ -322,7 +324,7 @@ def model_job(cfg: dict, model: str, task: str, mseed: int) -> dict:
             "out": str(path(cfg, "model_dir", model=model, task=task, mseed=mseed)),
             "config": {"model": _validated(registry.MODELS[model].config, models.get(model),
                                            f"models.{model}"),
-                       "seed": mseed}}
+                       "seed": mseed}, **runtime(cfg, model)}
 
 
 def policy_settings(cfg: dict, method: str, task: str) -> dict:
@@ -370,7 +372,8 @@ def policy_job(cfg: dict, method: str, task: str, seed: int) -> dict:
             "dataset": str(path(cfg, "dataset", task=task)),
             "model_dirs": model_dirs(cfg, spec.models, task, seed),
             "out": str(path(cfg, "policy_dir", method=method, task=task, seed=seed)),
-            "config": {"policy": policy_settings(cfg, method, task), "seed": seed}}
+            "config": {"policy": policy_settings(cfg, method, task), "seed": seed},
+            **runtime(cfg, "policy", method)}
 
 
 def eval_job(cfg: dict, method: str, task: str, seed: int) -> dict:
@@ -381,7 +384,7 @@ def eval_job(cfg: dict, method: str, task: str, seed: int) -> dict:
             "dataset": str(path(cfg, "dataset", task=task)),  # its sim_model attr: the dynamics
             "out": str(path(cfg, "eval", method=method, task=task, seed=seed)),
             "config": {"episodes": evaluation.get("final_episodes", 10),
-                       "seed": 1_000_003 + seed}}
+                       "seed": 1_000_003 + seed}, **runtime(cfg, "evaluate", method)}
 
 
 def rollout_error_job(cfg: dict, task: str) -> dict:
@@ -397,7 +400,8 @@ def rollout_error_job(cfg: dict, task: str) -> dict:
             "out": str(path(cfg, "rollout_error_dir", task=task)),
             "config": {"horizon": rcfg.get("horizon", 100), "n_starts": rcfg.get("n_starts", 64),
                        "seed": rcfg.get("seed", 0), "policy_method": method,
-                       "dydiff_rollout": _dydiff_rollout(cfg, task)}}
+                       "dydiff_rollout": _dydiff_rollout(cfg, task)},
+            **runtime(cfg, "rollout_error")}
 
 
 def _dydiff_rollout(cfg: dict, task: str) -> dict:
@@ -496,3 +500,51 @@ def tracking_env(cfg: dict) -> dict[str, str]:
 def with_context(cfg: dict, spec: dict) -> dict:
     """A spec as a job receives it: its settings plus where it logs."""
     return {**copy.deepcopy(spec), **run_context(cfg)}
+
+
+# ---- devices ---------------------------------------------------------------------------------
+# A job's device is part of its spec (a change reruns it: CPU and CUDA numbers differ), outside
+# "config" (its config hash stays the same). The rule asks the scheduler for `gpus(...)`.
+
+def job_device(cfg: dict, kind: str, method: str | None = None) -> str:
+    """cpu, cuda or cuda:N for a rule kind's job: `devices.per_method.<method>` (policy jobs),
+    else `devices.<kind>`, else auto: cuda where `resources.<kind>.gpu` offers a GPU and, for a
+    policy job, its method's registry entry asks for one (`Method.gpu`), else cpu."""
+    devices = cfg.get("devices") or {}
+    per_method = devices.get("per_method") or {}
+    chosen = per_method.get(method) if kind == "policy" and method in per_method \
+        else devices.get(kind, "auto")
+    if chosen != "auto":
+        return chosen
+    offered = int(((cfg.get("resources") or {}).get(kind) or {}).get("gpu", 0)) > 0
+    wants = registry.method(method).gpu if kind == "policy" else True
+    return "cuda" if offered and wants else "cpu"
+
+
+def gpus(cfg: dict, kind: str, method: str | None = None) -> int:
+    """GPUs a rule kind's job asks the scheduler for: resources.<kind>.gpu (at least 1) when
+    its device is CUDA, else 0 (a CPU job never holds a GPU)."""
+    if not job_device(cfg, kind, method).startswith("cuda"):
+        return 0
+    return max(1, int(((cfg.get("resources") or {}).get(kind) or {}).get("gpu", 0)))
+
+
+def runtime(cfg: dict, kind: str, method: str | None = None) -> dict:
+    """What a job spec carries besides its config: its device and the determinism switch
+    (`deterministic`, default on)."""
+    return {"device": job_device(cfg, kind, method),
+            "deterministic": bool(cfg.get("deterministic", True))}
+
+
+def _check_devices(cfg: dict) -> None:
+    from harness.runtime import check_device_name
+    devices = cfg.get("devices") or {}
+    for kind, name in devices.items():
+        if kind == "per_method":
+            for method, mname in (name or {}).items():
+                if method not in cfg["methods"]:
+                    raise ConfigError(f"devices.per_method.{method}: not one of methods "
+                                      f"{cfg['methods']}")
+                check_device_name(mname, f"devices.per_method.{method}")
+        elif name != "auto":
+            check_device_name(name, f"devices.{kind}")

@@ -57,6 +57,9 @@ class Method:
         adds every variant of that group whose base it runs.
     compare: False for a preset (the base with another source's settings, e.g. cql-corl):
         tabled in the base's family, next to its source's column, without P(improvement).
+    gpu: its policy job runs on a GPU where the config offers one (`resources.policy.gpu`;
+        harness.plan.job_device): worth it where the work is batched network passes (DyDiff's
+        sampler), not where it is a small MLP update and MuJoCo (README: Cluster, Devices).
     """
     name: str
     label: str
@@ -73,6 +76,7 @@ class Method:
     published: tuple[str, ...] = ()
     ablation: str | None = None
     compare: bool = True
+    gpu: bool = False
 
     @property
     def model_based(self) -> bool:
@@ -213,7 +217,7 @@ register_method(Method(
 register_method(Method(
     "dydiff-td3bc", "DyDiff-TD3BC", "#ff7f0e", agent="td3bc", base="td3bc",
     generator="dydiff.rollout:make_generator", rollout_config="dydiff.rollout:DyDiffConfig",
-    models=("diffusion", "reward", "ensemble"), published=("dydiff-paper",),
+    models=("diffusion", "reward", "ensemble"), published=("dydiff-paper",), gpu=True,
     source="Zhao et al. 2024 (arXiv 2405.19189); github.com/FineArtz/DyDiff"))
 # `cql` is DyDiff-CQL's model-free control: both read the config's `policy.cql` (paper.yaml: the
 # DyDiff authors' settings), so the pair differs only in its rollouts. The published CQL
@@ -225,7 +229,7 @@ register_method(Method(
 register_method(Method(
     "dydiff-cql", "DyDiff-CQL", "#d62728", agent="cql", base="cql",
     generator="dydiff.rollout:make_generator", rollout_config="dydiff.rollout:DyDiffConfig",
-    models=("diffusion", "reward", "ensemble"), published=("dydiff-paper",),
+    models=("diffusion", "reward", "ensemble"), published=("dydiff-paper",), gpu=True,
     source="Zhao et al. 2024 (arXiv 2405.19189); github.com/FineArtz/DyDiff"))
 
 # CQL as a published source runs it: a complete agents/cql.py CQLConfig (every field, so the

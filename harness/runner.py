@@ -16,7 +16,7 @@ from pathlib import Path
 
 import h5py
 
-from harness import registry, tracking
+from harness import provenance, registry, runtime, tracking
 from harness.config import config_hash
 from harness.runtime import git_sha
 
@@ -44,7 +44,10 @@ def description(spec: dict) -> str:
 
 
 def tags(spec: dict) -> dict[str, str]:
+    dev = runtime.device_record()
     return {"step": spec["step"], "task": spec.get("task", ""),
+            "device": str(runtime.device()), "device.name": dev["name"],
+            "device.deterministic": str(dev["deterministic"]), **provenance.mlflow_tags(),
             "method": spec.get("method") or spec.get("model") or spec["step"],
             "seed": str(spec.get("seed", spec.get("config", {}).get("seed", ""))),
             "git_sha": git_sha(), "config_hash": config_hash(spec.get("config", {})),
@@ -77,6 +80,9 @@ def run_job(spec: dict) -> dict:
     if spec["step"] not in registry.STEPS:
         raise KeyError(f"unknown step {spec['step']!r}; known: {list(registry.STEPS)}")
     fn = registry.resolve(registry.STEPS[spec["step"]])
+    # The job's device (harness.plan.job_device), or it stops here with one line.
+    runtime.use_device(spec.get("device", "cpu"), spec.get("deterministic", True),
+                       where=f"{spec['step']} device")
     out = Path(spec["out"])
     # A step writing one file (import-dataset -> <task>.hdf5) shares its folder with other
     # jobs' runs: its own run id sits next to its file.

@@ -4,7 +4,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+from harness import runtime
+
 torch.set_num_threads(1)  # the test machine's cores are shared
+# The suite's bit-exact tests are CPU ones: on a GPU machine too (GPU checks say so and skip
+# without one); jobs the tests run as subprocesses get their device from their spec.
+runtime.use_device("cpu", deterministic=True)
 
 
 @pytest.fixture(scope="session")

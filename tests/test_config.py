@@ -31,8 +31,8 @@ def test_smoke_and_paper_configs_are_valid():
     ({"seeds": [-1]}, "seeds[0]: -1 is less than the minimum of 0"),
     ({"seeds": [0, 0]}, "seeds: [0, 0] has non-unique elements"),
     ({"learning_rate": 3},
-     "learning_rate: unknown key; known: ['ablations', 'analysis', 'data', 'evaluation', "
-     "'extends', 'methods', 'mlflow', "
+     "learning_rate: unknown key; known: ['ablations', 'analysis', 'data', 'deterministic', "
+     "'devices', 'evaluation', 'extends', 'methods', 'mlflow', "
      "'models', 'name', 'per_task', 'policy', 'resources', 'results_dir', 'rollout_error', "
      "'seeds', 'tasks']"),
     ({"policy": {"offline": {"real_ratio": 1.5}}},

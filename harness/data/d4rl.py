@@ -8,6 +8,7 @@ does (`derive_next_observations`).
 """
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import numpy as np
 
 from harness.data.dataset import REQUIRED_KEYS, Dataset, DatasetError, validate_arrays
 from harness.checkpoint import atomic_path
+from harness.provenance import environment
 
 
 def d4rl_dataset_dir() -> Path:
@@ -102,6 +104,8 @@ def write_hdf5(dataset: Dataset, path: str | os.PathLike, **attrs) -> Path:
                 f.create_dataset("infos/qpos", data=dataset.qpos)
                 f.create_dataset("infos/qvel", data=dataset.qvel)
             f.attrs["name"] = dataset.name
+            # The software that wrote the file (for generated data: that recorded it).
+            f.attrs["environment"] = json.dumps(environment())
             if dataset.extra.get("sim_model"):  # read from a file: keep it with the data
                 f.attrs["sim_model"] = dataset.extra["sim_model"]
             for key, value in attrs.items():

@@ -80,10 +80,11 @@ def evaluate_step(spec: dict, log_fn=None) -> dict:
     eval.json also holds the mean of the last 10 evaluations during training
     (`normalized_score_last10`, OfflineRL-Kit's score rule; analysis.score_rule picks)."""
     from harness.data.d4rl import stored_sim_model
-    from harness.runtime import git_sha
+    from harness.provenance import environment
+    from harness.runtime import device, device_record, git_sha
     from harness.training.policy import load_policy
     pdir = Path(spec["policy_dir"])
-    agent, method = load_policy(pdir / "policy.pt")
+    agent, method = load_policy(pdir / "policy.pt", device())
     final = json.loads((pdir / "final.json").read_text())
     model = stored_sim_model(spec["dataset"]) if spec.get("dataset") else None
     start = time.perf_counter()
@@ -98,7 +99,9 @@ def evaluate_step(spec: dict, log_fn=None) -> dict:
            "sim_model": model or task_spec(spec["task"]).models[0],
            "steps": final["steps"], "train_wall_time_s": final["wall_time_s"],
            "wall_time_s": time.perf_counter() - start, "git_sha": git_sha(),
-           "config_hash": final["config_hash"]}
+           "config_hash": final["config_hash"],
+           "device": device_record(), "environment": environment(),
+           "train_device": final.get("device")}
     checkpoint.atomic_write_text(spec["out"], json.dumps(out, indent=2) + "\n")
     if log_fn is not None:
         log_fn({metric: out[key] for key, metric in METRICS.items()}, final["steps"])

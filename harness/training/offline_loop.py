@@ -116,7 +116,7 @@ def offline_loop(agent, dataset: Dataset, cfg: OfflineConfig, out_dir, seed: int
     sums: dict[str, float] = defaultdict(float)   # losses since the last log row
     counts: dict[str, int] = defaultdict(int)
     ckpt = Checkpointer(out_dir / CHECKPOINT, {"config": dataclasses.asdict(cfg), "seed": seed},
-                        every=cfg.checkpoint_every, what="offline", columns=FIRST)
+                        every=cfg.checkpoint_every, what="offline", columns=FIRST, device=dev)
     if ckpt.resumed:
         agent.load_training_state(ckpt.state["agent"])
         real.load_state_dict(ckpt.state["real_buffer"])

@@ -17,7 +17,7 @@ rule train_model:
     resources:
         mem_mb=lambda w: res(w.model, "mem_mb", 8000),
         runtime=lambda w: res(w.model, "runtime", 240),
-        gpu=lambda w: res(w.model, "gpu", 0),
+        gpu=lambda w: plan.gpus(config, w.model),
     log:
         out("log_model"),
     shell:

@@ -21,7 +21,7 @@ rule train_policy:
     resources:
         mem_mb=lambda w: res("policy", "mem_mb", 8000),
         runtime=lambda w: res("policy", "runtime", 720),
-        gpu=lambda w: res("policy", "gpu", 0),
+        gpu=lambda w: plan.gpus(config, "policy", w.method),
     log:
         out("log_policy"),
     shell:
@@ -40,6 +40,7 @@ rule evaluate:
     resources:
         mem_mb=2000,
         runtime=lambda w: res("evaluate", "runtime", 30),
+        gpu=lambda w: plan.gpus(config, "evaluate", w.method),
     log:
         out("log_evaluate"),
     shell:

@@ -21,7 +21,7 @@ rule rollout_error:
     resources:
         mem_mb=8000,
         runtime=lambda w: res("rollout_error", "runtime", 60),
-        gpu=lambda w: res("rollout_error", "gpu", 0),
+        gpu=lambda w: plan.gpus(config, "rollout_error"),
     log:
         out("log_rollout_error"),
     shell:

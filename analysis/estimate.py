@@ -23,6 +23,7 @@ profile's parallelism.
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import heapq
 import json
@@ -63,7 +64,7 @@ class Item:
     settings: tuple  # sorted (key, json value) pairs: hashable
     count: float
 
-    @property
+    @functools.cached_property
     def key(self) -> str:
         """Hash of the settings that change the work (not learning rates, coefficients...)."""
         blob = json.dumps(_cost_settings(_settings(self)), sort_keys=True)
@@ -273,21 +274,25 @@ RULE_OF_STEP = {"generate-datasets": "generate_datasets", "import-dataset": "imp
 
 
 def job_resources(cfg: dict, spec: dict) -> tuple[int, bool]:
-    """(threads, uses a GPU) of a job, from `resources:` as workflow/rules/*.smk read it."""
+    """(threads, runs on a GPU) of a job: threads from `resources:` as workflow/rules/*.smk
+    read them, the device the plan gave the job (harness.plan.job_device)."""
     res = cfg.get("resources") or {}
     kind = {"train-model": spec.get("model"), "train-policy": "policy",
             "rollout-error": "rollout_error"}.get(spec["step"])
+    gpu = str(spec.get("device", "cpu")).startswith("cuda")
     if kind is None:
-        return 1, False
-    r = res.get(kind) or {}
-    threads = r.get("threads", 1) if spec["step"] != "rollout-error" else 1
-    return int(threads), bool(r.get("gpu", 0))
+        return 1, gpu
+    threads = (res.get(kind) or {}).get("threads", 1) if spec["step"] != "rollout-error" else 1
+    return int(threads), gpu
 
 
 # ---- the throughput table --------------------------------------------------------------------
 
-def machine() -> str:
-    """'x86_64, 2 CPUs, <CPU model>' (no host names)."""
+def machine(device: str = "cpu") -> str:
+    """'x86_64, 2 CPUs, <CPU model>' (no host names), with ', <GPU name>' for a GPU row."""
+    if device != "cpu":
+        import torch
+        return f"{machine()}, {torch.cuda.get_device_name(0)}"
     model = platform.processor() or ""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -325,18 +330,47 @@ def write_table(rows: list[dict], path: Path = THROUGHPUT_FILE) -> None:
         w.writerows({k: r[k] for k in COLUMNS} for r in rows)
 
 
+# Work that runs on the CPU in a GPU job too (MuJoCo, start-up, MLflow, the analysis): priced
+# from CPU rows whatever the job's device.
+CPU_ITEMS = {"env-step", "job-start", "job-tracking", "maze2d-generate", "analysis-rep",
+             "analysis-fixed"}
+
+
+def item_device(it: Item, job_device: str) -> str:
+    return "cpu" if it.name in CPU_ITEMS else job_device
+
+
 def lookup(rows: list[dict], it: Item, device: str, threads: int) -> dict | None:
     """The table's row for an item: same settings and device, the nearest thread count."""
-    same = [r for r in rows if r["item"] == it.name and r["key"] == it.key
-            and r["device"] == device]
+    key = it.key
+    same = [r for r in rows if r["item"] == it.name and r["key"] == key and r["device"] == device]
     return min(same, key=lambda r: (abs(r["threads"] - threads), r["date"]), default=None)
 
 
 # ---- measuring one item ----------------------------------------------------------------------
 
+# The device `measure` times an item on (cpu, or cuda on a GPU machine).
+_measure_device = "cpu"
+
+
+def _on(x):
+    """A module, tensor or dict of tensors on the measuring device."""
+    if isinstance(x, dict):
+        return {k: _on(v) for k, v in x.items()}
+    return x.to(_measure_device)
+
+
 def _timed(fn, repeats: int, warmup: int = 1, slow: float = 5.0) -> float:
     """Median seconds of fn() over `repeats` calls after `warmup` calls; a call slower than
-    `slow` seconds is timed once (paper-size items would otherwise take minutes)."""
+    `slow` seconds is timed once (paper-size items would otherwise take minutes). On a GPU each
+    call is waited for (CUDA runs asynchronously)."""
+    if _measure_device != "cpu":
+        import torch
+        inner = fn
+
+        def fn():
+            inner()
+            torch.cuda.synchronize()
     t0 = time.perf_counter()
     fn()
     first = time.perf_counter() - t0
@@ -368,8 +402,8 @@ def _batch(n: int, obs_dim: int, act_dim: int):
 
 
 def _measure_agent_update(s: dict) -> float:
-    agent = _agent(s["agent"], s["config"], s["obs_dim"], s["act_dim"])
-    batch = _batch(s["batch"], s["obs_dim"], s["act_dim"])
+    agent = _on(_agent(s["agent"], s["config"], s["obs_dim"], s["act_dim"]))
+    batch = _on(_batch(s["batch"], s["obs_dim"], s["act_dim"]))
     return _timed(lambda: agent.update(batch), repeats=7, warmup=2)
 
 
@@ -428,11 +462,11 @@ def _measure_ensemble_train(s: dict) -> float:
     from baselines.ensemble import EnsembleConfig, EnsembleNet, ensemble_loss
     cfg = from_dict(EnsembleConfig, s["config"], where="models.ensemble")
     o, a = s["obs_dim"], s["act_dim"]
-    net = EnsembleNet(o + a, o + 1, cfg)
+    net = _on(EnsembleNet(o + a, o + 1, cfg))
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(cfg.num_members, cfg.batch_size, o + a, generator=g)
-    y = torch.randn(cfg.num_members, cfg.batch_size, o + 1, generator=g)
+    x = _on(torch.randn(cfg.num_members, cfg.batch_size, o + a, generator=g))
+    y = _on(torch.randn(cfg.num_members, cfg.batch_size, o + 1, generator=g))
 
     def step():
         loss = ensemble_loss(net, x, y, cfg.logvar_loss_coef)
@@ -447,9 +481,9 @@ def _measure_reward_train(s: dict) -> float:
     from dydiff.reward_model import RewardModel, RewardModelConfig
     cfg = from_dict(RewardModelConfig, s["config"], where="models.reward")
     o, a = s["obs_dim"], s["act_dim"]
-    model = RewardModel(o, a, cfg.hidden)
+    model = _on(RewardModel(o, a, cfg.hidden))
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    batch = _batch(cfg.batch_size, o, a)
+    batch = _on(_batch(cfg.batch_size, o, a))
 
     def step():
         loss = (model.standardized(batch["obs"], batch["actions"]) - batch["rewards"]).square()
@@ -493,8 +527,8 @@ def _measure_rollout(s: dict) -> float:
     import torch
     from harness.envs import TERMINATION_FNS
     o, a = s["obs_dim"], s["act_dim"]
-    agent = _agent(s["agent"], s["agent_config"], o, a)
-    models = _untrained_models(s)
+    agent = _on(_agent(s["agent"], s["agent_config"], o, a))
+    models = {k: _on(m) for k, m in _untrained_models(s).items()}
     done_fn = TERMINATION_FNS["halfcheetah"]  # never terminates (non-finite states only)
     if "diffusion" in models:
         from dydiff.rollout import DyDiffConfig, DyDiffGenerator, _reward_fn
@@ -504,7 +538,8 @@ def _measure_rollout(s: dict) -> float:
                 MEASURE_BATCH["rollout-large" if params > LARGE_DENOISER else "rollout"])
         cfg = from_dict(DyDiffConfig, {**s["rollout"], "rollout_batch_size": n},
                         where="policy.rollout")
-        limits = Limits(-torch.ones(o) * 5, torch.ones(o) * 5, -torch.ones(a), torch.ones(a))
+        limits = Limits(*(_on(x) for x in (-torch.ones(o) * 5, torch.ones(o) * 5,
+                                           -torch.ones(a), torch.ones(a))))
         gen = DyDiffGenerator(models["diffusion"], _reward_fn(models["reward"]), done_fn, cfg,
                               ensemble=models.get("ensemble"), limits=limits)
     else:
@@ -512,7 +547,7 @@ def _measure_rollout(s: dict) -> float:
         n = min(s["rollout"].get("rollout_batch_size", 50_000), MEASURE_BATCH["ensemble-rollout"])
         cfg = as_config({**s["rollout"], "rollout_batch_size": n})
         gen = EnsembleRolloutGenerator(models["ensemble"], done_fn, cfg, seed=0)
-    start = torch.randn(n, o, generator=torch.Generator().manual_seed(0))
+    start = _on(torch.randn(n, o, generator=torch.Generator().manual_seed(0)))
     return _timed(lambda: gen.generate(agent, start), repeats=3) / n
 
 
@@ -592,60 +627,83 @@ MEASURES = {
 }
 
 
-def measure(it: Item) -> tuple[float, str]:
-    """(seconds per unit, unit) of an item, timed here with the current torch thread count."""
+def measure(it: Item, device: str = "cpu") -> tuple[float, str]:
+    """(seconds per unit, unit) of an item, timed here on `device` (cpu, cuda) with the current
+    torch thread count."""
+    global _measure_device
     if it.name not in MEASURES:
         raise ValueError(f"no measurement for work item {it.name!r}")
     fn, unit = MEASURES[it.name]
-    return fn(_settings(it)), unit
+    _measure_device = device
+    try:
+        return fn(_settings(it)), unit
+    finally:
+        _measure_device = "cpu"
 
 
 # ---- the estimate ----------------------------------------------------------------------------
 
 @dataclass
 class JobCost:
+    """A job's expected seconds on its own device (`seconds`; None for a GPU job whose items
+    have no GPU rows yet) and the same job timed with CPU rows (`cpu_seconds`)."""
     spec: dict
-    seconds: float
+    seconds: float | None
+    cpu_seconds: float
     threads: int
     gpu: bool
-    missing: list[Item]
+    missing: list[Item]          # items with no CPU row (the estimate cannot go on without)
+    missing_gpu: list[Item]      # items of a GPU job with no GPU row (priced "not measured")
+
+    @property
+    def wall_seconds(self) -> float:
+        """For the schedule: its own device's time, else the CPU timing (an upper bound)."""
+        return self.seconds if self.seconds is not None else self.cpu_seconds
 
 
-def plan_costs(cfg: dict, rows: list[dict], device: str = "cpu",
-               threads: int | None = None) -> list[JobCost]:
+def plan_costs(cfg: dict, rows: list[dict], threads: int | None = None) -> list[JobCost]:
     """Every job of the grid with its expected seconds (missing items add nothing)."""
     out = []
     for spec in plan.all_jobs(cfg):
         job_threads, gpu = job_resources(cfg, spec)
-        seconds, missing = 0.0, []
+        own, on_cpu, missing, missing_gpu = 0.0, 0.0, [], []
         for it in job_items(cfg, spec):
-            row = lookup(rows, it, device, threads or job_threads)
-            if row is None:
+            cpu_row = lookup(rows, it, "cpu", threads or job_threads)
+            if cpu_row is None:
                 missing.append(it)
             else:
-                seconds += row["seconds"] * it.count
-        out.append(JobCost(spec, seconds, job_threads, gpu, missing))
+                on_cpu += cpu_row["seconds"] * it.count
+            row = lookup(rows, it, item_device(it, "cuda" if gpu else "cpu"),
+                         threads or job_threads)
+            if row is None:
+                (missing_gpu if gpu and it.name not in CPU_ITEMS else missing).append(it)
+            else:
+                own += row["seconds"] * it.count
+        out.append(JobCost(spec, None if missing_gpu else own, on_cpu, job_threads, gpu,
+                           list(dict.fromkeys(missing)), missing_gpu))
     return out
 
 
-def missing_items(costs: list[JobCost]) -> dict[tuple[str, str], Item]:
-    return {(it.name, it.key): it for c in costs for it in c.missing}
+def missing_items(costs: list[JobCost], gpu: bool = False) -> dict[tuple[str, str], Item]:
+    return {(it.name, it.key): it for c in costs
+            for it in (c.missing_gpu if gpu else c.missing)}
 
 
 def measure_missing(costs: list[JobCost], rows: list[dict], threads: int, command: str,
-                    log=print) -> list[dict]:
-    """Time every item the table lacks (with `threads` torch threads); return the new rows."""
+                    log=print, device: str = "cpu") -> list[dict]:
+    """Time every item the table lacks on `device` (cpu: the CPU rows; cuda: the GPU jobs'
+    rows), with `threads` torch threads; return the new rows."""
     import torch
     torch.set_num_threads(threads)
     new = []
-    todo = missing_items(costs)
+    todo = missing_items(costs, gpu=device != "cpu")
     for i, it in enumerate(todo.values(), 1):
         t0 = time.perf_counter()
-        seconds, unit = measure(it)
-        log(f"  [{i}/{len(todo)}] {it.name} {it.key}: {seconds:.4g} s per {unit} "
+        seconds, unit = measure(it, device)
+        log(f"  [{i}/{len(todo)}] {it.name} {it.key} on {device}: {seconds:.4g} s per {unit} "
             f"(measured in {time.perf_counter() - t0:.1f} s)")
         new.append({"item": it.name, "key": it.key, "seconds": seconds, "unit": unit,
-                    "device": "cpu", "threads": threads, "machine": machine(),
+                    "device": device, "threads": threads, "machine": machine(device),
                     "date": date.today().isoformat(), "command": command,
                     "settings": json.dumps(_settings(it), sort_keys=True)})
     return new
@@ -698,7 +756,7 @@ def schedule(costs: list[JobCost], slots: int, by_threads: bool) -> float:
         for i in ready:
             if need[i] <= free:
                 free -= need[i]
-                heapq.heappush(running, (now + costs[i].seconds, i))
+                heapq.heappush(running, (now + costs[i].wall_seconds, i))
                 started.append(i)
         ready = [i for i in ready if i not in set(started)]
         if not running:
@@ -748,35 +806,63 @@ def fmt_duration(seconds: float) -> str:
 
 def report(cfg: dict, costs: list[JobCost], slots: int, by_threads: bool, rows: list[dict],
            config_name: str) -> str:
-    """The per-rule table, totals, wall time and the assumptions behind them."""
+    """The per-rule table, totals, wall time and the assumptions behind them. CPU-hours are the
+    CPU jobs' (seconds x threads); GPU-hours the GPU jobs' from GPU rows, or "not measured" where
+    the table has none, with the same jobs timed on CPU in a column of their own."""
     rules: dict[str, dict] = {}
     for c in costs:
         r = rules.setdefault(RULE_OF_STEP[c.spec["step"]],
-                             {"jobs": 0, "cpu": 0.0, "gpu": 0.0, "max": 0.0})
+                             {"jobs": 0, "gpu_jobs": 0, "cpu": 0.0, "gpu": 0.0, "gpu_on_cpu": 0.0,
+                              "unmeasured": 0, "max": 0.0})
         r["jobs"] += 1
-        r["cpu"] += c.seconds * c.threads if not c.gpu else 0.0
-        r["gpu"] += c.seconds if c.gpu else 0.0
-        r["max"] = max(r["max"], c.seconds)
+        r["max"] = max(r["max"], c.wall_seconds)
+        if not c.gpu:
+            r["cpu"] += c.seconds * c.threads
+            continue
+        r["gpu_jobs"] += 1
+        r["gpu_on_cpu"] += c.cpu_seconds
+        if c.seconds is None:
+            r["unmeasured"] += 1
+        else:
+            r["gpu"] += c.seconds
+
+    def gpu_cell(r) -> str:
+        if not r["gpu_jobs"]:
+            return "-"
+        return "not measured" if r["unmeasured"] else fmt_hours(r["gpu"])
+
+    def on_cpu_cell(r) -> str:
+        return fmt_hours(r["gpu_on_cpu"]) if r["gpu_jobs"] else "-"
+    total = {k: sum(r[k] for r in rules.values()) for k in next(iter(rules.values()))}
     wall = schedule(costs, slots, by_threads)
-    lines = [f"Estimate for {config_name} ({len(costs)} jobs)", "",
-             "| rule | jobs | CPU-hours | GPU-hours | longest job |", "|---|---|---|---|---|"]
+    lines = [f"Estimate for {config_name} ({len(costs)} jobs, {total['gpu_jobs']} on a GPU)", "",
+             "| rule | jobs | GPU jobs | CPU-hours | GPU-hours | GPU jobs timed on CPU (hours) "
+             "| longest job |", "|---|---|---|---|---|---|---|"]
     for name, r in rules.items():
-        lines.append(f"| {name} | {r['jobs']} | {fmt_hours(r['cpu'])} | {fmt_hours(r['gpu'])} "
-                     f"| {fmt_duration(r['max'])} |")
-    lines.append(f"| **total** | {len(costs)} | {fmt_hours(sum(r['cpu'] for r in rules.values()))}"
-                 f" | {fmt_hours(sum(r['gpu'] for r in rules.values()))} | |")
+        lines.append(f"| {name} | {r['jobs']} | {r['gpu_jobs']} | {fmt_hours(r['cpu'])} | "
+                     f"{gpu_cell(r)} | {on_cpu_cell(r)} | {fmt_duration(r['max'])} |")
+    lines.append(f"| **total** | {len(costs)} | {total['gpu_jobs']} | {fmt_hours(total['cpu'])} "
+                 f"| {gpu_cell(total)} | {on_cpu_cell(total)} | |")
     where = (f"{slots} cores shared by the jobs' threads" if by_threads
              else f"{slots} jobs at once")
-    lines += ["", f"Wall time with {where}: {fmt_duration(wall)} (the DAG's list schedule).", ""]
-    used = {(r["machine"], r["threads"], r["date"]) for c in costs for r in rows
+    lines += ["", f"Wall time with {where}: {fmt_duration(wall)} (the DAG's list schedule"
+              + ("; GPU jobs without GPU rows at their CPU timing" if total["unmeasured"] else "")
+              + ").", ""]
+    used = {(r["machine"], r["device"], r["threads"], r["date"]) for c in costs for r in rows
             if any(r["item"] == it.name and r["key"] == it.key
                    for it in job_items(cfg, c.spec))}
     lines.append("Throughputs from " + "; ".join(
-        f"{m} ({t} thread{'s' if t > 1 else ''}, {d})" for m, t, d in sorted(used)) + ".")
-    gpu_jobs = sum(c.gpu for c in costs)
-    if gpu_jobs:
-        lines.append(f"{gpu_jobs} jobs ask for a GPU (resources.<kind>.gpu); the table has no "
-                     "GPU measurements, so their GPU-hours are CPU timings: an upper bound.")
+        f"{m} ({dev}, {t} thread{'s' if t > 1 else ''}, {d})"
+        for m, dev, t, d in sorted(used)) + ".")
+    if total["gpu_jobs"]:
+        lines.append(f"{total['gpu_jobs']} jobs run on a GPU (harness.plan.job_device: devices.<kind>"
+                     f", resources.<kind>.gpu, the method's registry entry); MuJoCo, start-up and "
+                     f"MLflow are priced from CPU rows in them too.")
+    if total["unmeasured"]:
+        lines.append(f"{total['unmeasured']} of them have no GPU measurements in the table: their "
+                     "GPU-hours are not measured (run `dydiff-bench estimate --configfile "
+                     f"{config_name} --measure` on a GPU machine, or scripts/gpu_check.sh); the "
+                     "column beside gives the same jobs timed on CPU.")
     threads_note = {c.threads for c in costs} - {r["threads"] for r in rows}
     if threads_note:
         lines.append(f"Jobs configured with {sorted(threads_note)} threads are timed at the "
@@ -788,6 +874,11 @@ def report(cfg: dict, costs: list[JobCost], slots: int, by_threads: bool, rows: 
     return "\n".join(lines)
 
 
+def _cuda_available() -> bool:
+    import torch
+    return torch.cuda.is_available()
+
+
 def estimate(cfg: dict, *, config_name: str, profile: str | None = None,
              cores: int | None = None, jobs: int | None = None, measure_missing_items=False,
              table: Path = THROUGHPUT_FILE, threads: int = 1, command: str = "",
@@ -796,11 +887,17 @@ def estimate(cfg: dict, *, config_name: str, profile: str | None = None,
     costs = plan_costs(cfg, rows)
     missing = missing_items(costs)
     if missing and measure_missing_items:
-        log(f"measuring {len(missing)} work item(s) on this machine ({threads} thread(s)):")
+        log(f"measuring {len(missing)} work item(s) on this machine's CPU ({threads} thread(s)):")
         rows += measure_missing(costs, rows, threads, command, log)
         write_table(rows, table)
         costs = plan_costs(cfg, rows)
         missing = missing_items(costs)
+    missing_gpu = missing_items(costs, gpu=True)
+    if missing_gpu and measure_missing_items and _cuda_available():
+        log(f"measuring {len(missing_gpu)} work item(s) of the GPU jobs on this machine's GPU:")
+        rows += measure_missing(costs, rows, threads, command, log, device="cuda")
+        write_table(rows, table)
+        costs = plan_costs(cfg, rows)
     if missing:
         names = sorted({f"{it.name} ({it.key})" for it in missing.values()})
         raise ConfigError(f"{table.name} has no measurement for {len(names)} work item(s) of "

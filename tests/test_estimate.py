@@ -21,7 +21,7 @@ TINY_FACTOR = 4.0
 
 
 def _cost(step, seconds, threads=1, **spec):
-    return E.JobCost({"step": step, **spec}, seconds, threads, False, [])
+    return E.JobCost({"step": step, **spec}, seconds, seconds, threads, False, [], [])
 
 
 def test_schedule_runs_independent_jobs_side_by_side_and_chains_in_order():
@@ -81,7 +81,12 @@ def test_paper_estimate_on_the_slurm_profile():
     out = res.stdout
     assert "| train_policy | 675 |" in out and "| train_model | 225 |" in out, out
     assert "Wall time with 100 jobs at once:" in out
-    assert "GPU-hours are CPU timings" in out  # paper.yaml asks GPUs for policies and diffusion
+    # paper.yaml runs DyDiff policies, diffusion training and the rollout-error study on GPUs;
+    # the table has no GPU rows yet: "not measured", never CPU timings under the GPU heading
+    policy = next(line for line in out.splitlines() if line.startswith("| train_policy |"))
+    cells = [c.strip() for c in policy.strip("|").split("|")]
+    assert cells[4] == "not measured" and float(cells[5].replace(",", "")) > 0, policy
+    assert "have no GPU measurements in the table" in out
 
 
 @pytest.mark.slow
@@ -96,3 +101,28 @@ def test_tiny_estimate_is_within_a_factor_of_the_tiny_dag(tiny_dag):
                    if "finished in" in log.read_text(errors="replace"))
     print(f"tiny DAG: estimated {estimated:.0f} s of job steps, measured {measured:.0f} s")
     assert measured / TINY_FACTOR <= estimated <= measured * TINY_FACTOR
+
+
+def test_gpu_jobs_are_priced_from_gpu_rows_only():
+    """A GPU job's torch work comes from GPU rows, its MuJoCo steps from CPU rows; without GPU
+    rows its GPU-hours read "not measured" and its CPU timing stands in its own column."""
+    cfg = plan.load_config(ROOT / "config/smoke.yaml", {"devices": {"policy": "cuda"}})
+    rows = E.read_table()
+    costs = E.plan_costs(cfg, rows)
+    gpu_jobs = [c for c in costs if c.gpu]
+    assert gpu_jobs and all(c.spec["step"] == "train-policy" for c in gpu_jobs)
+    assert all(c.seconds is None and c.cpu_seconds > 0 for c in gpu_jobs)
+    assert {it.name for c in gpu_jobs for it in c.missing_gpu} <= {"agent-update", "rollout"}
+    text = E.report(cfg, costs, 2, True, rows, "smoke")
+    assert "not measured" in text and "timed on CPU" in text
+    # GPU rows at a tenth of the CPU seconds: the GPU-hours are those, the CPU column unchanged
+    fake = [{**r, "device": "cuda", "seconds": r["seconds"] / 10} for r in rows
+            if r["item"] in ("agent-update", "rollout")]
+    priced = E.plan_costs(cfg, rows + fake)
+    for before, after in zip(costs, priced):
+        if after.gpu:
+            assert after.seconds is not None and after.seconds < after.cpu_seconds
+            assert after.cpu_seconds == pytest.approx(before.cpu_seconds)
+        else:
+            assert after.seconds == pytest.approx(before.seconds)
+    assert "not measured" not in E.report(cfg, priced, 2, True, rows + fake, "smoke")

@@ -502,10 +502,11 @@ def _untrained_models(s: dict):
     if "ensemble" in models:
         ecfg = from_dict(EnsembleConfig, models["ensemble"], where="models.ensemble")
         out["ensemble"] = EnsembleDynamics(EnsembleNet(o + a, o + 1, ecfg),
-                                           list(range(ecfg.num_elites)), o, a, "estimate")
+                                           list(range(ecfg.num_elites)), o, a, "estimate",
+                                           device=_measure_device)
     if "reward" in models:
         from dydiff.reward_model import RewardModel
-        out["reward"] = RewardModel(o, a, models["reward"]["hidden"]).eval()
+        out["reward"] = _on(RewardModel(o, a, models["reward"]["hidden"]).eval())
     if "diffusion" in models:
         from dydiff.diffusion import DiffusionConfig, build_denoiser
         from dydiff.sampler import DiffusionDynamics
@@ -513,7 +514,8 @@ def _untrained_models(s: dict):
         dcfg = from_dict(DiffusionConfig, models["diffusion"], where="models.diffusion")
         segments = make_segments(_synthetic_dataset_dims(s, 3000), dcfg.horizon)
         out["diffusion"] = DiffusionDynamics(build_denoiser(dcfg, o + a), segments.normalizer,
-                                             o, a, dcfg.horizon, dcfg.sampler)
+                                             o, a, dcfg.horizon, dcfg.sampler,
+                                             device=_measure_device)
     return out
 
 
@@ -528,7 +530,7 @@ def _measure_rollout(s: dict) -> float:
     from harness.envs import TERMINATION_FNS
     o, a = s["obs_dim"], s["act_dim"]
     agent = _on(_agent(s["agent"], s["agent_config"], o, a))
-    models = {k: _on(m) for k, m in _untrained_models(s).items()}
+    models = _untrained_models(s)
     done_fn = TERMINATION_FNS["halfcheetah"]  # never terminates (non-finite states only)
     if "diffusion" in models:
         from dydiff.rollout import DyDiffConfig, DyDiffGenerator, _reward_fn
@@ -690,13 +692,13 @@ def missing_items(costs: list[JobCost], gpu: bool = False) -> dict[tuple[str, st
 
 
 def measure_missing(costs: list[JobCost], rows: list[dict], threads: int, command: str,
-                    log=print, device: str = "cpu") -> list[dict]:
+                    log=print, device: str = "cpu", only: dict | None = None) -> list[dict]:
     """Time every item the table lacks on `device` (cpu: the CPU rows; cuda: the GPU jobs'
-    rows), with `threads` torch threads; return the new rows."""
+    rows), or the items `only`, with `threads` torch threads; return the new rows."""
     import torch
     torch.set_num_threads(threads)
     new = []
-    todo = missing_items(costs, gpu=device != "cpu")
+    todo = missing_items(costs, gpu=device != "cpu") if only is None else only
     for i, it in enumerate(todo.values(), 1):
         t0 = time.perf_counter()
         seconds, unit = measure(it, device)

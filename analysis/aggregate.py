@@ -181,17 +181,16 @@ PUBLISHED_PHYSICS = "MuJoCo 2.0 via mujoco-py"  # where D4RL recorded and the pa
 
 def physics_note(df: pd.DataFrame) -> str | None:
     """The sentence tables and summary carry when some run's dataset was recorded in another
-    MuJoCo release than the one its policy was scored in (dataset_mujoco vs mujoco); None if
-    no run's dataset says so."""
+    MuJoCo release than the one its policy was scored in (dataset_mujoco vs mujoco; runs
+    without either recorded cannot say); None if no run says so."""
     if "dataset_mujoco" not in df or "mujoco" not in df:
         return None
     rec = df.dataset_mujoco.fillna(UNRECORDED).astype(str)
-    other = df[(rec != UNRECORDED) & (rec != df.mujoco.fillna(UNRECORDED).astype(str))]
+    scored = df.mujoco.fillna(UNRECORDED).astype(str)
+    other = df[(rec != UNRECORDED) & (scored != UNRECORDED) & (rec != scored)]
     if other.empty:
         return None
-    scored = environment_counts(other, "mujoco")
-    scored_text = ", ".join(f"MuJoCo {k}" if k != UNRECORDED else
-                            "an unrecorded MuJoCo release" for k in scored)
+    scored_text = ", ".join(f"MuJoCo {k}" for k in environment_counts(other, "mujoco"))
     recorded = ", ".join(f"MuJoCo {k}" for k in environment_counts(other, "dataset_mujoco"))
     return (f"Evaluation physics: {len(other)} of {len(df)} run(s) trained on data recorded in "
             f"{recorded} and their policies were scored in today's physics ({scored_text}); "

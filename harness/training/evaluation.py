@@ -108,5 +108,6 @@ def evaluate_step(spec: dict, log_fn=None) -> dict:
         log_fn({metric: out[key] for key, metric in METRICS.items()}, final["steps"])
         client = getattr(log_fn, "client", None)
         if recorded and client is not None:  # the MLflow row says it too (dataset.mujoco)
-            client.set_tag(log_fn.run_id, "dataset.mujoco", recorded)
+            from harness.tracking import retry
+            retry(client.set_tag, log_fn.run_id, "dataset.mujoco", recorded)
     return out

@@ -17,8 +17,8 @@ to today's, and in deliberately wrong models):
   rounding decides a contact, hence a quantile).
 - "matches up to release drift": within the family's `release_drift` bounds, above what data
   recorded in another MuJoCo release measures in today's (hopper up to 0.19 at the 0.999
-  quantile, median 7e-3, in every release before 4.0; the maze's walls up to 0.72, median
-  1e-7) and below what a wrong model gives (walker2d's other foot friction >= 1.4, hopper's foot
+  quantile, median 7e-3, recorded in 2.3.1 - 3.4.0; the maze's walls up to 0.72, median 1e-7;
+  from 3.5.0 on both replay as today's own data) and below what a wrong model gives (walker2d's other foot friction >= 1.4, hopper's foot
   friction 2.0 -> 1.0: 0.95, halfcheetah's friction or mass: >= 1.1; the maze's damping or mass
   x1.1: median >= 3e-4). Accepted with a warning; the report, the file's attrs and MLflow record
   it, and the recording's MuJoCo release (a file attr, or `recorded_with`) when known.

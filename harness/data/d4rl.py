@@ -2,7 +2,8 @@
 
 Layout: top-level datasets observations, actions, rewards, terminals, timeouts,
 next_observations (float32 / bool), optionally infos/qpos and infos/qvel; metadata as attrs
-(`sim_model`: the simulator model the data replays in, see harness/data/consistency.py).
+(`sim_model`: the simulator model the data replays in, see harness/data/consistency.py;
+`recorded_mujoco`, or a recorder's `mujoco_version`: the MuJoCo release it was recorded in).
 D4RL's maze2d files have no next_observations: they are derived as d4rl.qlearning_dataset
 does (`derive_next_observations`).
 """

@@ -134,3 +134,25 @@ def test_data_recorded_in_todays_release_gets_no_drift_allowance():
     data = load_dataset(str(DATA / "hopper-random.hdf5"))
     with pytest.raises(ConsistencyError, match="no release drift to allow for"):
         check(data, ConsistencyConfig(rows=300, recorded_with=consistency.mujoco_version()))
+
+
+def test_the_evaluation_records_the_datasets_release(tmp_path):
+    """eval.json says which MuJoCo release the training data was recorded in (the imported
+    file's attrs): what the tables' and summary's evaluation-physics sentence reads."""
+    import pandas as pd
+
+    from harness.training.evaluation import evaluate_step
+    from harness.training.policy import PolicyConfig, make_agent, save_policy
+    _import("hopper-random.hdf5", "hopper-random", tmp_path, rows=200)
+    dataset = load_dataset(str(tmp_path / "hopper-random.hdf5"))
+    pdir = tmp_path / "policy"
+    pdir.mkdir()
+    save_policy(make_agent("td3bc", dataset, PolicyConfig()), "td3bc", pdir / "policy.pt")
+    (pdir / "final.json").write_text(json.dumps({"steps": 1, "wall_time_s": 0.0,
+                                                 "config_hash": "x"}))
+    pd.DataFrame({"normalized_score": [1.0]}).to_parquet(pdir / "metrics.parquet")
+    out = evaluate_step({"policy_dir": str(pdir), "dataset": str(tmp_path / "hopper-random.hdf5"),
+                         "task": "hopper-random", "seed": 0, "out": str(tmp_path / "eval.json"),
+                         "config": {"episodes": 1, "seed": 0}})
+    assert out["dataset_mujoco"] == "2.3.7" and out["sim_model"] == "hopper.xml"
+    assert json.loads((tmp_path / "eval.json").read_text())["dataset_mujoco"] == "2.3.7"

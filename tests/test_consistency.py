@@ -65,7 +65,8 @@ def test_import_chooses_the_recording_model_and_stores_it(recorded, model, tmp_p
     # while the other friction is off by O(1) on right-foot contacts.
     assert result["consistency_residual"] < 1e-5
     assert result[f"consistency_residual/{other}"] > ConsistencyConfig.tolerance
-    assert result["tags"] == {"sim_model": model, "consistency_status": "matches"}
+    assert result["tags"] == {"sim_model": model, "consistency_status": "matches",
+                              "recorded_mujoco": consistency.mujoco_version()}  # generated
     with h5py.File(out, "r") as f:
         assert f.attrs["sim_model"] == model
         assert f.attrs["consistency_residual"] == result["consistency_residual"]

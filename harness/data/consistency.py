@@ -19,7 +19,7 @@ to today's, and in deliberately wrong models):
   recorded in another MuJoCo release measures in today's (hopper up to 0.19 at the 0.999
   quantile, median 7e-3, recorded in 2.3.1 - 3.4.0; the maze's walls up to 0.72, median 1e-7;
   from 3.5.0 on both replay as today's own data) and below what a wrong model gives (walker2d's other foot friction >= 1.4, hopper's foot
-  friction 2.0 -> 1.0: 0.95, halfcheetah's friction or mass: >= 1.1; the maze's damping or mass
+  friction 2.0 -> 1.0: 0.95, halfcheetah's friction or mass: >= 0.98; the maze's damping or mass
   x1.1: median >= 3e-4). Accepted with a warning; the report, the file's attrs and MLflow record
   it, and the recording's MuJoCo release (a file attr, or `recorded_with`) when known.
 - "wrong model": beyond those bounds, or two candidate models within `model_ratio` of each
@@ -75,9 +75,9 @@ class DriftBound:
 
 
 # Per family: above the release drift measured there and below the mismatch gap
-# (docs/physics-drift.md). walker2d and halfcheetah measured no drift (2.3.1 .. 3.17 replay as
+# (docs/physics-drift.md). walker2d and halfcheetah measured no drift (2.3.1 .. 4.0 replay as
 # today's own data); their bounds leave room for MuJoCo 2.0's, at hopper's measured size,
-# and stay >= 3x below their smallest measured mismatch (0.6, 1.1).
+# and stay >= 3x below their smallest measured mismatch (0.6, 0.98).
 RELEASE_DRIFT = {"hopper": (0.4, 2e-2), "walker2d": (0.2, 2e-2), "halfcheetah": (0.3, 2e-2),
                  "maze2d": (1.5, 1e-5)}
 

@@ -130,11 +130,18 @@ def release_version(spec: str) -> str:
                           check=True, capture_output=True, text=True).stdout.strip()
 
 
-def record(spec: str, family: str, xml: Path, out: Path, steps: int, seed: int,
-           state_dtype: str = "float64", actions: str = "mixed") -> Path:
+# --via-gymnasium: the release's own gymnasium env per family (its own model file)
+GYMNASIUM_V4 = {"hopper": ("Hopper-v4", "hopper.xml"), "walker2d": ("Walker2d-v4", "walker2d.xml"),
+                "halfcheetah": ("HalfCheetah-v4", "half_cheetah.xml")}
+
+
+def record(spec: str, family: str, xml: Path | None, out: Path, steps: int, seed: int,
+           state_dtype: str = "float64", actions: str = "mixed",
+           gymnasium: str | None = None) -> Path:
     cmd, env = interpreter(spec)
     recorder_family = "pointmass" if family == "maze2d" else family
-    args = [*cmd, str(RECORDER), "--family", recorder_family, "--xml", str(xml), "--out",
+    model = ["--gymnasium", gymnasium] if gymnasium else ["--xml", str(xml)]
+    args = [*cmd, str(RECORDER), "--family", recorder_family, *model, "--out",
             str(out), "--steps", str(steps), "--seed", str(seed), "--actions", actions,
             "--state-dtype", state_dtype]
     if family == "maze2d":
@@ -197,10 +204,19 @@ def measure(args) -> dict:
                                 key=lambda kv: tuple(int(x) for x in
                                                      kv[0].split(".")[:3] if x.isdigit())):
         for family in args.families:
-            for label, v in variants(family, workdir).items():
+            if args.via_gymnasium:
+                if family not in GYMNASIUM_V4:
+                    continue
+                env_id, model = GYMNASIUM_V4[family]
+                todo = {f"{model} ({env_id})": {"xml": None, "right": model, "env": env_id}}
+            else:
+                todo = variants(family, workdir)
+            for label, v in todo.items():
                 start = time.perf_counter()
-                path = workdir / f"{version}_{family}_{Path(v['xml']).stem}.hdf5"
-                record(spec, family, v["xml"], path, args.steps, args.seed)
+                stem = v["env"] if v.get("env") else Path(v["xml"]).stem
+                path = workdir / f"{version}_{family}_{stem}.hdf5"
+                record(spec, family, v["xml"], path, args.steps, args.seed,
+                       gymnasium=v.get("env"))
                 for dtype in ("float64", "float32"):
                     res = replay(read(path, family, np.dtype(dtype)), args.rows)
                     results.append({"release": version, "family": family, "recorded": label,
@@ -286,6 +302,10 @@ def main(argv=None) -> int:
     p.add_argument("--workdir", required=True, help="where the recorded files go")
     p.add_argument("--json", help="write every number here")
     p.add_argument("--markdown", help="write the tables here")
+    p.add_argument("--via-gymnasium", action="store_true",
+                   help="record through each release's own gymnasium v4 env (its own model; "
+                        "the release's environment needs gymnasium, e.g. 0.29.1) instead of "
+                        "record_release.py's own step: hopper, walker2d, halfcheetah")
     p.add_argument("--test-data", metavar="DIR",
                    help="instead: record the test files (TEST_FILES) in the one --release")
     args = p.parse_args(argv)

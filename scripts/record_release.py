@@ -18,6 +18,9 @@ MuJoCo env step done by hand, so every release runs the very same model and step
   D4RL's); reset to one of `--reset-points` + U(-0.1, 0.1), velocity N(0, 0.1^2); no
   termination, `--episode-steps` per episode.
 
+`--gymnasium ENV_ID` records through the release's own gymnasium env instead (its reset and
+step; the environment must have gymnasium installed), to check the hand-made step against it.
+
 Actions: `random` (uniform in the control range every step), `sine` (per episode and actuator a
 random amplitude, frequency and phase: smoother, gait-like motion), or `mixed` (each episode
 one or the other, alternating). Output (D4RL layout): observations, actions, rewards,
@@ -127,9 +130,35 @@ class Recorder:
         return mid + half * amp * np.sin(2 * np.pi * freq * t + phase)
 
 
+class GymnasiumRecorder(Recorder):
+    """The same recording through the release's own gymnasium env (`--gymnasium Hopper-v4`):
+    its reset and step instead of the hand-made ones, to check that those step as gymnasium
+    does in that release. The env loads its own model file (`--xml` is not used)."""
+
+    def __init__(self, family: str, env_id: str, seed: int):
+        import gymnasium
+        self.env = gymnasium.make(env_id).unwrapped
+        self.family, self.env_id = family, env_id
+        self.frame_skip, self.noise, self.clip, self.ctrl_cost = FAMILIES[family]
+        self.model, self.data = self.env.model, self.env.data
+        self.rng = np.random.default_rng(seed)
+        self.env.reset(seed=seed)
+        self.ctrl_lo, self.ctrl_hi = self.model.actuator_ctrlrange.T.copy()
+
+    def reset(self) -> np.ndarray:
+        return self.env.reset()[0]
+
+    def step(self, action: np.ndarray):
+        obs, reward, terminated, _truncated, _ = self.env.step(action.astype(np.float32))
+        return obs, float(reward), bool(terminated)
+
+
 def record(args) -> dict:
-    rec = Recorder(args.family, args.xml, args.seed,
-                   json.loads(args.reset_points) if args.reset_points else None)
+    if args.gymnasium:
+        rec = GymnasiumRecorder(args.family, args.gymnasium, args.seed)
+    else:
+        rec = Recorder(args.family, args.xml, args.seed,
+                       json.loads(args.reset_points) if args.reset_points else None)
     n, nq, nv, nu = args.steps, rec.model.nq, rec.model.nv, rec.model.nu
     obs_dim = len(rec.obs())
     out = {"observations": np.empty((n, obs_dim)), "next_observations": np.empty((n, obs_dim)),
@@ -169,7 +198,11 @@ def record(args) -> dict:
         f.create_dataset("infos/qvel", data=out["qvel"].astype(state), **gz)
         f.attrs.update({"mujoco_version": mujoco.__version__,
                         "recorder": "scripts/record_release.py",
-                        "model_file": os.path.basename(args.xml), "family": args.family,
+                        "model_file": (f"{args.gymnasium}'s own" if args.gymnasium
+                                       else os.path.basename(args.xml)),
+                        "stepped_by": (f"gymnasium {args.gymnasium}" if args.gymnasium
+                                       else "scripts/record_release.py"),
+                        "family": args.family,
                         "actions": args.actions, "seed": args.seed})
     os.replace(tmp, args.out)
     return {"out": args.out, "mujoco": mujoco.__version__, "rows": n, "episodes": episode}
@@ -178,7 +211,9 @@ def record(args) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--family", required=True, choices=sorted(FAMILIES))
-    p.add_argument("--xml", required=True, help="the MJCF model file to record in")
+    p.add_argument("--xml", help="the MJCF model file to record in")
+    p.add_argument("--gymnasium", metavar="ENV_ID",
+                   help="instead: step the release's own gymnasium env (e.g. Hopper-v4)")
     p.add_argument("--out", required=True, help="the hdf5 file to write")
     p.add_argument("--steps", type=int, default=1000, help="transitions (rows)")
     p.add_argument("--seed", type=int, default=0)
@@ -188,6 +223,8 @@ def main(argv=None) -> int:
     p.add_argument("--reset-points", default=None,
                    help="pointmass: JSON list of [x, y] start positions (simulator frame)")
     args = p.parse_args(argv)
+    if not (args.xml or args.gymnasium):
+        p.error("one of --xml or --gymnasium is required")
     print(json.dumps(record(args)))
     return 0
 

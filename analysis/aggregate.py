@@ -82,12 +82,136 @@ def collect_scores(paths, rule: str = "final") -> pd.DataFrame:
                              f"got {score!r}")
         rows.append({"method": str(data["method"]), "task": str(data["task"]),
                      "seed": int(data["seed"]), "normalized_score": float(score),
-                     "source": str(f)})
+                     "source": str(f), **environment_from_eval(data)})
     return _score_table(rows)
 
 
+# ---- what produced each run --------------------------------------------------------------
+# eval.json's "environment" object (harness.provenance: python, packages {name: version},
+# torch_cuda, packages_digest) and "device"; MLflow carries the same as tags env.<name>. A
+# run without them (an older eval.json) reads "unrecorded". `dataset_mujoco`: the MuJoCo
+# release the run's dataset was recorded in (its hdf5 attrs, harness.data.consistency).
+
+UNRECORDED = "unrecorded"
+CPU_BUILD = "none (CPU build)"  # torch_cuda of a CPU torch
+ENV_COLUMNS = ("python", "mujoco", "torch", "torch_cuda", "gymnasium", "gymnasium-robotics",
+               "numpy", "packages_digest", "device", "dataset_mujoco")
+ENV_PACKAGES = ("mujoco", "torch", "gymnasium", "gymnasium-robotics", "numpy")
+
+
+def _text(value) -> str:
+    if value is None or value == "":
+        return UNRECORDED
+    return str(value)
+
+
+def _device_text(device) -> str:
+    """A short name of the eval.json "device" object (its name, else its type)."""
+    if isinstance(device, dict):
+        return _text(device.get("name") or device.get("type") or (
+            json.dumps(device, sort_keys=True) if device else None))
+    return _text(device)
+
+
+def environment_from_eval(data: dict) -> dict:
+    """ENV_COLUMNS of one eval.json ("unrecorded" where a key is absent)."""
+    env = data.get("environment") if isinstance(data.get("environment"), dict) else {}
+    packages = env.get("packages") if isinstance(env.get("packages"), dict) else {}
+    out = {"python": _text(env.get("python")),
+           "torch_cuda": _text(env.get("torch_cuda")) if env else UNRECORDED,
+           "packages_digest": _text(env.get("packages_digest")),
+           "device": _device_text(data.get("device")),
+           "dataset_mujoco": _text(data.get("dataset_mujoco"))}
+    if env and env.get("torch_cuda") is None:
+        out["torch_cuda"] = CPU_BUILD
+    out.update({name: _text(packages.get(name)) for name in ENV_PACKAGES})
+    return {k: out[k] for k in ENV_COLUMNS}
+
+
+def environment_from_tags(tags: dict) -> dict:
+    """ENV_COLUMNS of one MLflow run's tags (env.mujoco, env.torch, env.packages_digest, ...;
+    dataset.mujoco)."""
+    out = {name: _text(tags.get(f"env.{name}")) for name in ENV_COLUMNS
+           if name not in ("device", "dataset_mujoco", "torch_cuda")}
+    cuda = tags.get("env.torch_cuda")
+    out["torch_cuda"] = (UNRECORDED if cuda is None and "env.torch" not in tags else
+                         CPU_BUILD if str(cuda).lower() in ("", "none", "null") else str(cuda))
+    out["device"] = _text(tags.get("env.device") or tags.get("device"))
+    out["dataset_mujoco"] = _text(tags.get("dataset.mujoco"))
+    return {k: out[k] for k in ENV_COLUMNS}
+
+
+def environment_counts(df: pd.DataFrame, column: str) -> dict[str, int]:
+    """{value: runs} of one ENV_COLUMNS column, most runs first ("unrecorded" counted too)."""
+    if column not in df:
+        return {UNRECORDED: len(df)} if len(df) else {}
+    counts = df[column].fillna(UNRECORDED).astype(str).value_counts()
+    return {str(k): int(v) for k, v in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))}
+
+
+def _listing(counts: dict[str, int], what: str) -> str:
+    return ", ".join(f"{k if k == UNRECORDED else what + k} ({n} run{'s' if n != 1 else ''})"
+                     for k, n in counts.items())
+
+
+def environment_notes(df: pd.DataFrame) -> list[str]:
+    """Warnings when the runs combined here come from different environments: MuJoCo
+    releases first (physics moves between them), then torch, Python, the package digest."""
+    notes = []
+    mujoco = environment_counts(df, "mujoco")
+    if len(mujoco) > 1:
+        notes.append(f"the runs combined here were evaluated in {len(mujoco)} different MuJoCo "
+                     f"releases: {_listing(mujoco, 'MuJoCo ')}; physics differs between "
+                     f"releases, so their scores are not strictly comparable")
+    for column, what in (("torch", "torch "), ("python", "Python ")):
+        counts = environment_counts(df, column)
+        if len(counts) > 1:
+            notes.append(f"the runs come from {len(counts)} {what.strip()} versions: "
+                         f"{_listing(counts, what)}")
+    digests = environment_counts(df, "packages_digest")
+    if len(digests) > 1:
+        short = {(k[:12] if k != UNRECORDED else k): n for k, n in digests.items()}
+        notes.append(f"the runs come from {len(digests)} different installed package sets "
+                     f"(packages_digest): {_listing(short, '')}")
+    return notes
+
+
+PUBLISHED_PHYSICS = "MuJoCo 2.0 via mujoco-py"  # where D4RL recorded and the papers scored
+
+
+def physics_note(df: pd.DataFrame) -> str | None:
+    """The sentence tables and summary carry when some run's dataset was recorded in another
+    MuJoCo release than the one its policy was scored in (dataset_mujoco vs mujoco; runs
+    without either recorded cannot say); None if no run says so."""
+    if "dataset_mujoco" not in df or "mujoco" not in df:
+        return None
+    rec = df.dataset_mujoco.fillna(UNRECORDED).astype(str)
+    scored = df.mujoco.fillna(UNRECORDED).astype(str)
+    other = df[(rec != UNRECORDED) & (scored != UNRECORDED) & (rec != scored)]
+    if other.empty:
+        return None
+    scored_text = ", ".join(f"MuJoCo {k}" for k in environment_counts(other, "mujoco"))
+    recorded = ", ".join(f"MuJoCo {k}" for k in environment_counts(other, "dataset_mujoco"))
+    return (f"Evaluation physics: {len(other)} of {len(df)} run(s) trained on data recorded in "
+            f"{recorded} and their policies were scored in today's physics ({scored_text}); "
+            f"the published numbers were obtained in {PUBLISHED_PHYSICS}.")
+
+
+def environments(df: pd.DataFrame) -> pd.DataFrame:
+    """One row per distinct environment (ENV_COLUMNS) with its run count."""
+    cols = [c for c in ENV_COLUMNS if c in df]
+    if not cols:
+        return pd.DataFrame({"runs": [len(df)]})
+    return (df[cols].fillna(UNRECORDED).astype(str).value_counts(sort=True)
+            .rename("runs").reset_index())
+
+
 def _score_table(rows: list[dict]) -> pd.DataFrame:
-    df = pd.DataFrame(rows, columns=["method", "task", "seed", "normalized_score", "source"])
+    columns = ["method", "task", "seed", "normalized_score", "source"]
+    if any(k in r for r in rows for k in ENV_COLUMNS):
+        rows = [{**dict.fromkeys(ENV_COLUMNS, UNRECORDED), **r} for r in rows]
+        columns += list(ENV_COLUMNS)
+    df = pd.DataFrame(rows, columns=columns)
     dup = df.duplicated(["method", "task", "seed"], keep=False)
     if dup.any():
         raise ScoreError("several results for the same (method, task, seed): "
@@ -141,7 +265,8 @@ def scores_from_mlflow(uri: str, experiments: list[str], filter_string: str = ""
             raise ScoreError(f"{where}: {metric!r} must be a finite number, got {score!r}")
         rows.append({"method": run.data.tags["method"], "task": run.data.tags["task"],
                      "seed": int(run.data.tags["seed"]), "normalized_score": float(score),
-                     "source": f"{where}, dag_run {run.data.tags.get('dag_run', '?')}"})
+                     "source": f"{where}, dag_run {run.data.tags.get('dag_run', '?')}",
+                     **environment_from_tags(run.data.tags)})
     if pending:
         log.warning("%d trial run(s) have no final evaluation yet, left out: %s",
                     len(pending), ", ".join(sorted(pending)))
@@ -554,13 +679,17 @@ def run_aggregate(score_files: list[Path], out_dir: Path, reps: int = 2000,
         agg = aggregate(df, reps=reps, seed=seed, notes=notes, engine=engine)
         taus, profiles, cis = performance_profiles(df, reps=reps, seed=seed, engine=engine)
     poi = improvement_probabilities(df, reps=reps, seed=seed, notes=notes, engine=engine)
+    env_notes = environment_notes(df)
+    for note in env_notes:
+        log.warning(note)
     prof = pd.DataFrame([{"method": m, "tau": t, "fraction": profiles[m][j],
                           "ci_low": cis[m][0, j], "ci_high": cis[m][1, j]}
                          for m in profiles for j, t in enumerate(taus)])
     notes = list(dict.fromkeys(notes))  # de-duplicate, keep order
     files = []
     for name, table in (("aggregates", agg), ("improvement", poi), ("profiles", prof),
-                        ("scores", df.drop(columns="source"))):
+                        ("scores", df.drop(columns=["source", *(c for c in ENV_COLUMNS
+                                                                if c in df)]))):
         path = out_dir / f"{name}.csv"
         atomic_write_text(path, table.to_csv(index=False, float_format="%.6g"))
         files.append(path)
@@ -568,7 +697,12 @@ def run_aggregate(score_files: list[Path], out_dir: Path, reps: int = 2000,
     files += plotting.save_figure(plot_profiles(taus, profiles, cis),
                                   out_dir / "performance_profiles")
     files += plotting.save_figure(plot_improvement(poi), out_dir / "improvement_probability")
+    path = out_dir / "environments.csv"
+    atomic_write_text(path, environments(df).to_csv(index=False))
+    files.append(path)
     atomic_write_text(out_dir / "notes.json", json.dumps({"reps": reps, "seed": seed,
-                                                          "notes": notes}, indent=2))
+                                                          "notes": notes,
+                                                          "environment_notes": env_notes},
+                                                         indent=2))
     return {"aggregates": agg, "improvement": poi, "profiles": prof, "scores": df,
-            "notes": notes, "reps": reps, "files": files}
+            "notes": notes, "environment_notes": env_notes, "reps": reps, "files": files}

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from analysis.aggregate import environment_notes, physics_note
 from analysis.plotting import label
 from analysis.tables import NA, NOT_RUN
 from harness.checkpoint import atomic_write_text
@@ -233,8 +234,17 @@ def write_summary(aggregates: dict | None, tables: dict | None, rollout_error, o
         if aggregates["reps"] < 50_000:
             caveats.append(f"{aggregates['reps']} bootstrap resamples (rliable's paper uses "
                            f"50,000): CI end-points carry Monte-Carlo noise.")
+    if aggregates is not None and "scores" in aggregates:
+        physics = physics_note(aggregates["scores"])
+        if physics:
+            caveats.append(physics)
     if caveats:
         lines += ["**Caveats.** " + " ".join(caveats), ""]
+    env_notes = (aggregates.get("environment_notes") if aggregates is not None else None)
+    if env_notes is None and aggregates is not None and "scores" in aggregates:
+        env_notes = environment_notes(aggregates["scores"])
+    for note in env_notes or []:
+        lines += [f"**Warning: different environments.** {note[0].upper()}{note[1:]}.", ""]
     if aggregates is not None:
         lines += _aggregate_section(aggregates)
     else:

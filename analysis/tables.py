@@ -19,7 +19,7 @@ import pandas as pd
 import yaml
 from rliable import metrics
 
-from analysis.aggregate import SCORE_RULES, collect_scores, ordered
+from analysis.aggregate import SCORE_RULES, collect_scores, ordered, physics_note
 from analysis.plotting import label
 from harness import registry
 from harness.checkpoint import atomic_write_text
@@ -160,6 +160,8 @@ def _caption(title: str, table: dict) -> str:
         text += (" Our model-based runs: one model per task shared by every seed (intervals "
                  "leave out model variance)." if table["models_shared"] else
                  " Our model-based runs: models trained per seed.")
+    if table.get("physics"):
+        text += " " + table["physics"]
     if table["sources"]:
         text += " Published: " + "; ".join(
             f"{p.label}: {p.source}" + (f" ({p.seeds} seeds)" if p.seeds else "")
@@ -207,6 +209,7 @@ def make_tables(df: pd.DataFrame, published: list[Published], rule: str = "final
     """{name: {"title", "table", "markdown", "latex"}} for each family present + 'overall'."""
     out = {}
     present = set(df.method)
+    physics = physics_note(df)
     for base, methods in registry.families().items():
         # A primary family (TD3+BC: TD3+BC, DyDiff-TD3BC) whenever one of it ran; a method's
         # ablation family (DyDiff-TD3BC and its variants) only when a variant ran.
@@ -215,7 +218,8 @@ def make_tables(df: pd.DataFrame, published: list[Published], rule: str = "final
             continue
         title = f"{label(base)} family"
         table = {**build_table(df, methods, published, rule=rule),
-                 "models_shared": models_shared}
+                 "models_shared": models_shared,
+                 "physics": physics_note(df[df.method.isin(methods)])}
         out[base] = {"title": title, "table": table, "markdown": to_markdown(title, table),
                      "latex": to_latex(title, table, f"dydiff-{base}")}
     methods = ordered(present)
@@ -227,6 +231,7 @@ def make_tables(df: pd.DataFrame, published: list[Published], rule: str = "final
                         published_methods=[m for m in methods if m not in in_family],
                         rule=rule)
     table["models_shared"] = models_shared
+    table["physics"] = physics
     out["overall"] = {"title": title, "table": table, "markdown": to_markdown(title, table),
                       "latex": to_latex(title, table, "dydiff-overall")}
     return out

@@ -64,7 +64,8 @@ def collect(env, act_fn: ActFn, n_steps: int, *, name: str, progress: bool = Fal
     if not (term_buf[-1] or tout_buf[-1]):
         tout_buf[-1] = True
     return Dataset(obs_buf, act_buf, rew_buf, next_buf, term_buf, tout_buf, name=name,
-                   qpos=qpos_buf, qvel=qvel_buf, source="generated")
+                   qpos=qpos_buf, qvel=qvel_buf, source="generated",
+                   extra={"recorded_mujoco": consistency.mujoco_version()})
 
 
 def random_dataset(task: str, n_steps: int, seed: int, progress: bool = False) -> Dataset:

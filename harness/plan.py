@@ -92,16 +92,18 @@ def load_config(path: str | Path, overrides: dict | None = None) -> dict:
     naming the file and key if bad)."""
     cfg = read_yaml(path)  # its errors name the file and line already
     try:
-        return resolve(cfg, overrides)
+        return resolve(cfg, overrides, source=path)
     except ConfigError as err:
         raise ConfigError(f"{path}: {err}") from None
 
 
-def resolve(cfg: dict, overrides: dict | None = None) -> dict:
+def resolve(cfg: dict, overrides: dict | None = None,
+            source: str | Path | None = None) -> dict:
     """The config a run uses: its `extends` merged in, then the overrides (`--set`,
     `snakemake --config`), validated, its `ablations` groups expanded into `methods`
-    (registry.with_ablations: every variant of the group whose base is run)."""
-    cfg = with_extends(cfg)
+    (registry.with_ablations: every variant of the group whose base is run). `source`: the
+    file `cfg` was read from, so an `extends` chain that comes back to it is named."""
+    cfg = with_extends(cfg, (Path(source),) if source is not None else ())
     if overrides:
         cfg = layered(cfg, overrides)
     check_schema(cfg, schema())
@@ -110,13 +112,23 @@ def resolve(cfg: dict, overrides: dict | None = None) -> dict:
     return cfg
 
 
-def with_extends(cfg: dict) -> dict:
+def with_extends(cfg: dict, chain: tuple[Path, ...] = ()) -> dict:
     """`extends: config/paper.yaml` (a path from the repository root, where Snakemake runs):
-    that config's values under this one's, so a variant grid states only what differs."""
+    that config's values under this one's, so a variant grid states only what differs.
+    `chain`: the files read so far (the first: the config's own, when known); an `extends`
+    that names one of them again is a ConfigError naming the cycle."""
     if not cfg.get("extends"):
         return cfg
+    target = cfg["extends"]
+    if not isinstance(target, str):
+        raise ConfigError(f"extends: expected a config file path, got {target!r}")
+    parent = Path(target)
+    seen = [p.resolve() for p in chain]
+    if parent.resolve() in seen:
+        cycle = [*chain[seen.index(parent.resolve()):], parent]
+        raise ConfigError("extends: the chain loops: " + " -> ".join(map(str, cycle)))
     own = {k: v for k, v in cfg.items() if k != "extends"}
-    return layered(with_extends(read_yaml(cfg["extends"])), own)
+    return layered(with_extends(read_yaml(parent), (*chain, parent)), own)
 
 
 def layered(base: dict, layer: dict) -> dict:

@@ -327,3 +327,19 @@ def test_check_config_lists_the_grid_then_names_missing_datasets(tmp_path, monke
     assert "import-dataset       15 job(s)" in out.out
     assert out.err.startswith("dydiff-bench check-config: error: config/paper.yaml: data.source: "
                               "d4rl: 15 of 15 dataset(s) not found: ")
+
+
+def test_an_extends_cycle_is_one_line_naming_the_chain(tmp_path, monkeypatch, capsys):
+    from harness.cli import main
+    monkeypatch.chdir(tmp_path)  # extends paths are read from where the command runs
+    (tmp_path / "a.yaml").write_text("extends: b.yaml\nseeds: [0]\n")
+    (tmp_path / "b.yaml").write_text("extends: c.yaml\n")
+    (tmp_path / "c.yaml").write_text("extends: b.yaml\n")
+    assert main(["check-config", "--configfile", "a.yaml"]) == 2
+    err = capsys.readouterr().err
+    assert err == ("dydiff-bench check-config: error: a.yaml: extends: the chain loops: "
+                   "b.yaml -> c.yaml -> b.yaml\n")
+    (tmp_path / "b.yaml").write_text("extends: a.yaml\n")
+    assert main(["check-config", "--configfile", "a.yaml"]) == 2
+    assert capsys.readouterr().err.endswith("a.yaml: extends: the chain loops: "
+                                            "a.yaml -> b.yaml -> a.yaml\n")

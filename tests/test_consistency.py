@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+from dataclasses import asdict
 from pathlib import Path
 
 import h5py
@@ -18,7 +19,7 @@ import torch
 
 from datagen.generate import collect
 from harness import plan
-from harness.config import ConfigError
+from harness.config import ConfigError, from_dict
 from harness.data import consistency
 from harness.data.consistency import ConsistencyConfig, ConsistencyError, check
 from harness.data.d4rl import read_hdf5, stored_sim_model, write_hdf5
@@ -64,7 +65,8 @@ def test_import_chooses_the_recording_model_and_stores_it(recorded, model, tmp_p
     # while the other friction is off by O(1) on right-foot contacts.
     assert result["consistency_residual"] < 1e-5
     assert result[f"consistency_residual/{other}"] > ConsistencyConfig.tolerance
-    assert result["tags"] == {"sim_model": model, "consistency_status": "checked"}
+    assert result["tags"] == {"sim_model": model, "consistency_status": "matches",
+                              "recorded_mujoco": consistency.mujoco_version()}  # generated
     with h5py.File(out, "r") as f:
         assert f.attrs["sim_model"] == model
         assert f.attrs["consistency_residual"] == result["consistency_residual"]
@@ -78,19 +80,24 @@ def test_mismatch_stops_with_every_models_residual_and_the_config_key(recorded):
         check(recorded[OLD], models=(V5,))
     message = str(err.value)
     assert "data.consistency.accept_mismatch: true" in message and "\n" not in message
-    assert f"{V5} " in message and "data.consistency.tolerance=0.01" in message
-    # Both models allowed, tolerance below float32 rounding: both listed, best named.
+    assert f"{V5} " in message and "wrong simulator model" in message
+    # Both models allowed, bounds below float32 rounding: both listed, best named.
+    tight = {"walker2d": {"residual": 1e-12, "median": 1e-12}}
     with pytest.raises(ConsistencyError) as err:
-        check(recorded[OLD], ConsistencyConfig(tolerance=1e-12))
-    residuals = dict(re.findall(r"(walker2d\S*\.xml) ([-+.e0-9]+)[,)]", str(err.value)))
+        check(recorded[OLD], from_dict(ConsistencyConfig, {
+            "tolerance": 1e-12, "median_tolerance": 1e-12, "release_drift": tight}))
+    residuals = dict(re.findall(r"(walker2d\S*\.xml) ([-+.e0-9]+) \(", str(err.value)))
     residuals = {m: float(r) for m, r in residuals.items()}
     assert residuals[OLD] < 1e-5 < ConsistencyConfig.tolerance < residuals[V5]
     assert f"(evaluated in {OLD})" in str(err.value)
 
 
 def test_accepted_mismatch_keeps_the_best_model(recorded):
-    report = check(recorded[V5], ConsistencyConfig(tolerance=1e-12, accept_mismatch=True))
-    assert report["status"] == "mismatch accepted" and report["sim_model"] == V5
+    tight = {"walker2d": {"residual": 1e-12, "median": 1e-12}}
+    report = check(recorded[V5], from_dict(ConsistencyConfig, {
+        "tolerance": 1e-12, "median_tolerance": 1e-12, "release_drift": tight,
+        "accept_mismatch": True}))
+    assert report["status"] == "wrong model accepted" and report["sim_model"] == V5
     assert report["residual"] == report["residuals"][V5]["residual"] > 1e-12
 
 
@@ -118,7 +125,7 @@ def test_states_rebuilt_from_clipped_observations_are_left_out(recorded):
     report = check(rebuilt)
     on_bound = int((np.abs(obs[:, 8:]) == 10.0).any(-1).sum())
     assert 0 < report["left_out"]["qvel_on_clip_bound"] <= on_bound
-    assert report["status"] == "checked" and report["sim_model"] == OLD
+    assert report["status"] == "matches" and report["sim_model"] == OLD
     assert report["residuals"][V5]["residual"] > ConsistencyConfig.tolerance
 
 
@@ -135,7 +142,7 @@ def test_config_key_is_validated_and_reaches_the_import_job(tmp_path):
     cfg = plan.load_config(SMOKE, {"data": {"source": "d4rl", "consistency": {"rows": 500}},
                                    "results_dir": str(tmp_path)})
     job = plan.import_job(cfg, cfg["tasks"][0])
-    assert job["config"]["consistency"] == {**vars(ConsistencyConfig()), "rows": 500}
+    assert job["config"]["consistency"] == {**asdict(ConsistencyConfig()), "rows": 500}
     # The evaluation reads the model from the dataset the import wrote.
     assert plan.eval_job(cfg, cfg["methods"][0], cfg["tasks"][0], 0)["dataset"] == job["out"]
     with pytest.raises(ConfigError, match=r"data\.consistency.*tolerance: must be positive"):
@@ -176,6 +183,6 @@ def test_d4rl_import_job_records_the_model_in_the_file_and_mlflow(recorded, tmp_
     assert stored_sim_model(plan.eval_job(cfg, "td3bc", "walker2d-random", 0)["dataset"]) == OLD
     run = mlflow.tracking.MlflowClient(uri).get_run(
         Path(job["out"]).with_suffix(".mlflow_run_id").read_text())
-    assert run.data.tags["sim_model"] == OLD and run.data.tags["consistency_status"] == "checked"
+    assert run.data.tags["sim_model"] == OLD and run.data.tags["consistency_status"] == "matches"
     assert run.data.metrics["final/consistency_residual"] == result["consistency_residual"]
     assert run.data.metrics[f"final/consistency_residual/{V5}"] > ConsistencyConfig.tolerance

@@ -268,7 +268,7 @@ def test_generated_data_follows_d4rls_recipe(generated):
 
 def test_generated_data_round_trips_and_replays_in_its_model(generated, tmp_path):
     report = consistency.check(generated, models=task_spec("maze2d-umaze").models)
-    assert report["status"] == "checked" and report["sim_model"] == "PointMaze_UMaze-v3"
+    assert report["status"] == "matches" and report["sim_model"] == "PointMaze_UMaze-v3"
     assert report["residual"] < 1e-5 and report["rows_used"] > 1900
     path = write_hdf5(generated, tmp_path / "maze2d-umaze.hdf5", **consistency.attrs(report))
     back = read_hdf5(path)

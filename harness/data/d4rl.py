@@ -2,7 +2,8 @@
 
 Layout: top-level datasets observations, actions, rewards, terminals, timeouts,
 next_observations (float32 / bool), optionally infos/qpos and infos/qvel; metadata as attrs
-(`sim_model`: the simulator model the data replays in, see harness/data/consistency.py).
+(`sim_model`: the simulator model the data replays in, see harness/data/consistency.py;
+`recorded_mujoco`, or a recorder's `mujoco_version`: the MuJoCo release it was recorded in).
 D4RL's maze2d files have no next_observations: they are derived as d4rl.qlearning_dataset
 does (`derive_next_observations`).
 """
@@ -45,6 +46,7 @@ def read_hdf5(path: str | os.PathLike, name: str | None = None) -> Dataset:
                 arrays[key] = f[f"infos/{key}"][()] if f"infos/{key}" in f else None
             stored_name = f.attrs.get("name")
             sim_model = _text(f.attrs.get("sim_model"))
+            recorded = _recording_release(f.attrs)
     except OSError as err:
         raise DatasetError(f"{path} is not a readable hdf5 file: {err}") from None
     derived = arrays["next_observations"] is None and not any(
@@ -56,6 +58,8 @@ def read_hdf5(path: str | os.PathLike, name: str | None = None) -> Dataset:
         raise DatasetError(f"{path} is not a valid D4RL dataset:\n  - " + "\n  - ".join(problems))
     name = name or _text(stored_name) or path.stem
     extra = {"sim_model": sim_model} if sim_model else {}
+    if recorded:
+        extra["recorded_mujoco"] = recorded
     if derived:
         extra["next_observations"] = "derived: observations[t + 1], timeout rows dropped"
     return Dataset(name=str(name), source=str(path), extra=extra, **arrays)
@@ -85,6 +89,26 @@ def _text(value) -> str | None:
     return value.decode() if isinstance(value, bytes) else value
 
 
+# attrs naming the MuJoCo release a file was recorded in: the harness's own (written by the
+# import step and dataset generation), then the recorder's (scripts/record_release.py).
+RECORDING_ATTRS = ("recorded_mujoco", "mujoco_version")
+
+
+def _recording_release(attrs) -> str | None:
+    for key in RECORDING_ATTRS:
+        value = _text(attrs.get(key))
+        if value:
+            return str(value)
+    return None
+
+
+def stored_recording_release(path: str | os.PathLike) -> str | None:
+    """The MuJoCo release a dataset file was recorded in (attr `recorded_mujoco`, else
+    `mujoco_version`); None if the file does not say."""
+    with h5py.File(path, "r") as f:
+        return _recording_release(f.attrs)
+
+
 def stored_sim_model(path: str | os.PathLike) -> str | None:
     """The simulator model recorded with a dataset file (attr `sim_model`, written by the
     import step's consistency check and by dataset generation); None if it has none."""
@@ -106,8 +130,9 @@ def write_hdf5(dataset: Dataset, path: str | os.PathLike, **attrs) -> Path:
             f.attrs["name"] = dataset.name
             # The software that wrote the file (for generated data: that recorded it).
             f.attrs["environment"] = json.dumps(environment())
-            if dataset.extra.get("sim_model"):  # read from a file: keep it with the data
-                f.attrs["sim_model"] = dataset.extra["sim_model"]
+            for key in ("sim_model", "recorded_mujoco"):  # read from a file: keep them
+                if dataset.extra.get(key):
+                    f.attrs[key] = dataset.extra[key]
             for key, value in attrs.items():
                 f.attrs[key] = value
     return path

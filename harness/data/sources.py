@@ -241,4 +241,5 @@ def import_step(spec: dict, log_fn=None) -> dict:
     write_hdf5(dataset, spec["out"], source=str(dataset.source), **consistency.attrs(report))
     return {**dataset.summary(), **consistency.metrics(report),
             "tags": {"sim_model": report["sim_model"],
-                     "consistency_status": report["status"]}}
+                     "consistency_status": report["status"],
+                     "recorded_mujoco": report.get("recorded_mujoco", "unknown")}}

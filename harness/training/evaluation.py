@@ -79,7 +79,7 @@ def evaluate_step(spec: dict, log_fn=None) -> dict:
     file the analysis reads; its METRICS go to `log_fn` at the policy's last training step).
     eval.json also holds the mean of the last 10 evaluations during training
     (`normalized_score_last10`, OfflineRL-Kit's score rule; analysis.score_rule picks)."""
-    from harness.data.d4rl import stored_sim_model
+    from harness.data.d4rl import stored_recording_release, stored_sim_model
     from harness.provenance import environment
     from harness.runtime import device, device_record, git_sha
     from harness.training.policy import load_policy
@@ -87,6 +87,9 @@ def evaluate_step(spec: dict, log_fn=None) -> dict:
     agent, method = load_policy(pdir / "policy.pt", device())
     final = json.loads((pdir / "final.json").read_text())
     model = stored_sim_model(spec["dataset"]) if spec.get("dataset") else None
+    # The MuJoCo release the training data was recorded in (None: not recorded): the analysis
+    # says when it differs from the one scoring here (analysis.aggregate.physics_note).
+    recorded = stored_recording_release(spec["dataset"]) if spec.get("dataset") else None
     start = time.perf_counter()
     result = evaluate(agent, spec["task"], episodes=spec["config"]["episodes"],
                       seed=spec["config"]["seed"], model=model)
@@ -97,6 +100,7 @@ def evaluate_step(spec: dict, log_fn=None) -> dict:
            "eval_episodes": spec["config"]["episodes"], "episode_lengths": result["lengths"],
            **last_evaluations(pdir / checkpoint.METRICS),  # the offline loop's table
            "sim_model": model or task_spec(spec["task"]).models[0],
+           "dataset_mujoco": recorded,
            "steps": final["steps"], "train_wall_time_s": final["wall_time_s"],
            "wall_time_s": time.perf_counter() - start, "git_sha": git_sha(),
            "config_hash": final["config_hash"],
@@ -105,4 +109,8 @@ def evaluate_step(spec: dict, log_fn=None) -> dict:
     checkpoint.atomic_write_text(spec["out"], json.dumps(out, indent=2) + "\n")
     if log_fn is not None:
         log_fn({metric: out[key] for key, metric in METRICS.items()}, final["steps"])
+        client = getattr(log_fn, "client", None)
+        if recorded and client is not None:  # the MLflow row says it too (dataset.mujoco)
+            from harness.tracking import retry
+            retry(client.set_tag, log_fn.run_id, "dataset.mujoco", recorded)
     return out

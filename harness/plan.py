@@ -152,6 +152,12 @@ def layered(base: dict, layer: dict) -> dict:
             m: v for m, v in sections.items() if m in configured or m in own_names}}}
 
     out = keep_methods(out, layer)
+    per_method = (out.get("devices") or {}).get("per_method") if isinstance(
+        out.get("devices"), dict) else None
+    if isinstance(per_method, dict):  # devices of methods no longer run go the same way
+        own_devices = set(((layer.get("devices") or {}).get("per_method") or {}))
+        out["devices"] = {**out["devices"], "per_method": {
+            m: v for m, v in per_method.items() if m in configured or m in own_devices}}
     if isinstance(out.get("per_task"), dict):
         out["per_task"] = {t: keep_methods(v, own_tasks.get(t))
                            for t, v in out["per_task"].items()}

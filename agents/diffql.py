@@ -85,7 +85,7 @@ class DiffQLConfig:
     eval_samples: int = 50        # ql_diffusion.py:189
     max_action: float = 1.0
     # Observation standardisation: original none; authors mean / (population std + 1e-6)
-    # (diffql_script.py:86-95, rlkit/utils/buffer.py:466-472).
+    # (diffql_script.py:86-95, rlkit/utils/buffer.py:472-484).
     normalize_obs: bool = False
     obs_std_eps: float = 1e-6
 

@@ -129,7 +129,11 @@ COST_FREE = {"actor_lr", "critic_lr", "alpha_lr", "cql_alpha_lr", "cql_log_alpha
              "log_std_max", "actor_lr_schedule_steps", "actor_lr_schedule_every",
              "lagrange_threshold", "temperature", "log_alpha_clamp", "normalize_reward",
              "weight_init", "lr", "weight_decay", "threshold", "temp", "penalty_coef",
-             "sigma_data", "seed", "filter", "score", "rollout_batch_size"}
+             "sigma_data", "seed", "filter", "score", "rollout_batch_size",
+             # Diffusion-QL (agents/diffql.py): coefficients, clipping, schedules, EMA, init
+             "eta", "grad_norm", "ema_decay", "step_start_ema", "update_ema_every",
+             "reward_tune", "lr_decay", "lr_decay_every", "lr_decay_t_max", "critic_init",
+             "beta_schedule"}
 
 
 def _cost_settings(d: dict) -> dict:

@@ -319,3 +319,27 @@ def test_agent_moves_to_the_device_of_its_inputs_without_cpu_tensors():
     assert ag.rollout_action(obs).device.type == "meta"
     assert ag.td_target(obs, torch.empty(3, device="meta"),
                         torch.empty(3, device="meta")).device.type == "meta"
+
+
+def test_dydiff_rollouts_take_the_agents_rollout_action_not_its_evaluation_action(monkeypatch):
+    """DyDiff-DiffQL: the rollouts' actions are one chain sample (rlkit/trainer.py:254), through
+    the agent interface (dydiff.rollout.RolloutPolicy), not the 50-sample evaluation choice."""
+    from test_dydiff_rollout import RewardStandIn, _oracle_dynamics
+    from dydiff.rollout import DyDiffConfig, DyDiffGenerator, _reward_fn
+    torch.manual_seed(0)
+    ag = DiffQL(3, 2, DiffQLConfig(**TINY))
+    calls = {"rollout_action": 0, "act": 0}
+    for name in calls:
+        real = getattr(ag, name)
+
+        def spy(*args, _real=real, _name=name, **kw):
+            calls[_name] += 1
+            return _real(*args, **kw)
+        monkeypatch.setattr(ag, name, spy)
+    cfg = from_dict(DyDiffConfig, {"rollout_batch_size": 8, "filter": "none", "init": "policy",
+                                   "clip": False})
+    gen = DyDiffGenerator(_oracle_dynamics(horizon=6), _reward_fn(RewardStandIn()),
+                          lambda nxt: torch.zeros(nxt.shape[:2], dtype=torch.bool), cfg)
+    out = gen.generate(ag, torch.randn(8, 3))
+    assert calls["rollout_action"] > 0 and calls["act"] == 0
+    assert out["actions"].shape[-1] == 2 and out["actions"].abs().max() <= 1.0

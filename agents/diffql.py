@@ -166,7 +166,7 @@ class DiffusionActor(nn.Module):
         self.eps_net = NoiseNet(obs_dim, act_dim, cfg.actor_hidden, cfg.t_dim)
         betas = (vp_beta_schedule if cfg.beta_schedule == "vp" else linear_beta_schedule)(self.T)
         abar = torch.cumprod(1 - betas, 0)
-        abar_prev = torch.cat([torch.ones(1), abar[:-1]])
+        abar_prev = torch.cat([torch.ones_like(abar[:1]), abar[:-1]])
         post_var = betas * (1 - abar_prev) / (1 - abar)
         for name, value in {
                 "betas": betas, "sqrt_abar": abar.sqrt(), "sqrt_one_minus_abar": (1 - abar).sqrt(),
@@ -281,7 +281,9 @@ class DiffQL(nn.Module):
         self.critics.requires_grad_(False)  # L_q trains the actor only
         q_pi = self.q(self.critics, s, new_a)
         self.critics.requires_grad_(True)
-        i = 0 if torch.rand(()) > 0.5 else 1  # the critic whose mean is maximised
+        # The critic whose mean is maximised: a host-side draw, as the source's np.random
+        # (no device sync); torch's CPU generator, which checkpoints save and restore.
+        i = 0 if torch.rand(()) > 0.5 else 1
         q_loss = -q_pi[i].mean() / q_pi[1 - i].abs().mean().detach()
         actor_loss = bc_loss + cfg.eta * q_loss
         self.actor_opt.zero_grad(set_to_none=True)

@@ -772,9 +772,11 @@ def report(cfg: dict, costs: list[JobCost], slots: int, by_threads: bool, rows: 
     where = (f"{slots} cores shared by the jobs' threads" if by_threads
              else f"{slots} jobs at once")
     lines += ["", f"Wall time with {where}: {fmt_duration(wall)} (the DAG's list schedule).", ""]
-    used = {(r["machine"], r["threads"], r["date"]) for c in costs for r in rows
-            if any(r["item"] == it.name and r["key"] == it.key
-                   for it in job_items(cfg, c.spec))}
+    # Each job's items once, then a lookup (matching every row against items recomputed per
+    # row made this line quadratic: most of the paper estimate's time).
+    keys = {(it.name, it.key) for c in costs for it in job_items(cfg, c.spec)}
+    used = {(r["machine"], r["threads"], r["date"]) for r in rows
+            if (r["item"], r["key"]) in keys}
     lines.append("Throughputs from " + "; ".join(
         f"{m} ({t} thread{'s' if t > 1 else ''}, {d})" for m, t, d in sorted(used)) + ".")
     gpu_jobs = sum(c.gpu for c in costs)

@@ -278,13 +278,16 @@ class DiffQL(nn.Module):
 
         bc_loss, x0_one_step = self.actor.bc_loss(a, s)
         new_a = x0_one_step if cfg.q_term == "one_step" else self.actor.sample(s)
-        self.critics.requires_grad_(False)  # L_q trains the actor only
-        q_pi = self.q(self.critics, s, new_a)
-        self.critics.requires_grad_(True)
         # The critic whose mean is maximised: a host-side draw, as the source's np.random
         # (no device sync); torch's CPU generator, which checkpoints save and restore.
         i = 0 if torch.rand(()) > 0.5 else 1
-        q_loss = -q_pi[i].mean() / q_pi[1 - i].abs().mean().detach()
+        x = torch.cat([s, new_a], -1)
+        self.critics.requires_grad_(False)  # L_q trains the actor only
+        q_i = self.critics[i](x).squeeze(-1)
+        with torch.no_grad():  # the scale is not differentiated: no backward through Q_j
+            q_j = self.critics[1 - i](x).squeeze(-1)
+        self.critics.requires_grad_(True)
+        q_loss = -q_i.mean() / q_j.abs().mean()
         actor_loss = bc_loss + cfg.eta * q_loss
         self.actor_opt.zero_grad(set_to_none=True)
         actor_loss.backward()

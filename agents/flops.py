@@ -41,9 +41,8 @@ def mlp_matmuls(rows: int, dims: list[int], weight_grad: bool = False,
 def diffql_matmuls(agent: DiffQL, b: int) -> list[Matmul]:
     """One Diffusion-QL update: the TD target's EMA-actor chain (T eps_theta passes on b * k
     rows, k = max_q_samples with max_q_backup) and target critics; both critics' step; L_bc's
-    eps_theta pass; for q_term chain the T-step chain with gradients (into the weights at every
-    step, into the input x_t at all but the first); the two critics on the new action, one
-    differentiated back to it (weights detached). The time MLP runs on T rows per chain and b
+    eps_theta pass; for q_term chain the T-step chain with gradients; the two critics on the
+    new action, one differentiated back to it (weights detached), the other without gradients. The time MLP runs on T rows per chain and b
     rows in L_bc."""
     cfg, o, a = agent.cfg, agent.obs_dim, agent.act_dim
     eps = [a + cfg.t_dim + o, *cfg.actor_hidden, a]
@@ -52,11 +51,14 @@ def diffql_matmuls(agent: DiffQL, b: int) -> list[Matmul]:
     T, k = cfg.n_timesteps, cfg.max_q_samples if cfg.max_q_backup else 1
     target = mlp_matmuls(T, time) + T * mlp_matmuls(b * k, eps) + 2 * mlp_matmuls(b * k, critic)
     critic_step = 2 * mlp_matmuls(b, critic, weight_grad=True)
-    bc = mlp_matmuls(b, time, weight_grad=True) + mlp_matmuls(b, eps, weight_grad=True)
+    # eps_theta's input [x_t, emb(t), s] needs its gradient for the time MLP (and x_t's in the
+    # chain), so every eps_theta pass with gradients includes its first layer's input gradient
+    bc = mlp_matmuls(b, time, weight_grad=True) + mlp_matmuls(b, eps, weight_grad=True,
+                                                                input_grad=True)
     chain = []
     if cfg.q_term == "chain":
-        chain = (mlp_matmuls(T, time, weight_grad=True) + mlp_matmuls(b, eps, weight_grad=True)
-                 + (T - 1) * mlp_matmuls(b, eps, weight_grad=True, input_grad=True))
+        chain = (mlp_matmuls(T, time, weight_grad=True)
+                 + T * mlp_matmuls(b, eps, weight_grad=True, input_grad=True))
     q_term = mlp_matmuls(b, critic) + mlp_matmuls(b, critic, input_grad=True)
     return target + critic_step + bc + chain + q_term
 

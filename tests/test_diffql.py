@@ -364,3 +364,19 @@ def test_offline_loop_interrupted_and_resumed_equals_uninterrupted(hopper_random
     resumed_agent, resumed = run(tmp_path / "cut", init_seed=123)
     same_run(full, resumed, full_agent, resumed_agent)
     assert full["normalized_score"].notna().sum() == 2
+
+
+@pytest.mark.parametrize("cfg", [{"q_term": "chain"}, {"q_term": "one_step"},
+                                 {"q_term": "chain", "max_q_backup": True, "max_q_samples": 3},
+                                 {**{k: v for k, v in registry.DIFFQL_PRESETS["dydiff-authors"]
+                                     .items()}, **TINY}],
+                         ids=["chain", "one_step", "max_q_backup", "authors"])
+def test_flop_count_is_the_matmuls_the_update_runs(cfg):
+    """agents/flops.py's DiffQL branch (benchmark and estimate) against torch's own count of
+    the update's matmul FLOPs, forward and backward."""
+    from torch.utils.flop_counter import FlopCounterMode
+    from agents.flops import update_flops
+    ag = agent(**cfg)
+    with FlopCounterMode(display=False) as counter:
+        ag.update(batch(32))
+    assert counter.get_total_flops() == update_flops(ag, 32)

@@ -162,8 +162,8 @@ class DyDiffGenerator:
         cfg, dyn = self.cfg, self.dynamics
         start = torch.as_tensor(start_obs, dtype=torch.float32, device=dyn.device)
         return dyn.policy_rollout(start, RolloutPolicy(agent), H, cfg.iterative_times,
-                                  cfg.average_states,
-                                  cfg.init, self.limits if cfg.clip else None, self.ensemble)
+                                  cfg.average_states, cfg.init,
+                                  self.limits if cfg.clip else None, self.ensemble)
 
     @torch.no_grad()
     def generate(self, agent, start_obs: torch.Tensor) -> dict:

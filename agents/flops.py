@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from agents.cql import CQL
+from agents.diffql import DiffQL
 from agents.sac import SAC
 from agents.td3bc import TD3BC
 from harness.nets import StackedMLP
@@ -37,10 +38,37 @@ def mlp_matmuls(rows: int, dims: list[int], weight_grad: bool = False,
     return out
 
 
-def update_matmuls(agent: TD3BC | SAC | CQL, batch_size: int, former: bool = False
+def diffql_matmuls(agent: DiffQL, b: int) -> list[Matmul]:
+    """One Diffusion-QL update: the TD target's EMA-actor chain (T eps_theta passes on b * k
+    rows, k = max_q_samples with max_q_backup) and target critics; both critics' step; L_bc's
+    eps_theta pass; for q_term chain the T-step chain with gradients; the two critics on the
+    new action, one differentiated back to it (weights detached), the other without gradients. The time MLP runs on T rows per chain and b
+    rows in L_bc."""
+    cfg, o, a = agent.cfg, agent.obs_dim, agent.act_dim
+    eps = [a + cfg.t_dim + o, *cfg.actor_hidden, a]
+    time = [cfg.t_dim, 2 * cfg.t_dim, cfg.t_dim]
+    critic = [o + a, *cfg.critic_hidden, 1]
+    T, k = cfg.n_timesteps, cfg.max_q_samples if cfg.max_q_backup else 1
+    target = mlp_matmuls(T, time) + T * mlp_matmuls(b * k, eps) + 2 * mlp_matmuls(b * k, critic)
+    critic_step = 2 * mlp_matmuls(b, critic, weight_grad=True)
+    # eps_theta's input [x_t, emb(t), s] needs its gradient for the time MLP (and x_t's in the
+    # chain), so every eps_theta pass with gradients includes its first layer's input gradient
+    bc = mlp_matmuls(b, time, weight_grad=True) + mlp_matmuls(b, eps, weight_grad=True,
+                                                                input_grad=True)
+    chain = []
+    if cfg.q_term == "chain":
+        chain = (mlp_matmuls(T, time, weight_grad=True)
+                 + T * mlp_matmuls(b, eps, weight_grad=True, input_grad=True))
+    q_term = mlp_matmuls(b, critic) + mlp_matmuls(b, critic, input_grad=True)
+    return target + critic_step + bc + chain + q_term
+
+
+def update_matmuls(agent: TD3BC | SAC | CQL | DiffQL, batch_size: int, former: bool = False
                    ) -> tuple[list[Matmul], int]:
     """The matmuls of one cycle of updates on `batch_size` rows and the updates in it: TD3+BC's
     cycle is policy_freq updates (one with the actor step), the others' a single update."""
+    if isinstance(agent, DiffQL):
+        return diffql_matmuls(agent, batch_size), 1
     cfg, b, o, a = agent.cfg, batch_size, agent.obs_dim, agent.act_dim
     critic = [o + a, *cfg.hidden, 1]
 
@@ -72,7 +100,7 @@ def update_matmuls(agent: TD3BC | SAC | CQL, batch_size: int, former: bool = Fal
     return no_grad_actor + twin(target_rows) + critic_step + actor_loss, 1
 
 
-def update_flops(agent: TD3BC | SAC | CQL, batch_size: int, former: bool = False) -> float:
+def update_flops(agent: TD3BC | SAC | CQL | DiffQL, batch_size: int, former: bool = False) -> float:
     """Matmul FLOPs of one `agent.update` on `batch_size` rows (TD3+BC: averaged over its
     policy_freq cycle of critic-only and critic + actor updates)."""
     matmuls, updates = update_matmuls(agent, batch_size, former)

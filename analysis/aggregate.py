@@ -46,6 +46,8 @@ class ScoreError(ValueError):
 SCORE_RULES = {
     "final": ("normalized_score", "final eval"),              # CORL's "last"
     "last10": ("normalized_score_last10", "mean of last 10 evals"),  # OfflineRL-Kit's
+    # Diffusion-QL's published numbers (--ms online): the max over the training evaluations
+    "best": ("normalized_score_best", "best eval during training"),
 }
 
 

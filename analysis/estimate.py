@@ -130,7 +130,11 @@ COST_FREE = {"actor_lr", "critic_lr", "alpha_lr", "cql_alpha_lr", "cql_log_alpha
              "log_std_max", "actor_lr_schedule_steps", "actor_lr_schedule_every",
              "lagrange_threshold", "temperature", "log_alpha_clamp", "normalize_reward",
              "weight_init", "lr", "weight_decay", "threshold", "temp", "penalty_coef",
-             "sigma_data", "seed", "filter", "score", "rollout_batch_size"}
+             "sigma_data", "seed", "filter", "score", "rollout_batch_size",
+             # Diffusion-QL (agents/diffql.py): coefficients, clipping, schedules, EMA, init
+             "eta", "grad_norm", "ema_decay", "step_start_ema", "update_ema_every",
+             "reward_tune", "lr_decay", "lr_decay_every", "lr_decay_t_max", "critic_init",
+             "beta_schedule"}
 
 
 def _cost_settings(d: dict) -> dict:
@@ -850,16 +854,18 @@ def report(cfg: dict, costs: list[JobCost], slots: int, by_threads: bool, rows: 
     lines += ["", f"Wall time with {where}: {fmt_duration(wall)} (the DAG's list schedule"
               + ("; GPU jobs without GPU rows at their CPU timing" if total["unmeasured"] else "")
               + ").", ""]
-    used = {(r["machine"], r["device"], r["threads"], r["date"]) for c in costs for r in rows
-            if any(r["item"] == it.name and r["key"] == it.key
-                   for it in job_items(cfg, c.spec))}
+    # Each job's items once, then a lookup (matching every row against items recomputed per
+    # row made this line quadratic: most of the paper estimate's time).
+    keys = {(it.name, it.key) for c in costs for it in job_items(cfg, c.spec)}
+    used = {(r["machine"], r["device"], r["threads"], r["date"]) for r in rows
+            if (r["item"], r["key"]) in keys}
     lines.append("Throughputs from " + "; ".join(
         f"{m} ({dev}, {t} thread{'s' if t > 1 else ''}, {d})"
         for m, dev, t, d in sorted(used)) + ".")
     if total["gpu_jobs"]:
-        lines.append(f"{total['gpu_jobs']} jobs run on a GPU (harness.plan.job_device: devices.<kind>"
-                     f", resources.<kind>.gpu, the method's registry entry); MuJoCo, start-up and "
-                     f"MLflow are priced from CPU rows in them too.")
+        lines.append(f"{total['gpu_jobs']} jobs run on a GPU (harness.plan.job_device: "
+                     "devices.<kind>, resources.<kind>.gpu, the method's registry entry); MuJoCo, "
+                     "start-up and MLflow are priced from CPU rows in them too.")
     if total["unmeasured"]:
         lines.append(f"{total['unmeasured']} of them have no GPU measurements in the table: their "
                      "GPU-hours are not measured (run `dydiff-bench estimate --configfile "

@@ -161,8 +161,9 @@ class DyDiffGenerator:
         rollout-error study samples the same way."""
         cfg, dyn = self.cfg, self.dynamics
         start = torch.as_tensor(start_obs, dtype=torch.float32, device=dyn.device)
-        return dyn.policy_rollout(start, agent, H, cfg.iterative_times, cfg.average_states,
-                                  cfg.init, self.limits if cfg.clip else None, self.ensemble)
+        return dyn.policy_rollout(start, RolloutPolicy(agent), H, cfg.iterative_times,
+                                  cfg.average_states, cfg.init,
+                                  self.limits if cfg.clip else None, self.ensemble)
 
     @torch.no_grad()
     def generate(self, agent, start_obs: torch.Tensor) -> dict:
@@ -188,6 +189,21 @@ class DyDiffGenerator:
                    terminal_frac=float(done.any(1).float().mean()),
                    action_gap_before=roll["action_gap"][0], action_gap_after=roll["action_gap"][-1])
         return out
+
+
+class RolloutPolicy:
+    """The agent as a rollout queries it: `agent.rollout_action(obs)` where the agent has one
+    (an action other than its evaluation action: Diffusion-QL's one reverse-chain sample,
+    agents/diffql.py), else `agent.act(obs, deterministic=True)` as before."""
+
+    def __init__(self, agent):
+        self.agent = agent
+
+    def act(self, obs: torch.Tensor, deterministic: bool = True) -> torch.Tensor:
+        rollout_action = getattr(self.agent, "rollout_action", None)
+        if rollout_action is not None:
+            return rollout_action(obs)
+        return self.agent.act(obs, deterministic=deterministic)
 
 
 def _reward_fn(model) -> Callable:

@@ -194,6 +194,7 @@ def families() -> dict[str, list[str]]:
 register_agent(Agent("td3bc", "agents.td3bc:TD3BC", "agents.td3bc:TD3BCConfig"))
 register_agent(Agent("cql", "agents.cql:CQL", "agents.cql:CQLConfig"))
 register_agent(Agent("sac", "agents.sac:SAC", "agents.sac:SACConfig"))
+register_agent(Agent("diffql", "agents.diffql:DiffQL", "agents.diffql:DiffQLConfig"))
 
 # ---- the models (trained once per task, shared by every method that needs them) ------------
 register_model(Model("ensemble", "baselines.ensemble:EnsembleConfig",
@@ -267,6 +268,27 @@ variant_of("cql", "cql-offlinerl-kit", "CQL, OfflineRL-Kit settings", "#74c476",
            compare=False,
            source="CQL as OfflineRL-Kit runs it: run_example/run_cql.py, offlinerlkit/policy/"
                   "model_free/cql.py (github.com/yihaosun1124/OfflineRL-Kit)")
+# Diffusion-QL as each source runs it: complete agents/diffql.py DiffQLConfigs (values and
+# lines: baselines/reference_settings.yaml; tests/test_reference_settings.py checks both agree).
+# "wang": the original (github.com/Zhendong-Wang/Diffusion-Policies-for-Offline-RL; its per-task
+# lr / eta / grad_norm / max_q_backup / reward_tune are in the config's per_task section).
+# "dydiff-authors": the DyDiff authors' DiffQL (exp_specs/diffql/diffql_hopper_me.yaml).
+_DIFFQL_COMMON = {"n_timesteps": 5, "beta_schedule": "vp", "actor_hidden": [256, 256, 256],
+                  "t_dim": 16, "actor_lr": 3e-4, "critic_lr": 3e-4, "eta": 1.0,
+                  "max_q_backup": False, "max_q_samples": 10, "reward_tune": "no",
+                  "gamma": 0.99, "tau": 0.005, "ema_decay": 0.995, "step_start_ema": 1000,
+                  "update_ema_every": 5, "lr_decay_every": 50_000, "lr_decay_t_max": 2000,
+                  "eval_samples": 50, "max_action": 1.0, "obs_std_eps": 1e-6}
+DIFFQL_PRESETS = {
+    "wang": {**_DIFFQL_COMMON, "critic_hidden": [256, 256, 256], "critic_activation": "mish",
+             "critic_init": "torch", "critic_optimizers": "joint", "grad_norm": 1.0,
+             "q_term": "chain", "lr_decay": True, "normalize_obs": False},
+    "dydiff-authors": {**_DIFFQL_COMMON, "critic_hidden": [256, 256],
+                       "critic_activation": "relu", "critic_init": "edm",
+                       "critic_optimizers": "per_critic", "grad_norm": 5.0,
+                       "q_term": "one_step", "lr_decay": False, "normalize_obs": True},
+}
+
 register_method(Method(
     "mopo", "MOPO", "#9467bd", agent="sac", generator="baselines.mopo:make_generator",
     rollout_config="baselines.mopo:MOPOConfig", models=("ensemble",),
@@ -278,6 +300,25 @@ register_method(Method(
     pinned_rollout={"penalty": "none", "penalty_coef": 0.0}, published=("mopo-paper",),
     source="Janner et al. 2019, run offline as in the MOPO paper (MOPO without its penalty)"))
 
+# `diffql` is DyDiff-DiffQL's model-free control: both read the config's `policy.diffql`
+# (paper.yaml: the DyDiff authors' DiffQL, DIFFQL_PRESETS["dydiff-authors"]) and the same
+# `offline` budget, so the pair differs only in its rollouts. The original Diffusion-QL is the
+# preset `diffql-wang`, next to its paper's column.
+register_method(Method(
+    "diffql", "Diffusion-QL, DyDiff-DiffQL settings", "#17becf", agent="diffql",
+    source="Wang et al. 2022; the settings of DyDiff-DiffQL (config policy.diffql; paper.yaml: "
+           "the DyDiff authors', github.com/FineArtz/DyDiff exp_specs/diffql, "
+           "rlkit/algo/diff_ql.py)"))
+register_method(Method(
+    "dydiff-diffql", "DyDiff-DiffQL", "#bcbd22", agent="diffql", base="diffql",
+    generator="dydiff.rollout:make_generator", rollout_config="dydiff.rollout:DyDiffConfig",
+    models=("diffusion", "reward", "ensemble"), published=("dydiff-paper",), gpu=True,
+    source="Zhao et al. 2024 (arXiv 2405.19189); github.com/FineArtz/DyDiff "
+           "exp_specs/dydiff_diffql/*"))
+variant_of("diffql", "diffql-wang", "Diffusion-QL, original settings", "#9edae5",
+           overrides={"diffql": DIFFQL_PRESETS["wang"]}, compare=False,
+           source="Diffusion-QL as its authors run it: main.py, agents/ql_diffusion.py "
+                  "(github.com/Zhendong-Wang/Diffusion-Policies-for-Offline-RL)")
 
 # ---- DyDiff's variants: the authors' hardmax filter and the ablations that say why it works --
 # Each changes one component of the generator (dydiff/rollout.py DyDiffConfig); the full method
@@ -294,8 +335,10 @@ ABLATIONS = {  # group -> [(suffix, label, rollout overrides)]
 _SHADES = {"dydiff-td3bc": ["#ffbb78", "#e6550d", "#fd8d3c", "#a63603", "#fdae6b", "#7f2704",
                             "#fdd0a2"],
            "dydiff-cql": ["#ff9896", "#a50f15", "#ef3b2c", "#67000d", "#fc9272", "#cb181d",
-                          "#fcbba1"]}
-for _base in ("dydiff-td3bc", "dydiff-cql"):
+                          "#fcbba1"],
+           "dydiff-diffql": ["#dbdb8d", "#8c8c00", "#b5b52b", "#5c5c00", "#e7e7a6", "#a3a300",
+                             "#f0f0c8"]}
+for _base in ("dydiff-td3bc", "dydiff-cql", "dydiff-diffql"):
     _colors = iter(_SHADES[_base])
     for _group, _variants in ABLATIONS.items():
         for _suffix, _what, _rollout in _variants:
@@ -305,7 +348,8 @@ for _base in ("dydiff-td3bc", "dydiff-cql"):
                                if _suffix == "hardmax" else f"ablation: {_what}"))
     # The `fast` sampler preset for rollouts (same trained model; not in any grid or ablation).
     variant_of(_base, f"{_base}-fastsampler", f"{METHODS[_base].label} (fast sampler)",
-               {"dydiff-td3bc": "#d94801", "dydiff-cql": "#99000d"}[_base],
+               {"dydiff-td3bc": "#d94801", "dydiff-cql": "#99000d",
+                "dydiff-diffql": "#6b6b00"}[_base],
                overrides={"rollout": {"sampler": "fast"}},
                source="sampler preset 'fast' (docs/sampler-study.md)")
 

@@ -146,15 +146,15 @@ def test_paper_config_uses_mopo_grid_settings_per_task():
 
 
 def test_paper_grid_job_counts():
-    """15 tasks (12 MuJoCo, 3 maze2d) x 9 methods (cql-corl: CQL with CORL's settings) x 5
-    seeds, D4RL files imported, every model (ensemble, reward, diffusion) once per task and
-    seed."""
+    """15 tasks (12 MuJoCo, 3 maze2d) x 13 methods (cql-corl: CQL with CORL's settings;
+    diffql, dydiff-diffql, its hardmax variant and diffql-wang) x 5 seeds, D4RL files imported,
+    every model (ensemble, reward, diffusion) once per task and seed."""
     cfg = plan.load_config("config/paper.yaml")
     counts: dict[str, int] = {}
     for spec in plan.all_jobs(cfg):
         counts[spec["step"]] = counts.get(spec["step"], 0) + 1
-    assert counts == {"import-dataset": 15, "train-model": 3 * 15 * 5, "train-policy": 675,
-                      "evaluate": 675, "rollout-error": 15, "analyze": 1}
+    assert counts == {"import-dataset": 15, "train-model": 3 * 15 * 5, "train-policy": 975,
+                      "evaluate": 975, "rollout-error": 15, "analyze": 1}
 
 
 def test_models_per_seed_or_shared():

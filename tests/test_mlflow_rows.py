@@ -175,7 +175,7 @@ def _log_trial(root: Path, uri: str, experiment: str, method: str, task: str, se
     pdir = root / experiment / "policies" / method / task / f"seed{seed}"
     pdir.mkdir(parents=True)
     evaluation = {"method": method, "task": task, "seed": seed, "normalized_score": score,
-                  "normalized_score_last10": score - 1.0, "normalized_score_std": 0.0, "return_mean": 10.0 * score, "return_std": 0.0,
+                  "normalized_score_last10": score - 1.0, "normalized_score_best": score + 1.0, "normalized_score_std": 0.0, "return_mean": 10.0 * score, "return_std": 0.0,
                   "eval_episodes": 2, "wall_time_s": 1.0}
     (pdir / "eval.json").write_text(json.dumps(evaluation))
     spec = {"step": "train-policy", "method": method, "task": task, "seed": seed,

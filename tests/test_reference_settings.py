@@ -3,6 +3,7 @@ with the settings of the sources their columns come from (baselines/reference_se
 import dataclasses
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -21,10 +22,12 @@ def expected(ref: dict, method: str, task: str) -> dict[str, dict]:
     """key -> {value, source} that `method` must resolve to on `task`."""
     spec = ref["methods"][method]
     out = dict(spec.get("all_tasks") or {})
+    section = ref[spec.get("preset_section", "mopo_presets")]
+    prefix = spec.get("per_task_prefix", "rollout")
     for preset in spec.get("per_task_presets") or []:
-        entry = ref["mopo_presets"][preset].get(task)
+        entry = section[preset].get(task)
         if entry is not None:
-            out.update({f"rollout.{k}": {"value": entry[k], "source": entry["source"]}
+            out.update({f"{prefix}.{k}": {"value": entry[k], "source": entry["source"]}
                         for k in spec["per_task_keys"]})
             break
     else:
@@ -54,6 +57,7 @@ def test_every_reference_value_names_its_source_file():
     ref = reference()
     repos = set(ref["commits"])
     entries = [e for p in ref["mopo_presets"].values() for e in p.values()]
+    entries += [e for p in ref["diffql_presets"].values() for e in p.values()]
     entries += [e for m in ref["models"].values() for e in m.values()]
     for spec in ref["methods"].values():
         entries += list((spec.get("all_tasks") or {}).values())
@@ -68,7 +72,8 @@ def test_paper_config_runs_the_reference_settings():
     cfg = plan.load_config(PAPER)
     ref = reference()
     # the baselines with a reference here that the paper grid runs
-    assert {"mopo", "mbpo", "cql-corl"} <= set(cfg["methods"])
+    assert {"mopo", "mbpo", "cql-corl", "diffql", "dydiff-diffql", "dydiff-diffql-hardmax",
+            "diffql-wang"} <= set(cfg["methods"])
     problems = drift(cfg, ref)
     assert not problems, "\n".join(problems)
 
@@ -170,7 +175,7 @@ def test_cql_presets_are_complete_so_the_shared_section_cannot_leak_in():
 def test_the_cql_pair_shares_its_settings_and_columns_say_whose_they_are():
     cfg = plan.load_config(PAPER)
     for task in cfg["tasks"]:
-        for base in ("cql", "td3bc"):  # equal budgets: each pair differs only in its rollouts
+        for base in ("cql", "td3bc", "diffql"):  # equal budgets: pairs differ only in rollouts
             pair = [plan.policy_job(cfg, m, task, 0)["config"]["policy"]
                     for m in (base, f"dydiff-{base}")]
             assert pair[0]["agent"] == pair[1]["agent"], (base, task)
@@ -209,3 +214,47 @@ def test_paper_config_trains_the_reference_ensemble():
                 problems.append(f"models.{spec['model']} / {spec['task']}: {key} expected "
                                 f"{want['value']!r} (source: {want['source']}), found {found!r}")
     assert not problems, "\n".join(sorted(set(problems)))
+
+
+def test_diffql_presets_are_complete_and_paper_yaml_runs_the_authors_for_the_pair():
+    """DIFFQL_PRESETS set every DiffQLConfig field (policy.diffql cannot leak into diffql-wang);
+    paper.yaml's policy.diffql, shared by diffql and dydiff-diffql, is the DyDiff authors'."""
+    from agents.diffql import DiffQLConfig
+    fields = {f.name for f in dataclasses.fields(DiffQLConfig)}
+    for name, preset in registry.DIFFQL_PRESETS.items():
+        assert set(preset) == fields, name
+    cfg = plan.load_config(PAPER)
+    other = plan.load_config(PAPER, {"policy": {"diffql": {"eta": 9.0, "critic_hidden": [8]}}})
+    for task in ("walker2d-medium", "maze2d-large"):
+        assert plan.policy_job(cfg, "diffql-wang", task, 0)["config"]["policy"]["agent"] == \
+            plan.policy_job(other, "diffql-wang", task, 0)["config"]["policy"]["agent"]
+        for method in ("diffql", "dydiff-diffql", "dydiff-diffql-hardmax"):
+            agent = plan.policy_job(cfg, method, task, 0)["config"]["policy"]["agent"]
+            assert agent == registry.DIFFQL_PRESETS["dydiff-authors"], (method, task)
+    assert registry.method("dydiff-diffql").base == "diffql"
+    assert registry.method("diffql-wang").compare is False
+    names = set(registry.METHODS)
+    assert {f"dydiff-diffql-{s}" for s in ("hardmax", "nofilter", "k0", "k1", "diffusion-start",
+                                           "noclip", "alive-score", "fastsampler")} <= names
+
+
+def test_diffql_choice_is_what_it_says_and_wang_rows_are_main_pys():
+    """No random / maze2d row in main.py: the choice is the MuJoCo rows' common values and the
+    median grad-norm, recounted here; every grid task resolves to exactly one row."""
+    ref = reference()
+    wang, choice = ref["diffql_presets"]["wang"], ref["diffql_presets"]["diffql-choice"]
+    mujoco = [e for t, e in wang.items() if not t.startswith("antmaze")]
+    assert len(mujoco) == 9
+    for key in ("actor_lr", "eta", "max_q_backup", "reward_tune"):
+        (value,) = {e[key] for e in mujoco}
+        assert all(e[key] == value for e in choice.values()), key
+    assert all(e["grad_norm"] == float(np.median([m["grad_norm"] for m in mujoco]))
+               for e in choice.values())
+    assert all("no row in main.py" in e["choice"] for e in choice.values())
+    tasks = plan.load_config(PAPER)["tasks"]
+    assert all((t in wang) != (t in choice) for t in tasks)
+    assert sorted(t for t in tasks if t in choice) == sorted(choice)
+    # the antmaze rows set max_q_backup and cql_antmaze reward tuning (main.py:27-32)
+    ant = [e for t, e in wang.items() if t.startswith("antmaze")]
+    assert len(ant) == 6 and {e["reward_tune"] for e in ant} == {"cql_antmaze"}
+    assert [e["max_q_backup"] for e in ant] == [False, True, True, True, True, True]

@@ -224,3 +224,37 @@ def test_last_ten_evaluations_are_read_from_the_training_table(tmp_path):
     pd.DataFrame(rows[:3]).to_parquet(tmp_path / "few.parquet")
     assert last_evaluations(tmp_path / "few.parquet") == {"normalized_score_last10": 1.0,
                                                           "last10_evaluations": 3}
+
+
+def test_best_rule_is_the_max_over_training_evaluations_and_labelled(tmp_path):
+    """Diffusion-QL's published rule (--ms online, main.py:122-132): the best evaluation during
+    training; its column says so, and one analysis uses one rule for all our columns."""
+    import json
+    from analysis.aggregate import ScoreError, collect_scores
+    from harness.training.evaluation import best_evaluation
+    rows = [{"step": 10, "normalized_score": 3.0}, {"step": 15, "normalized_score": float("nan")},
+            {"step": 20, "normalized_score": 9.0}, {"step": 30, "normalized_score": 9.0},
+            {"step": 40, "normalized_score": 1.0}]
+    pd.DataFrame(rows).to_parquet(tmp_path / "metrics.parquet")
+    assert best_evaluation(tmp_path / "metrics.parquet") == {"normalized_score_best": 9.0,
+                                                             "best_evaluation_step": 20}
+    pd.DataFrame(rows[1:2]).to_parquet(tmp_path / "none.parquet")
+    with pytest.raises(ValueError, match="no evaluation during training"):
+        best_evaluation(tmp_path / "none.parquet")
+    for method, best in (("td3bc", 70.0), ("diffql", 80.0)):
+        d = tmp_path / "runs" / method / "hopper-medium" / "seed0"
+        d.mkdir(parents=True)
+        (d / "eval.json").write_text(json.dumps({
+            "method": method, "task": "hopper-medium", "seed": 0, "normalized_score": 60.0,
+            "normalized_score_last10": 55.0, "normalized_score_best": best}))
+    assert collect_scores([tmp_path / "runs"], "best").normalized_score.tolist() == [80.0, 70.0]
+    tab = tables.run_tables([tmp_path / "runs"], tmp_path / "tab", rule="best")
+    for family in ("td3bc", "diffql"):
+        t = tab[family]["table"]
+        own = [r for c, r in zip(t["columns"], t["rules"]) if c.endswith("(ours)")]
+        assert own and set(own) == {"best eval during training"}, family
+    (tmp_path / "runs" / "td3bc" / "hopper-medium" / "seed0" / "eval.json").write_text(
+        json.dumps({"method": "td3bc", "task": "hopper-medium", "seed": 0,
+                    "normalized_score": 60.0}))
+    with pytest.raises(ScoreError, match=r"\(analysis.score_rule: best\)"):
+        collect_scores([tmp_path / "runs"], "best")

@@ -58,6 +58,7 @@ def evaluate(agent, task: str, episodes: int, seed: int, model: str | None = Non
 # the run's, as the UI, search and `analyze --from-mlflow` read it.
 METRICS = {"normalized_score": "eval/normalized_score",
            "normalized_score_last10": "eval/normalized_score_last10",
+           "normalized_score_best": "eval/normalized_score_best",
            "normalized_score_std": "eval/normalized_score_std",
            "return_mean": "eval/return_mean", "return_std": "eval/return_std",
            "eval_episodes": "eval/episodes", "wall_time_s": "eval/wall_time_s"}
@@ -74,11 +75,27 @@ def last_evaluations(metrics_file: Path, n: int = 10) -> dict:
     return {"normalized_score_last10": float(last.mean()), "last10_evaluations": len(last)}
 
 
+def best_evaluation(metrics_file: Path) -> dict:
+    """The best normalised score of the evaluations during training and its step: the score
+    rule of Diffusion-QL's published numbers (`--ms online`: argmax over its evaluations,
+    Diffusion-Policies-for-Offline-RL main.py:122-132). Selected on the evaluation episodes
+    themselves, so it is optimistic; tables label it and never mix it with other rules."""
+    import pandas as pd
+    table = pd.read_parquet(metrics_file, columns=["step", "normalized_score"])
+    table = table.dropna(subset=["normalized_score"])
+    if len(table) == 0:
+        raise ValueError(f"{metrics_file}: no evaluation during training to score")
+    best = table.iloc[int(table.normalized_score.to_numpy().argmax())]  # first of ties
+    return {"normalized_score_best": float(best.normalized_score),
+            "best_evaluation_step": int(best.step)}
+
+
 def evaluate_step(spec: dict, log_fn=None) -> dict:
     """Job step: the final evaluation of a trained policy on fresh episodes (eval.json, the
     file the analysis reads; its METRICS go to `log_fn` at the policy's last training step).
     eval.json also holds the mean of the last 10 evaluations during training
-    (`normalized_score_last10`, OfflineRL-Kit's score rule; analysis.score_rule picks)."""
+    (`normalized_score_last10`, OfflineRL-Kit's score rule) and the best of them
+    (`normalized_score_best`, Diffusion-QL's); analysis.score_rule picks."""
     from harness.data.d4rl import stored_recording_release, stored_sim_model
     from harness.provenance import environment
     from harness.runtime import device, device_record, git_sha
@@ -99,6 +116,7 @@ def evaluate_step(spec: dict, log_fn=None) -> dict:
            "return_mean": result["return_mean"], "return_std": result["return_std"],
            "eval_episodes": spec["config"]["episodes"], "episode_lengths": result["lengths"],
            **last_evaluations(pdir / checkpoint.METRICS),  # the offline loop's table
+           **best_evaluation(pdir / checkpoint.METRICS),
            "sim_model": model or task_spec(spec["task"]).models[0],
            "dataset_mujoco": recorded,
            "steps": final["steps"], "train_wall_time_s": final["wall_time_s"],

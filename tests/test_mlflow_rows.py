@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from dag_helpers import TINY
-from harness import cli, plan, runner, tracking
+from harness import cli, plan, provenance, runner, runtime, tracking
 from harness.training.evaluation import METRICS
 
 mlflow = pytest.importorskip("mlflow")
@@ -175,8 +175,11 @@ def _log_trial(root: Path, uri: str, experiment: str, method: str, task: str, se
     pdir = root / experiment / "policies" / method / task / f"seed{seed}"
     pdir.mkdir(parents=True)
     evaluation = {"method": method, "task": task, "seed": seed, "normalized_score": score,
-                  "normalized_score_last10": score - 1.0, "normalized_score_best": score + 1.0, "normalized_score_std": 0.0, "return_mean": 10.0 * score, "return_std": 0.0,
-                  "eval_episodes": 2, "wall_time_s": 1.0}
+                  "normalized_score_last10": score - 1.0, "normalized_score_best": score + 1.0,
+                  "normalized_score_std": 0.0, "return_mean": 10.0 * score, "return_std": 0.0,
+                  "eval_episodes": 2, "wall_time_s": 1.0,
+                  # what the evaluate step records, as the runner's tags record it for MLflow
+                  "environment": provenance.environment(), "device": runtime.device_record()}
     (pdir / "eval.json").write_text(json.dumps(evaluation))
     spec = {"step": "train-policy", "method": method, "task": task, "seed": seed,
             "experiment": experiment, "config": {"seed": seed}}

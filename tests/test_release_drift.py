@@ -151,7 +151,8 @@ def test_the_evaluation_records_the_datasets_release(tmp_path):
     save_policy(make_agent("td3bc", dataset, PolicyConfig()), "td3bc", pdir / "policy.pt")
     (pdir / "final.json").write_text(json.dumps({"steps": 1, "wall_time_s": 0.0,
                                                  "config_hash": "x"}))
-    pd.DataFrame({"normalized_score": [1.0]}).to_parquet(pdir / "metrics.parquet")
+    pd.DataFrame({"step": [1], "normalized_score": [1.0]}).to_parquet(
+            pdir / "metrics.parquet")
     out = evaluate_step({"policy_dir": str(pdir), "dataset": str(tmp_path / "hopper-random.hdf5"),
                          "task": "hopper-random", "seed": 0, "out": str(tmp_path / "eval.json"),
                          "config": {"episodes": 1, "seed": 0}})

@@ -679,8 +679,9 @@ def plan_costs(cfg: dict, rows: list[dict], threads: int | None = None) -> list[
                 missing.append(it)
             else:
                 on_cpu += cpu_row["seconds"] * it.count
-            row = lookup(rows, it, item_device(it, "cuda" if gpu else "cpu"),
-                         threads or job_threads)
+            device = item_device(it, "cuda" if gpu else "cpu")
+            row = cpu_row if device == "cpu" else lookup(rows, it, device,
+                                                         threads or job_threads)
             if row is None:
                 (missing_gpu if gpu and it.name not in CPU_ITEMS else missing).append(it)
             else:

@@ -534,9 +534,13 @@ def job_device(cfg: dict, kind: str, method: str | None = None) -> str:
         else devices.get(kind, "auto")
     if chosen != "auto":
         return chosen
-    offered = int(((cfg.get("resources") or {}).get(kind) or {}).get("gpu", 0)) > 0
     wants = registry.method(method).gpu if kind == "policy" else True
-    return "cuda" if offered and wants else "cpu"
+    return "cuda" if _offered_gpus(cfg, kind) > 0 and wants else "cpu"
+
+
+def _offered_gpus(cfg: dict, kind: str) -> int:
+    """resources.<kind>.gpu (0 when absent)."""
+    return int(((cfg.get("resources") or {}).get(kind) or {}).get("gpu", 0))
 
 
 def gpus(cfg: dict, kind: str, method: str | None = None) -> int:
@@ -544,7 +548,7 @@ def gpus(cfg: dict, kind: str, method: str | None = None) -> int:
     its device is CUDA, else 0 (a CPU job never holds a GPU)."""
     if not job_device(cfg, kind, method).startswith("cuda"):
         return 0
-    return max(1, int(((cfg.get("resources") or {}).get(kind) or {}).get("gpu", 0)))
+    return max(1, _offered_gpus(cfg, kind))
 
 
 def runtime(cfg: dict, kind: str, method: str | None = None) -> dict:

@@ -105,33 +105,70 @@ def lr_at(step: int, cfg: DiffusionConfig) -> float:
 
 @torch.no_grad()
 def ema_update(ema: torch.nn.Module, net: torch.nn.Module, beta: float) -> None:
-    """ema <- beta * ema + (1 - beta) * net, for every parameter (buffers copied)."""
-    for p_ema, p in zip(ema.parameters(), net.parameters()):
-        p_ema.lerp_(p, 1.0 - beta)
-    for b_ema, b in zip(ema.buffers(), net.buffers()):
-        b_ema.copy_(b)
+    """ema <- beta * ema + (1 - beta) * net, for every parameter (buffers copied): one
+    multi-tensor lerp (and copy) instead of one launch per tensor (the same numbers as a
+    per-tensor `lerp_`)."""
+    torch._foreach_lerp_(list(ema.parameters()), list(net.parameters()), 1.0 - beta)
+    buffers = list(ema.buffers())
+    if buffers:
+        torch._foreach_copy_(buffers, list(net.buffers()))
+
+
+@torch.no_grad()
+def repair_nonfinite_grads(params) -> bool:
+    """EDM's `nan_to_num(nan=0, posinf=1e5, neginf=-1e5)` of every gradient, run only when one
+    is not finite: one reduction per device and a single host read decide it (nan_to_num is the
+    identity on finite values, so the numbers are those of applying it always). True if any
+    gradient was repaired."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return False
+    # Any non-finite entry makes its tensor's 2-norm (or sum) non-finite; a finite one that
+    # overflows only costs an unneeded (identity) repair. CUDA: one fused multi-tensor norm;
+    # CPU: plain sums, faster there than torch's foreach norm (see docs/performance.md).
+    fused = grads[0].device.type == "cuda"
+    total = torch.stack(torch._foreach_norm(grads, 2) if fused else [g.sum() for g in grads])
+    if bool(total.isfinite().all()):
+        return False
+    for g in grads:  # the rare non-finite step only
+        torch.nan_to_num_(g, nan=0.0, posinf=1e5, neginf=-1e5)
+    return True
+
+
+def adam_form(device: torch.device | str) -> dict:
+    """Adam's implementation on `device`: fused on CUDA (one kernel; its rounding differs from
+    the per-tensor / foreach form in the last bits), foreach elsewhere (on CPU bit-identical
+    to torch's default per-tensor loop, which a fused CPU Adam is not; tested)."""
+    cuda = torch.device(device).type == "cuda"
+    return {"foreach": None if cuda else True, "fused": True if cuda else None}
+
+
+def make_optimizer(params, cfg: DiffusionConfig, device: torch.device | str
+                   ) -> torch.optim.Adam:
+    """The authors' Adam (betas 0.9/0.999, eps 1e-8) in its multi-tensor form (`adam_form`)."""
+    return torch.optim.Adam(params, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8,
+                            **adam_form(device))
 
 
 def train_step(denoiser: EDMDenoiser, ema: EDMDenoiser, opt: torch.optim.Optimizer,
-               segments: Segments, step: int, cfg: DiffusionConfig,
-               device: torch.device | str = "cpu") -> float:
-    """One optimiser step (0-based `step`) on a random batch of segments; returns the loss."""
-    index = torch.randint(len(segments), (cfg.batch_size,))
+               segments: Segments, step: int, cfg: DiffusionConfig) -> torch.Tensor:
+    """One optimiser step (0-based `step`) on a random batch of segments; returns the loss as
+    a detached 0-d tensor on the model's device (no host sync). `segments` must be on the
+    model's device (`Segments.to`): the batch is drawn and gathered there."""
+    index = torch.randint(len(segments), (cfg.batch_size,), device=segments.device)
     x0, mask = segments.batch(index)
     for group in opt.param_groups:
         group["lr"] = lr_at(step, cfg)
-    loss = edm_loss(denoiser, x0.to(device), mask.to(device), segments.obs_dim, cfg.P_mean,
-                    cfg.P_std, cfg.action_cond_prob)
+    loss = edm_loss(denoiser, x0, mask, segments.obs_dim, cfg.P_mean, cfg.P_std,
+                    cfg.action_cond_prob)
     opt.zero_grad(set_to_none=True)
     loss.backward()
-    for p in denoiser.parameters():  # EDM zeroes non-finite gradients rather than clipping
-        if p.grad is not None:
-            torch.nan_to_num(p.grad, nan=0.0, posinf=1e5, neginf=-1e5, out=p.grad)
+    repair_nonfinite_grads(denoiser.parameters())  # EDM zeroes non-finite gradients
     if cfg.grad_clip is not None:
-        torch.nn.utils.clip_grad_norm_(denoiser.parameters(), cfg.grad_clip)
+        torch.nn.utils.clip_grad_norm_(denoiser.parameters(), cfg.grad_clip, foreach=True)
     opt.step()
     ema_update(ema, denoiser, ema_beta(step, cfg))
-    return loss.item()
+    return loss.detach()
 
 
 def train_diffusion(dataset: Dataset, cfg: DiffusionConfig | dict, out_dir: str | Path,
@@ -146,13 +183,17 @@ def train_diffusion(dataset: Dataset, cfg: DiffusionConfig | dict, out_dir: str 
     if not isinstance(cfg, DiffusionConfig):
         cfg = from_dict(DiffusionConfig, cfg, where="models.diffusion")
     out_dir, device, _ = start_training(out_dir, seed, device)
-    segments = make_segments(dataset, cfg.horizon, kind=cfg.normalizer)
+    segments = make_segments(dataset, cfg.horizon, kind=cfg.normalizer).to(device)
     o, a = segments.obs_dim, segments.act_dim
     denoiser = build_denoiser(cfg, o + a).to(device)
     ema = build_denoiser(cfg, o + a).to(device).requires_grad_(False)
     ema.load_state_dict(denoiser.state_dict())
-    opt = torch.optim.Adam(denoiser.parameters(), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8)
-    losses: list[float] = []  # since the last logged row
+    opt = make_optimizer(denoiser.parameters(), cfg, device)
+    # Losses since the last logged row: a float64 running sum on the device (sequential adds
+    # of the float32 step losses, the same value as Python's sum of their .item()s) and a count,
+    # read on the host only when a row is logged or a checkpoint written.
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    loss_count = 0
     # A longer run continues a shorter one exactly, and the sampler only matters after
     # training: neither train_steps nor sampler has to match to resume.
     expect = {"config": {k: v for k, v in dataclasses.asdict(cfg).items()
@@ -163,24 +204,36 @@ def train_diffusion(dataset: Dataset, cfg: DiffusionConfig | dict, out_dir: str 
         denoiser.load_state_dict(ckpt.state["model"])
         ema.load_state_dict(ckpt.state["ema"])
         opt.load_state_dict(ckpt.state["optimizer"])
-        losses = ckpt.state["pending_losses"]
+        for group in opt.param_groups:  # this device's Adam form, not the saved one
+            group.update(adam_form(device))
+        pending = ckpt.state["pending_losses"]  # a list of floats, or {"sum", "count"}
+        if isinstance(pending, dict):
+            loss_sum.fill_(pending["sum"])
+            loss_count = pending["count"]
+        else:
+            for v in pending:  # checkpoints written before the running sum
+                loss_sum += v
+            loss_count = len(pending)
     step = ckpt.start
 
     def state() -> dict:
         return {"model": denoiser.state_dict(), "ema": ema.state_dict(),
-                "optimizer": opt.state_dict(), "pending_losses": losses}
+                "optimizer": opt.state_dict(),
+                "pending_losses": {"sum": float(loss_sum), "count": loss_count}}
 
     n = len(segments)
     bar = tqdm(total=cfg.train_steps, initial=step, disable=not progress, desc="diffusion")
     denoiser.train()
     while step < cfg.train_steps:
         lr = lr_at(step, cfg)
-        losses.append(train_step(denoiser, ema, opt, segments, step, cfg, device))
+        loss_sum += train_step(denoiser, ema, opt, segments, step, cfg)
+        loss_count += 1
         step += 1
         bar.update(1)
         if step % cfg.log_every == 0 or step == cfg.train_steps:
-            row = ckpt.log({"step": step, "loss": sum(losses) / len(losses), "lr": lr})
-            losses = []
+            row = ckpt.log({"step": step, "loss": float(loss_sum) / loss_count, "lr": lr})
+            loss_sum.zero_()
+            loss_count = 0
             bar.set_postfix(loss=f"{row['loss']:.4f}")
             if log_fn is not None:
                 log_fn({"diffusion_loss": row["loss"], "diffusion_lr": lr}, step)

@@ -185,8 +185,9 @@ class DyDiffGenerator:
         pick = lambda x: x[keep][mask]  # noqa: E731  (flat, in trajectory order)
         out = {"obs": pick(obs), "actions": pick(act), "rewards": pick(rew),
                "next_obs": pick(nxt), "terminals": pick(done).float()}
-        out.update(return_mean=float(returns.mean()), kept_return_mean=float(returns[keep].mean()),
-                   terminal_frac=float(done.any(1).float().mean()),
+        stats = torch.stack([returns.mean(), returns[keep].mean(),  # one host read for all
+                             done.any(1).float().mean()]).tolist()
+        out.update(return_mean=stats[0], kept_return_mean=stats[1], terminal_frac=stats[2],
                    action_gap_before=roll["action_gap"][0], action_gap_after=roll["action_gap"][-1])
         return out
 

@@ -120,24 +120,57 @@ def sampler_config(value: "SamplerConfig | str | dict | None", where: str = "sam
     return from_dict(SamplerConfig, value, where=where)
 
 
-def sigma_steps(cfg: SamplerConfig, device=None) -> torch.Tensor:
-    """Karras noise levels sigma_0 = sigma_max > ... > sigma_{N-1} = sigma_min, sigma_N = 0."""
-    i = torch.arange(cfg.num_steps, dtype=torch.float64)
+def sigma_steps(cfg: SamplerConfig, device=None, dtype=torch.float32) -> torch.Tensor:
+    """Karras noise levels sigma_0 = sigma_max > ... > sigma_{N-1} = sigma_min, sigma_N = 0,
+    computed in float64 (generate_rl.py:57-60) and returned in `dtype`."""
+    i = torch.arange(cfg.num_steps, dtype=torch.float64, device="cpu")
     inv = 1.0 / cfg.rho
     denom = max(cfg.num_steps - 1, 1)
     t = (cfg.sigma_max ** inv + i / denom * (cfg.sigma_min ** inv - cfg.sigma_max ** inv)) ** cfg.rho
-    return torch.cat([t, torch.zeros(1, dtype=torch.float64)]).to(device=device,
-                                                                   dtype=torch.float32)
+    return torch.cat([t, torch.zeros(1, dtype=torch.float64, device="cpu")]).to(device=device,
+                                                                   dtype=dtype)
 
 
-def _levels(cfg: SamplerConfig, warm: bool, device=None) -> torch.Tensor:
-    """The levels a sample runs through: the full schedule, or for a warm start warm_sigma
-    followed by the schedule's levels below it (0 included)."""
-    t = sigma_steps(cfg, device)
+def _dtype(cfg: SamplerConfig) -> torch.dtype:
+    return torch.float32
+
+
+def _levels(cfg: SamplerConfig, warm: bool) -> torch.Tensor:
+    """The levels a sample runs through, on the host (CPU), in the sampler's dtype: the full
+    schedule, or for a warm start warm_sigma followed by the schedule's levels below it (0
+    included)."""
+    t = sigma_steps(cfg, dtype=_dtype(cfg))
     if not warm:
         return t
-    below = t[t < cfg.warm_sigma]
-    return torch.cat([torch.full((1,), cfg.warm_sigma, dtype=t.dtype, device=t.device), below])
+    return torch.cat([torch.full((1,), cfg.warm_sigma, dtype=t.dtype, device="cpu"),
+                      t[t < cfg.warm_sigma]])
+
+
+@dataclass
+class _Schedule:
+    """A sample's noise levels, precomputed once per call so that the solver loop neither
+    reads a level back from the device nor branches on one: `sig` (host floats) decide the
+    branches, `steps` (rows on the sampling device, float32 as the per-step scalars were)
+    are indexed per step, which launches nothing. Heun rows: t_cur, t_next, t_hat, churn
+    noise scale sqrt(t_hat^2 - t_cur^2) S_noise, t_next - t_hat."""
+    sig: list[float]
+    levels: torch.Tensor   # (N + 1,) on the device
+    steps: torch.Tensor    # (5, N) Heun rows on the device (empty for other solvers)
+
+
+def _schedule(cfg: SamplerConfig, warm: bool, device) -> _Schedule:
+    levels = _levels(cfg, warm)
+    sig = levels.tolist()
+    steps = torch.empty(5, 0, device="cpu")
+    if cfg.solver == "heun":
+        gamma_max = min(cfg.S_churn / cfg.num_steps, math.sqrt(2) - 1)
+        t_cur, t_next = levels[:-1], levels[1:]
+        gamma = [gamma_max if cfg.S_min <= v <= cfg.S_max else 0.0 for v in sig[:-1]]
+        vec = lambda v: torch.tensor(v, dtype=levels.dtype, device="cpu")  # noqa: E731
+        t_hat = t_cur * vec([1 + g for g in gamma])
+        noise = (t_hat ** 2 - t_cur ** 2).sqrt() * cfg.S_noise
+        steps = torch.stack([t_cur, t_next, t_hat, noise, t_next - t_hat])
+    return _Schedule(sig, levels.to(device), steps.to(device))
 
 
 @torch.no_grad()
@@ -147,52 +180,58 @@ def edm_sample(denoiser: EDMDenoiser, shape: tuple[int, int, int], obs_dim: int,
                warm: torch.Tensor | None = None) -> torch.Tensor:
     """Sample normalised trajectories (B, H, D) given normalised start states (B, o) and
     optionally normalised actions (B, L, a) for the first L rows. warm: a normalised
-    trajectory (B, H, D) to start from, noised to cfg.warm_sigma (SDEdit); None: pure noise."""
+    trajectory (B, H, D) to start from, noised to cfg.warm_sigma (SDEdit); None: pure noise.
+    Everything is created on start_state's device; the loop makes no host sync. The updates
+    run in cfg.dtype, the network in float32; the result is float32."""
     cfg = cfg or SamplerConfig()
-    device = start_state.device
-    t_steps = _levels(cfg, warm is not None, device)
-    randn = lambda: torch.randn(shape, device=device, generator=generator)  # noqa: E731
+    device, dtype = start_state.device, _dtype(cfg)
+    sched = _schedule(cfg, warm is not None, device)
+    randn = lambda: torch.randn(shape, device=device, generator=generator,  # noqa: E731
+                                dtype=dtype)
     cond = lambda x: apply_conditioning(x, obs_dim, start_state, actions)  # noqa: E731
-    x = randn() * t_steps[0] if warm is None else warm + randn() * t_steps[0]
+    net = (denoiser if dtype == torch.float32 else  # noqa: E731
+           lambda x, sigma: denoiser(x.float(), sigma.float()).to(dtype))
+    t0 = sched.levels[0]
+    x = randn() * t0 if warm is None else warm.to(dtype) + randn() * t0
     solve = _heun if cfg.solver == "heun" else _dpmpp2m
-    return solve(denoiser, cond(x), t_steps, cond, cfg, randn)
+    return solve(net, cond(x), sched, cond, cfg, randn).float()
 
 
-def _heun(denoiser, x_next, t_steps, cond, cfg: SamplerConfig, randn) -> torch.Tensor:
-    """EDM Algorithm 2 from x_next (at t_steps[0]) down the levels t_steps."""
-    gamma_max = min(cfg.S_churn / cfg.num_steps, math.sqrt(2) - 1)
-    for i in range(len(t_steps) - 1):  # the ODE/SDE steps are inherently sequential
-        t_cur, t_next = t_steps[i], t_steps[i + 1]
+def _heun(denoiser, x_next, sched: _Schedule, cond, cfg: SamplerConfig, randn) -> torch.Tensor:
+    """EDM Algorithm 2 from x_next (at the first level) down the schedule's levels."""
+    t_cur, t_next, t_hat, noise, dt = sched.steps.unbind(0)
+    for i in range(len(sched.sig) - 1):  # the ODE/SDE steps are inherently sequential
         x_cur = x_next
-        gamma = gamma_max if cfg.S_min <= float(t_cur) <= cfg.S_max else 0.0
-        t_hat = t_cur * (1 + gamma)
         # The authors' sampler draws churn noise at every step (zero-scaled outside [S_min,
         # S_max]); keep that stream. Without churn there is nothing to draw.
-        x_hat = (cond(x_cur + (t_hat ** 2 - t_cur ** 2).sqrt() * cfg.S_noise * randn())
-                 if cfg.S_churn > 0 else x_cur)
-        d_cur = (x_hat - denoiser(x_hat, t_hat)) / t_hat
-        x_next = x_hat + (t_next - t_hat) * d_cur
-        if t_next > 0:  # Heun correction (not at sigma = 0)
+        if cfg.S_churn > 0:
+            x_hat = x_cur + noise[i] * randn()
+            x_hat = cond(x_hat)
+        else:
+            x_hat = x_cur
+        d_cur = (x_hat - denoiser(x_hat, t_hat[i])) / t_hat[i]
+        x_next = x_hat + dt[i] * d_cur
+        if sched.sig[i + 1] > 0:  # Heun correction (not at sigma = 0)
             x_next = cond(x_next)
-            d_prime = (x_next - denoiser(x_next, t_next)) / t_next
-            x_next = x_hat + (t_next - t_hat) * (0.5 * d_cur + 0.5 * d_prime)
+            d_prime = (x_next - denoiser(x_next, t_next[i])) / t_next[i]
+            x_next = x_hat + dt[i] * (0.5 * d_cur + 0.5 * d_prime)
         x_next = cond(x_next)
     return x_next
 
 
-def _dpmpp2m(denoiser, x, t_steps, cond, cfg: SamplerConfig, randn) -> torch.Tensor:
-    """DPM-Solver++(2M) from x (at t_steps[0]). With lambda = -ln(sigma), h_i = lambda_{i+1} -
-    lambda_i, q = sigma_{i+1} / sigma_i = e^{-h_i}, D_i the denoiser output and, after the first
-    step, the multistep term M_i = (D_i - D_{i-1}) / (2 r), r = h_{i-1} / h_i:
+def _dpmpp2m(denoiser, x, sched: _Schedule, cond, cfg: SamplerConfig, randn) -> torch.Tensor:
+    """DPM-Solver++(2M) from x (at the first level). With lambda = -ln(sigma), h_i =
+    lambda_{i+1} - lambda_i, q = sigma_{i+1} / sigma_i = e^{-h_i}, D_i the denoiser output and,
+    after the first step, the multistep term M_i = (D_i - D_{i-1}) / (2 r), r = h_{i-1} / h_i:
       ODE (dpmpp2m):      x_{i+1} = q x_i + (1 - q) (D_i + M_i)
       SDE (dpmpp2m_sde):  x_{i+1} = q^2 x_i + (1 - q^2) (D_i + M_i) + sigma_{i+1} sqrt(1 - q^2) z
     The step to sigma = 0 returns D_i (first order, as the solvers' final step)."""
     sde = cfg.solver == "dpmpp2m_sde"
-    sig = [float(v) for v in t_steps]
+    sig = sched.sig
     prev, h_prev = None, None
     for i in range(len(sig) - 1):  # sequential by construction
         s, s_next = sig[i], sig[i + 1]
-        denoised = denoiser(x, t_steps[i])
+        denoised = denoiser(x, sched.levels[i])
         if s_next == 0:
             x = denoised
         else:
@@ -374,7 +413,8 @@ class DiffusionDynamics:
             actions = _policy(agent, states, limits)
         else:
             raise ValueError(f"init must be 'ensemble', 'diffusion' or 'policy', got {init!r}")
-        gaps = [float((cond_actions - actions).norm(dim=-1).mean())]
+        gap = lambda: (cond_actions - actions).norm(dim=-1).mean()  # noqa: E731
+        gaps = [gap()]  # on the device; read back once, at the end
         cfg = self.sampler
         for k in range(iterative_times):  # generate_rl.py:112-121
             cond_actions = actions
@@ -383,9 +423,9 @@ class DiffusionDynamics:
             new_states, _ = self.sample(start_obs, cond_actions, generator, warm)
             states = (new_states + states) / 2 if average_states else new_states
             actions = _policy(agent, states, limits)
-            gaps.append(float((cond_actions - actions).norm(dim=-1).mean()))
+            gaps.append(gap())
         return {"states": states, "actions": actions, "cond_actions": cond_actions,
-                "action_gap": gaps}
+                "action_gap": torch.stack(gaps).tolist()}
 
     # -- dynamics-model interface (rollout-error study) ---------------------------------------
     def open_loop(self, start_obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,8 @@ hopper-medium (1M transitions, ~1M windows) costs O(rows) memory, not O(windows 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
+from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
@@ -32,6 +33,8 @@ class Normalizer:
     kind: str
     shift: np.ndarray  # (D,)
     scale: np.ndarray  # (D,)
+    # (device, dtype) -> (shift, scale) tensors, built once per device instead of per call.
+    _tensors: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @classmethod
     def fit(cls, data: np.ndarray, kind: Literal["limits", "gaussian"] = "limits",
@@ -59,10 +62,13 @@ class Normalizer:
         return Normalizer(self.kind, self.shift[sl], self.scale[sl])
 
     def _like(self, x):
-        if torch.is_tensor(x):
-            return (torch.as_tensor(self.shift, dtype=x.dtype, device=x.device),
-                    torch.as_tensor(self.scale, dtype=x.dtype, device=x.device))
-        return self.shift, self.scale
+        if not torch.is_tensor(x):
+            return self.shift, self.scale
+        key = (x.device, x.dtype)
+        if key not in self._tensors:
+            self._tensors[key] = (torch.as_tensor(self.shift, dtype=x.dtype, device=x.device),
+                                  torch.as_tensor(self.scale, dtype=x.dtype, device=x.device))
+        return self._tensors[key]
 
     def state_dict(self) -> dict:
         # tensors, not arrays: model.pt is loaded with weights_only=True
@@ -89,9 +95,20 @@ class Segments:
     def __len__(self) -> int:
         return len(self.starts)
 
+    @property
+    def device(self) -> torch.device:
+        return self.rows.device
+
+    def to(self, device: torch.device | str) -> "Segments":
+        """The same segments with their tensors on `device` (training gathers batches there,
+        with no host-to-device copy per step)."""
+        return dataclasses.replace(self, **{k: getattr(self, k).to(device) for k in
+                                            ("rows", "state_valid", "action_valid", "starts")})
+
     def batch(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Windows `index` -> (x (B,H,D) normalised, loss mask (B,H,D) float)."""
-        rows = self.starts[index][:, None] + torch.arange(self.horizon)
+        """Windows `index` (on the segments' device) -> (x (B,H,D) normalised, loss mask
+        (B,H,D) float)."""
+        rows = self.starts[index][:, None] + torch.arange(self.horizon, device=self.device)
         x = self.rows[rows]
         mask = torch.cat([self.state_valid[rows, None].expand(-1, -1, self.obs_dim),
                           self.action_valid[rows, None].expand(-1, -1, self.act_dim)], -1)

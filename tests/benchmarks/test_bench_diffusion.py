@@ -79,7 +79,7 @@ def test_train_steps_per_second(benchmark, preset):
     cfg = _cfg(preset)
     segments = make_segments(_dataset(), cfg.horizon)
     denoiser, ema = build_denoiser(cfg, O + A), build_denoiser(cfg, O + A)
-    opt = make_optimizer(denoiser.parameters(), cfg, "cpu")
+    opt = make_optimizer(denoiser.parameters(), cfg)
     state = {"step": 0}
 
     def step():
@@ -107,7 +107,7 @@ def test_train_step_paired_speedup(benchmark, preset):
         d = copy.deepcopy(den)
         e = copy.deepcopy(den).requires_grad_(False)
         opt = (former_optimizer(d.parameters(), cfg) if side == "former"
-               else make_optimizer(d.parameters(), cfg, "cpu"))
+               else make_optimizer(d.parameters(), cfg))
         twins[side] = (d, e, opt)
     fns = {"former": lambda k: former_train_step(*twins["former"], segments, k, cfg),
            "current": lambda k: float(train_step(*twins["current"], segments, k, cfg))}

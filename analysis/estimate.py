@@ -129,7 +129,12 @@ COST_FREE = {"actor_lr", "critic_lr", "alpha_lr", "cql_alpha_lr", "cql_log_alpha
              "log_std_max", "actor_lr_schedule_steps", "actor_lr_schedule_every",
              "lagrange_threshold", "temperature", "log_alpha_clamp", "normalize_reward",
              "weight_init", "lr", "weight_decay", "threshold", "temp", "penalty_coef",
-             "sigma_data", "seed", "filter", "score", "rollout_batch_size"}
+             "sigma_data", "seed", "filter", "score", "rollout_batch_size",
+             # DyDiff's authors' settings (issue 26): the same work per step / sample; the
+             # sampler's float64 updates are elementwise next to a float32 network (its cost
+             # difference is in docs/performance.md, within noise)
+             "action_cond_prob", "loss_form", "padding", "condition_churn", "dtype",
+             "clip_range", "keep_rule", "zscore_eps", "prob_floor", "real_batch_rule", "keep"}
 
 
 def _cost_settings(d: dict) -> dict:

@@ -43,7 +43,19 @@ class DiffusionConfig:
     sigma_data: float = 0.5
     P_mean: float = -1.2
     P_std: float = 1.2
-    action_cond_prob: float = 0.9   # ours: 10% action dropout enables action-free sampling
+    # The authors always condition on the actions (training/loss.py:95-97, README
+    # `--cond_on_action True`); below 1, that fraction of each batch is action-conditioned and
+    # the rest teaches action-free sampling (needed by policy.rollout.init 'diffusion').
+    action_cond_prob: float = 1.0
+    # sum (authors, training/loss.py:98-99, training_loop.py:261): every entry, conditioned ones
+    # and padding included, summed per sample, averaged over the batch; masked_mean (former):
+    # mean over generated, unpadded entries (dydiff/edm.py edm_loss).
+    loss_form: Literal["sum", "masked_mean"] = "sum"
+    # Episodes shorter than the horizon (dydiff/segments.py): constant (authors, training/
+    # dataset.py:332-341): observation/action rows only, padded with -1 - 1e-4 in every
+    # normalised channel and trained on; repeat (former): a final [s_L, 0] row, the last
+    # state repeated with masked actions, padding left out of the loss.
+    padding: Literal["constant", "repeat"] = "constant"
     lr: float = 1e-3
     lr_rampup_kimg: float = 10_000.0
     batch_size: int = 8
@@ -153,7 +165,7 @@ def train_step(denoiser: EDMDenoiser, ema: EDMDenoiser, opt: torch.optim.Optimiz
     for group in opt.param_groups:
         group["lr"] = lr_at(step, cfg)
     loss = edm_loss(denoiser, x0, mask, segments.obs_dim, cfg.P_mean, cfg.P_std,
-                    cfg.action_cond_prob)
+                    cfg.action_cond_prob, cfg.loss_form)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     repair_nonfinite_grads(denoiser.parameters())  # EDM zeroes non-finite gradients
@@ -176,7 +188,8 @@ def train_diffusion(dataset: Dataset, cfg: DiffusionConfig | dict, out_dir: str 
     if not isinstance(cfg, DiffusionConfig):
         cfg = from_dict(DiffusionConfig, cfg, where="models.diffusion")
     out_dir, device, _ = start_training(out_dir, seed, device)
-    segments = make_segments(dataset, cfg.horizon, kind=cfg.normalizer).to(device)
+    segments = make_segments(dataset, cfg.horizon, kind=cfg.normalizer,
+                             padding=cfg.padding).to(device)
     o, a = segments.obs_dim, segments.act_dim
     denoiser = build_denoiser(cfg, o + a).to(device)
     ema = build_denoiser(cfg, o + a).to(device).requires_grad_(False)
@@ -260,6 +273,8 @@ def load_diffusion(out_dir: str | Path, device: torch.device | str = "cpu",
     cfg = from_dict(DiffusionConfig, cfg_dict, where=f"{path}:config")
     denoiser = build_denoiser(cfg, state["obs_dim"] + state["act_dim"])
     denoiser.load_state_dict(state["ema"])
-    return DiffusionDynamics(denoiser, Normalizer.from_state_dict(state["normalizer"]),
-                             state["obs_dim"], state["act_dim"], cfg.horizon, cfg.sampler,
-                             device, state["name"])
+    dyn = DiffusionDynamics(denoiser, Normalizer.from_state_dict(state["normalizer"]),
+                            state["obs_dim"], state["act_dim"], cfg.horizon, cfg.sampler,
+                            device, state["name"])
+    dyn.action_cond_prob = cfg.action_cond_prob  # 1: never trained to sample action-free
+    return dyn

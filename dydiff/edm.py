@@ -7,9 +7,10 @@ trained with ln(sigma) ~ N(P_mean, P_std^2) and weight lambda = (sigma^2 + sd^2)
 so that lambda * c_out^2 = 1: every noise level has unit-variance effective targets.
 
 DyDiff trains the denoiser with inpainting conditioning (authors' `EDMLoss` with use_cond and
-cond_on_action): the noisy input's first state, and the actions, are replaced by their clean
-values. A fraction `1 - action_cond_prob` of the batch keeps noisy actions so the same model can
-also sample action-free trajectories (used to initialise policy injection, see sampler.py).
+cond_on_action, training/loss.py:91-97): the noisy input's first state, and the actions, are
+replaced by their clean values. The authors always condition on the actions
+(`action_cond_prob: 1`); below 1, that fraction of the batch keeps noisy actions so the same
+model can also sample action-free trajectories (init 'diffusion' / 'policy', see sampler.py).
 """
 from __future__ import annotations
 
@@ -72,14 +73,22 @@ def apply_conditioning(x: torch.Tensor, obs_dim: int, start_state: torch.Tensor 
 
 
 def edm_loss(denoiser: EDMDenoiser, x0: torch.Tensor, mask: torch.Tensor, obs_dim: int,
-             P_mean: float = -1.2, P_std: float = 1.2, action_cond_prob: float = 1.0
-             ) -> torch.Tensor:
-    """Mean weighted denoising error over the entries the model has to generate.
+             P_mean: float = -1.2, P_std: float = 1.2, action_cond_prob: float = 1.0,
+             loss_form: str = "sum") -> torch.Tensor:
+    """EDM's weighted denoising error, two forms:
 
-    x0 (B, H, D) clean normalised segments; mask (B, H, D) 1 for real data (0 on padding).
-    Conditioned entries (the first state, actions where conditioned) equal the input and are
-    overwritten at sampling time, so they are left out of the loss.
+    sum (the authors', training/loss.py:98-99 and training_loop.py:261): the weighted squared
+        error of every entry in `mask`, conditioned ones included, summed per sample and
+        averaged over the batch;
+    masked_mean (this harness's former loss): the mean over the entries the model has to
+        generate: `mask` without the conditioned ones (the first state, actions where
+        conditioned), which equal the input and are overwritten at sampling time.
+
+    x0 (B, H, D) clean normalised segments; mask (B, H, D) 1 for entries in the loss (all ones
+    with the authors' constant padding, which they train on; 0 on repeat-padding).
     """
+    if loss_form not in ("sum", "masked_mean"):
+        raise ValueError(f"loss_form must be 'sum' or 'masked_mean', got {loss_form!r}")
     b = x0.shape[0]
     sigma = (torch.randn(b, device=x0.device) * P_std + P_mean).exp()
     s = sigma[:, None, None]
@@ -87,9 +96,10 @@ def edm_loss(denoiser: EDMDenoiser, x0: torch.Tensor, mask: torch.Tensor, obs_di
     cond_act = torch.rand(b, device=x0.device) < action_cond_prob
     noisy = apply_conditioning(noisy, obs_dim, x0[:, 0, :obs_dim], x0[:, :, obs_dim:], cond_act)
     denoised = denoiser(noisy, sigma)
+    if loss_form == "sum":
+        return (denoiser.loss_weight(s) * (denoised - x0) ** 2 * mask).sum() / b
     gen = mask.clone()
     gen[:, 0, :obs_dim] = 0
     gen[:, :, obs_dim:] *= (~cond_act).float()[:, None, None]
     err = denoiser.loss_weight(s) * (denoised - x0) ** 2 * gen
     return err.sum() / gen.sum().clamp_min(1.0)
-

@@ -4,11 +4,14 @@ Defaults follow the authors' code (FineArtz/DyDiff: exp_specs/rew_model, rlkit/r
 training/networks.py FlattenMLP): 2 hidden layers of 256 with ReLU, Adam lr 1e-4 (no weight
 decay), batch 256, MSE, a random holdout of 20% of the transitions (at most 5000), one holdout
 evaluation per epoch and early stopping after more than 7 evaluations without improvement
-(epochs over shuffled data, no step limit). Differences, all deliberate:
+(epochs over shuffled data, no step limit), EDM `Linear` init (weights sqrt(1 / fan_in) N(0, 1),
+biases 0; training/networks.py:28-47, their FlattenMLP's layers, :938-976), and the weights
+of the last evaluation kept (`keep: last`: their trainer stores a reference to the live
+state_dict as its "best", rlkit/rew_model_trainer.py:107-110,121-124, so it saves the last
+weights). Variants: `weight_init: torch` (PyTorch's default init, the former), `keep: best`
+(the best-holdout weights, what their code meant, the former). Differences kept, deliberate:
   * inputs (obs and actions) and the target are standardised with dataset statistics (the
     authors standardise observations only); the model maps back to raw reward units;
-  * the weights kept are those with the best holdout MSE (the authors meant to: their trainer
-    stores a reference to the live state_dict, so it actually saves the last weights);
   * `train_steps` caps the number of gradient steps (None = until early stopping) and
     `early_stopping: false` gives plain fixed-step training.
 
@@ -24,7 +27,7 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Literal
 
 import numpy as np
 import torch
@@ -34,6 +37,7 @@ from tqdm.auto import tqdm
 from harness.config import from_dict, require
 from harness.data.dataset import Dataset, holdout_split
 from harness.nets import Standardizer, mlp
+from agents.sac import init_weights_
 from harness.checkpoint import CHECKPOINT, Checkpointer, load_checkpoint, save_checkpoint
 from harness.runtime import start_training
 
@@ -55,6 +59,8 @@ class RewardModelConfig:
     train_steps: int | None = None    # gradient-step cap; None = until early stopping
     standardize_target: bool = True
     checkpoint_every: int = 5000      # steps (rounded up to the next evaluation)
+    weight_init: Literal["edm", "torch"] = "edm"   # authors: EDM Linear; torch: the former
+    keep: Literal["last", "best"] = "last"          # authors: last weights; best: the former
 
     def validate(self) -> None:
         require(len(self.hidden) >= 1 and all(h >= 1 for h in self.hidden), "hidden",
@@ -80,11 +86,12 @@ class RewardModelConfig:
 class RewardModel(nn.Module):
     """r(s, a) in raw reward units: standardise [s, a], MLP, un-standardise the output."""
 
-    def __init__(self, obs_dim: int, act_dim: int, hidden: list[int] | tuple[int, ...]):
+    def __init__(self, obs_dim: int, act_dim: int, hidden: list[int] | tuple[int, ...],
+                 weight_init: str = "torch"):
         super().__init__()
         self.obs_dim, self.act_dim = obs_dim, act_dim
         self.inputs = Standardizer(obs_dim + act_dim)
-        self.net = mlp(obs_dim + act_dim, 1, tuple(hidden))
+        self.net = init_weights_(mlp(obs_dim + act_dim, 1, tuple(hidden)), weight_init)
         self.register_buffer("r_mean", torch.zeros(()))
         self.register_buffer("r_std", torch.ones(()))
 
@@ -122,7 +129,7 @@ def train_reward_model(dataset: Dataset, cfg: RewardModelConfig | dict, out_dir:
     steps_per_epoch = math.ceil(len(tr) / cfg.batch_size)
     eval_every = cfg.eval_every or steps_per_epoch
 
-    model = RewardModel(dataset.obs_dim, dataset.act_dim, cfg.hidden).to(device)
+    model = RewardModel(dataset.obs_dim, dataset.act_dim, cfg.hidden, cfg.weight_init).to(device)
     # Statistics from the training split only, so the holdout stays unseen.
     model.inputs.fit(torch.cat([obs[tr], act[tr]], -1))
     if cfg.standardize_target:
@@ -193,13 +200,17 @@ def train_reward_model(dataset: Dataset, cfg: RewardModelConfig | dict, out_dir:
                 bar.close()
                 return {"steps": step, "interrupted": True}
     bar.close()
-    # Best holdout weights (the final ones when there is no holdout to choose by).
-    final_state = best["state"] if len(ho) else model.state_dict()
+    # keep best: the best holdout weights (the final ones when there is no holdout to choose
+    # by); keep last (authors): the weights of the last evaluation.
+    final_state = best["state"] if len(ho) and cfg.keep == "best" else model.state_dict()
     var = float(rew[ho].var()) if len(ho) > 1 else math.nan
     summary = {"steps": step, "epochs": step / steps_per_epoch,
                "early_stopped": bool(cfg.early_stopping and best["bad"] > cfg.patience),
                "best_step": best["step"] if len(ho) else step,
-               "holdout_mse": best["mse"] if len(ho) else math.nan,
+               "holdout_mse": best["mse"] if len(ho) else math.nan,  # the best evaluation's
+               "kept": cfg.keep, "kept_holdout_mse": (
+                   (best["mse"] if cfg.keep == "best" else ckpt.rows[-1]["holdout_mse"])
+                   if len(ho) and ckpt.rows else math.nan),
                "holdout_reward_var": var, "holdout_size": len(ho), "train_size": len(tr),
                "final_train_loss": ckpt.rows[-1]["train_loss"] if ckpt.rows else math.nan,
                "parameters": sum(p.numel() for p in model.net.parameters()),

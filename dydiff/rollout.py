@@ -49,6 +49,10 @@ class DyDiffConfig:
     # Clip states and actions to the dataset's per-dimension [min, max] at every model -> env
     # conversion (authors' LimitsNormalizer, training/dataset.py:455-472); false: never clip.
     clip: bool = True
+    # The clip box: normalizer (authors, training/dataset.py:259-264,377-380,455-472): exactly
+    # the diffusion normaliser's range, the per-dimension min / max of the observations and
+    # actions; with_next_obs (former): states over observations and next observations.
+    clip_range: Literal["normalizer", "with_next_obs"] = "normalizer"
     # Filter score: all_rows (authors, rlkit/trainer.py:271-279): sum of r(s_t, a_t) over every
     # row t = 0..T of the trajectory, before truncating at the first terminal; alive_rows: only
     # the transitions up to and including the first terminal.
@@ -57,6 +61,14 @@ class DyDiffConfig:
     # SAMPLER_PRESETS: "authors", "fast"; null keeps the model's), then sampler_steps its steps.
     sampler: str | None = None
     sampler_steps: int | None = None
+    # Softmax filter details (authors' sample_data_by_reward_softmax, rlkit/trainer.py:
+    # 219-233): trajectories kept int(threshold * N) (1228 of 2048; round: 1229, the former),
+    # z-score eps 1e-6 (former 1e-8), probabilities floored p (1 - eps) + eps / N with eps
+    # 1e-6 (prob_floor 0: none, the former). Hardmax keeps round(threshold * N), the count of
+    # the authors' quantile rule without ties (1229 of 2048).
+    keep_rule: Literal["int", "round"] = "int"
+    zscore_eps: float = 1e-6
+    prob_floor: float = 1e-6
 
     def validate(self) -> None:
         require(self.iterative_times >= 0, "iterative_times",
@@ -71,31 +83,55 @@ class DyDiffConfig:
                 "must be >= 1 or null")
         require(self.sampler is None or self.sampler in SAMPLER_PRESETS, "sampler",
                 f"unknown sampler preset {self.sampler!r}; known: {sorted(SAMPLER_PRESETS)}")
+        require(self.zscore_eps >= 0, "zscore_eps", f"must be >= 0, got {self.zscore_eps}")
+        require(0 <= self.prob_floor < 1, "prob_floor",
+                f"must be in [0, 1), got {self.prob_floor}")
 
 
-def n_kept(n: int, fraction: float) -> int:
-    return max(1, min(n, int(round(fraction * n))))
+def n_kept(n: int, fraction: float, rule: Literal["round", "int"] = "round") -> int:
+    """Trajectories kept of n: round(fraction * n) or, as the authors' softmax, int(...);
+    at least one."""
+    k = int(round(fraction * n)) if rule == "round" else int(fraction * n)
+    return max(1, min(n, k))
+
+
+def softmax_filter_logits(returns: torch.Tensor, temp: float, zscore_eps: float = 1e-8,
+                          prob_floor: float = 0.0) -> torch.Tensor:
+    """Log-probabilities (up to a constant) of the softmax filter: softmax(z / temp), z =
+    (R - mean) / (std + zscore_eps), floored to p (1 - prob_floor) + prob_floor / N (the
+    authors', rlkit/trainer.py:225-227; computed in float64 there too, as a floor far below
+    float32's resolution near p = 1 would vanish)."""
+    z = (returns - returns.mean()) / (returns.std(unbiased=False) + zscore_eps)
+    logits = z / temp
+    if prob_floor > 0:
+        p = torch.softmax(logits.double(), 0)
+        logits = torch.log(p * (1 - prob_floor) + prob_floor / len(returns))
+    return logits
 
 
 def filter_trajectories(returns: torch.Tensor, fraction: float,
                         kind: Literal["softmax", "hardmax", "none"] = "softmax",
-                        temp: float = 0.05, generator: torch.Generator | None = None
-                        ) -> torch.Tensor:
-    """Indices of the kept trajectories: exactly round(fraction * N), at least one, for
-    softmax / hardmax; every trajectory, in order, for none (the authors' `filter_idx` without
-    a keep_condition, rlkit/trainer.py:245-246)."""
+                        temp: float = 0.05, generator: torch.Generator | None = None,
+                        keep_rule: Literal["round", "int"] = "round", zscore_eps: float = 1e-8,
+                        prob_floor: float = 0.0) -> torch.Tensor:
+    """Indices of the kept trajectories: exactly round(fraction * N) for hardmax, n_kept(N,
+    fraction, keep_rule) for softmax, at least one; every trajectory, in order, for none (the
+    authors' `filter_idx` without a keep_condition, rlkit/trainer.py:245-246). Softmax draws
+    without replacement with probabilities p = softmax(z / temp), z = (R - mean) / (std +
+    zscore_eps), floored to p (1 - prob_floor) + prob_floor / N (rlkit/trainer.py:224-227).
+    (The defaults here are the former ones; DyDiffConfig's are the authors'.)"""
     if kind == "none":
         return torch.arange(len(returns), device=returns.device)
-    k = n_kept(len(returns), fraction)
     if kind == "hardmax":
-        return returns.topk(k).indices
+        return returns.topk(n_kept(len(returns), fraction)).indices
     if kind != "softmax":
         raise ValueError(f"filter must be 'softmax', 'hardmax' or 'none', got {kind!r}")
-    z = (returns - returns.mean()) / (returns.std(unbiased=False) + 1e-8)
+    k = n_kept(len(returns), fraction, keep_rule)
+    logits = softmax_filter_logits(returns, temp, zscore_eps, prob_floor)
     # Top-k of logits + Gumbel noise = sampling k without replacement from softmax(logits).
     u = torch.rand(returns.shape, generator=generator, device=returns.device)
     gumbel = -torch.log(-torch.log(u.clamp(1e-20, 1.0 - 1e-7)))
-    return (z / temp + gumbel).topk(k).indices
+    return (logits + gumbel).topk(k).indices
 
 
 def trajectory_scores(rewards: torch.Tensor, done: torch.Tensor,
@@ -117,16 +153,20 @@ def trajectory_scores(rewards: torch.Tensor, done: torch.Tensor,
     raise ValueError(f"score must be 'all_rows' or 'alive_rows', got {rule!r}")
 
 
-def dataset_limits(dataset: Dataset, device: torch.device | str = "cpu") -> Limits:
-    """The dataset's per-dimension range: states over observations and next_observations,
-    actions over actions (the authors' LimitsNormalizer takes min/max over the D4RL
-    observations and actions, training/dataset.py:259-264,429-440)."""
-    obs = [torch.as_tensor(x, dtype=torch.float32)
-           for x in (dataset.observations, dataset.next_observations)]
-    act = torch.as_tensor(dataset.actions, dtype=torch.float32)
-    return Limits(torch.minimum(obs[0].amin(0), obs[1].amin(0)).to(device),
-                  torch.maximum(obs[0].amax(0), obs[1].amax(0)).to(device),
-                  act.amin(0).to(device), act.amax(0).to(device))
+def dataset_limits(dataset: Dataset, device: torch.device | str = "cpu",
+                   next_obs: bool = False) -> Limits:
+    """The dataset's per-dimension range: states over the observations (with next_obs: and
+    the next observations, the former box), actions over the actions. Without next_obs it is
+    exactly the range of the diffusion normaliser, fitted on the observations and actions
+    (dydiff/segments.py), as the authors' LimitsNormalizer (training/dataset.py:259-264,
+    377-380) whose clip is their box (:455-472)."""
+    arrays = (dataset.observations, dataset.next_observations) if next_obs \
+        else (dataset.observations,)
+    obs = [torch.as_tensor(x, dtype=torch.float32, device="cpu") for x in arrays]
+    act = torch.as_tensor(dataset.actions, dtype=torch.float32, device="cpu")
+    lo = torch.stack([x.amin(0) for x in obs]).amin(0)
+    hi = torch.stack([x.amax(0) for x in obs]).amax(0)
+    return Limits(lo.to(device), hi.to(device), act.amin(0).to(device), act.amax(0).to(device))
 
 
 class DyDiffGenerator:
@@ -180,7 +220,8 @@ class DyDiffGenerator:
         last = (self.reward_fn(roll["last_obs"], roll["last_action"]).reshape(n)
                 if cfg.score == "all_rows" else None)
         returns = trajectory_scores(rew, done, last, cfg.score)
-        keep = filter_trajectories(returns, cfg.threshold, cfg.filter, cfg.temp)
+        keep = filter_trajectories(returns, cfg.threshold, cfg.filter, cfg.temp, None,
+                                   cfg.keep_rule, cfg.zscore_eps, cfg.prob_floor)
         mask = alive[keep]
         pick = lambda x: x[keep][mask]  # noqa: E731  (flat, in trajectory order)
         out = {"obs": pick(obs), "actions": pick(act), "rewards": pick(rew),
@@ -232,6 +273,12 @@ def make_generator(dataset: Dataset, cfg: dict | DyDiffConfig, model_dirs: dict[
     from dydiff.diffusion import load_diffusion
     from dydiff.reward_model import load_reward_model
     dyn = load_diffusion(model_dirs["diffusion"], device, cfg.sampler)
+    if cfg.init == "diffusion" and dyn.action_cond_prob >= 1.0:
+        raise ValueError(
+            f"policy.rollout.init 'diffusion' samples action-free, but the diffusion model at "
+            f"{model_dirs['diffusion']} was trained always action-conditioned "
+            f"(models.diffusion.action_cond_prob 1, the authors'): train it with "
+            f"action_cond_prob < 1 (e.g. 0.9)")
     if cfg.sampler_steps is not None:
         dyn.sampler = dataclasses.replace(dyn.sampler, num_steps=cfg.sampler_steps)
     if dyn.obs_dim != dataset.obs_dim or dyn.act_dim != dataset.act_dim:
@@ -247,10 +294,11 @@ def make_generator(dataset: Dataset, cfg: dict | DyDiffConfig, model_dirs: dict[
                              f"{ensemble.obs_dim}/{ensemble.act_dim}, dataset {dataset.name} "
                              f"has {dataset.obs_dim}/{dataset.act_dim}")
     reward = load_reward_model(model_dirs["reward"], device)
-    limits = dataset_limits(dataset, dyn.device) if cfg.clip else None
+    limits = (dataset_limits(dataset, dyn.device, cfg.clip_range == "with_next_obs")
+              if cfg.clip else None)
     return DyDiffGenerator(dyn, _reward_fn(reward), termination_fn(dataset.name), cfg,
                            ensemble, limits)
 
 
 __all__ = ["DyDiffConfig", "DyDiffGenerator", "Limits", "dataset_limits", "filter_trajectories",
-           "make_generator", "n_kept", "trajectory_scores"]
+           "make_generator", "n_kept", "softmax_filter_logits", "trajectory_scores"]

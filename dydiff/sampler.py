@@ -11,9 +11,12 @@ one of three solvers (`SamplerConfig.solver`):
   dpmpp2m_sde  its stochastic form (the SDE solver of the same paper, eta = 1, as
            k-diffusion's `sample_dpmpp_2m_sde`): fresh noise at every step, N evaluations.
 Conditioning is by inpainting: the first state and (optionally) the first L actions are written
-into x after every update, so they are exactly the given values in the output. Unlike the
-authors' `condition_guidance_sampler`, the conditioning is also written into the churned x_hat
-before it is denoised, since training always shows the network clean conditioned entries.
+into x after every update, so they are exactly the given values in the output; as in the
+authors' `condition_guidance_sampler` (generate_rl.py:67-75) the churned x_hat is denoised as
+it is (`condition_churn: true`, the former default here, also writes the conditioning into it).
+The updates run in float64, the network in float32, as the authors' (generate_rl.py:51,57,70,80;
+their EDMPrecond casts its input to float32, training/networks.py:906); `dtype: float32` runs
+the updates in float32 too.
 Warm start (`warm_start`, SDEdit, Meng et al. 2022): an injection iteration starts from the
 previous iteration's trajectory noised to `warm_sigma` and runs only the schedule's levels
 below it, instead of a full sample from pure noise (see `DiffusionDynamics.inject`).
@@ -68,6 +71,12 @@ class SamplerConfig:
     S_min: float = 0.3699492132558657
     S_max: float = 52.241950650433864
     S_noise: float = 1.002
+    # The authors denoise the churned x_hat unconditioned (generate_rl.py:68-70); true also
+    # writes the conditioning into it (this harness's former sampler).
+    condition_churn: bool = False
+    # Arithmetic of the updates (levels, x, d): float64 as the authors' (generate_rl.py:51,57,70,
+    # 80), the network in float32 either way; float32: the former sampler here.
+    dtype: Literal["float64", "float32"] = "float64"
     # Warm start of the injection iterations (not the authors': each of theirs is a full
     # sample). warm_first: also the first one, from s^0 (the ensemble / init trajectory);
     # otherwise only iterations 2..K, which start from a diffusion-made trajectory.
@@ -103,7 +112,7 @@ class SamplerConfig:
 SAMPLER_PRESETS: dict[str, dict] = {
     "authors": {},
     "fast": {"solver": "dpmpp2m", "num_steps": 10, "S_churn": 0.0, "warm_start": True,
-             "warm_sigma": 1.0},
+             "warm_sigma": 1.0, "dtype": "float32"},  # as measured
 }
 
 
@@ -122,7 +131,7 @@ def sampler_config(value: "SamplerConfig | str | dict | None", where: str = "sam
 
 def sigma_steps(cfg: SamplerConfig, device=None, dtype=torch.float32) -> torch.Tensor:
     """Karras noise levels sigma_0 = sigma_max > ... > sigma_{N-1} = sigma_min, sigma_N = 0,
-    computed in float64 (generate_rl.py:57-60) and returned in `dtype`."""
+    computed in float64 (generate_rl.py:51-54) and returned in `dtype`."""
     i = torch.arange(cfg.num_steps, dtype=torch.float64, device="cpu")
     inv = 1.0 / cfg.rho
     denom = max(cfg.num_steps - 1, 1)
@@ -132,7 +141,7 @@ def sigma_steps(cfg: SamplerConfig, device=None, dtype=torch.float32) -> torch.T
 
 
 def _dtype(cfg: SamplerConfig) -> torch.dtype:
-    return torch.float32
+    return torch.float64 if cfg.dtype == "float64" else torch.float32
 
 
 def _levels(cfg: SamplerConfig, warm: bool) -> torch.Tensor:
@@ -152,7 +161,9 @@ class _Schedule:
     reads a level back from the device nor branches on one: `sig` (host floats) decide the
     branches, `steps` (rows on the sampling device, float32 as the per-step scalars were)
     are indexed per step, which launches nothing. Heun rows: t_cur, t_next, t_hat, churn
-    noise scale sqrt(t_hat^2 - t_cur^2) S_noise, t_next - t_hat."""
+    noise scale sqrt(t_hat^2 - t_cur^2) S_noise, t_next - t_hat; in the sampler's dtype, t_hat
+    as the authors' t_cur + gamma t_cur in float64 (generate_rl.py:67), as the former
+    t_cur (1 + gamma) in float32."""
     sig: list[float]
     levels: torch.Tensor   # (N + 1,) on the device
     steps: torch.Tensor    # (5, N) Heun rows on the device (empty for other solvers)
@@ -167,7 +178,8 @@ def _schedule(cfg: SamplerConfig, warm: bool, device) -> _Schedule:
         t_cur, t_next = levels[:-1], levels[1:]
         gamma = [gamma_max if cfg.S_min <= v <= cfg.S_max else 0.0 for v in sig[:-1]]
         vec = lambda v: torch.tensor(v, dtype=levels.dtype, device="cpu")  # noqa: E731
-        t_hat = t_cur * vec([1 + g for g in gamma])
+        t_hat = (t_cur * vec([1 + g for g in gamma]) if cfg.dtype == "float32"
+                 else t_cur + vec(gamma) * t_cur)
         noise = (t_hat ** 2 - t_cur ** 2).sqrt() * cfg.S_noise
         steps = torch.stack([t_cur, t_next, t_hat, noise, t_next - t_hat])
     return _Schedule(sig, levels.to(device), steps.to(device))
@@ -186,13 +198,16 @@ def edm_sample(denoiser: EDMDenoiser, shape: tuple[int, int, int], obs_dim: int,
     cfg = cfg or SamplerConfig()
     device, dtype = start_state.device, _dtype(cfg)
     sched = _schedule(cfg, warm is not None, device)
+    # The initial noise is drawn in float32 (the authors' latents, cast to float64 at
+    # generate_rl.py:57), the churn noise in the updates' dtype (their randn_like(x_cur)).
     randn = lambda: torch.randn(shape, device=device, generator=generator,  # noqa: E731
                                 dtype=dtype)
+    latents = torch.randn(shape, device=device, generator=generator).to(dtype)
     cond = lambda x: apply_conditioning(x, obs_dim, start_state, actions)  # noqa: E731
     net = (denoiser if dtype == torch.float32 else  # noqa: E731
            lambda x, sigma: denoiser(x.float(), sigma.float()).to(dtype))
     t0 = sched.levels[0]
-    x = randn() * t0 if warm is None else warm.to(dtype) + randn() * t0
+    x = latents * t0 if warm is None else warm.to(dtype) + latents * t0
     solve = _heun if cfg.solver == "heun" else _dpmpp2m
     return solve(net, cond(x), sched, cond, cfg, randn).float()
 
@@ -206,7 +221,7 @@ def _heun(denoiser, x_next, sched: _Schedule, cond, cfg: SamplerConfig, randn) -
         # S_max]); keep that stream. Without churn there is nothing to draw.
         if cfg.S_churn > 0:
             x_hat = x_cur + noise[i] * randn()
-            x_hat = cond(x_hat)
+            x_hat = cond(x_hat) if cfg.condition_churn else x_hat  # authors: as it is
         else:
             x_hat = x_cur
         d_cur = (x_hat - denoiser(x_hat, t_hat[i])) / t_hat[i]
@@ -339,6 +354,7 @@ class DiffusionDynamics:
         self.sampler = sampler or SamplerConfig()
         self.device = torch.device(device)
         self.name = name
+        self.action_cond_prob: float | None = None  # the training's; set by load_diffusion
 
     # -- sampling -------------------------------------------------------------------------
     def sample(self, start_obs: torch.Tensor, actions: torch.Tensor | None = None,

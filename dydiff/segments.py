@@ -1,12 +1,16 @@
 """Fixed-length [state, action] trajectory segments for the dynamics diffusion model.
 
-Every episode of length L (states s_0..s_{L-1}, actions a_0..a_{L-1}, and the final next state
-s_L) becomes L + 1 rows [s_t, a_t], the last row [s_L, 0] with its action masked out, so that
-the model also learns the episode's last transition. Episodes with L + 1 >= H give every window
-of H consecutive rows (stride 1, as the authors' `MujocoDataset` indexer). Shorter episodes (common
-in *-medium-replay) give one window padded by repeating the last state with zero action; the
-padded rows are masked out of the loss (the authors pad with a constant -1 - eps instead and train
-on it; masking keeps the padding value out of the learned distribution).
+Two paddings (`padding`):
+  constant (the authors', training/dataset.py:259-291,332-341): an episode of length L is its
+      L rows [s_t, a_t] (observations and actions only); L >= H gives every window of H
+      consecutive rows (stride 1, their `get_trajectories` indexer), L <= H one window whose
+      rows after L hold the constant -1 - 1e-4 in every normalised channel; every entry,
+      padding included, is in the loss (they train on it).
+  repeat (this harness's former one): L + 1 rows, the last [s_L, 0] (the final next state,
+      action masked out) so the model also learns the episode's last transition; episodes with
+      L + 1 < H give one window padded by repeating the last state with zero action, and the
+      padded rows are masked out of the loss (keeping the padding value out of the learned
+      distribution).
 
 Windows are not materialised: `Segments` keeps one flat row array plus window start indices, so
 hopper-medium (1M transitions, ~1M windows) costs O(rows) memory, not O(windows * H).
@@ -84,8 +88,10 @@ class Normalizer:
 @dataclass
 class Segments:
     rows: torch.Tensor         # (R, D) normalised [state, action] rows of all episodes
-    state_valid: torch.Tensor  # (R,) bool: row's state is real data (not padding)
-    action_valid: torch.Tensor  # (R,) bool: row's action is real (false on last/padded rows)
+    # (R,) bool: the row's state / action is in the loss: real data with repeat padding (false
+    # on the last and padded rows' actions, padded states); every row with constant padding.
+    state_valid: torch.Tensor
+    action_valid: torch.Tensor
     starts: torch.Tensor       # (M,) long: first row of each window
     horizon: int
     obs_dim: int
@@ -115,9 +121,15 @@ class Segments:
         return x, mask.float()
 
 
+PAD_VALUE = -1.0 - 1e-4  # the authors' constant padding (training/dataset.py:332,340-341)
+
+
 def make_segments(dataset: Dataset, horizon: int, normalizer: Normalizer | None = None,
-                  kind: Literal["limits", "gaussian"] = "limits") -> Segments:
+                  kind: Literal["limits", "gaussian"] = "limits",
+                  padding: Literal["constant", "repeat"] = "constant") -> Segments:
     """Cut `dataset`'s episodes into windows of `horizon` rows (see module docstring)."""
+    if padding not in ("constant", "repeat"):
+        raise ValueError(f"padding must be 'constant' or 'repeat', got {padding!r}")
     if horizon < 2:
         raise ValueError(f"segment horizon must be >= 2, got {horizon}")
     if normalizer is None:
@@ -129,8 +141,10 @@ def make_segments(dataset: Dataset, horizon: int, normalizer: Normalizer | None 
                            f"channels but observations+actions have {o + a}")
     eps = dataset.episodes()
     lengths = np.array([sl.stop - sl.start for sl in eps])
-    # Rows per episode: its L transitions + the final next state, padded up to the horizon.
-    n_rows = np.maximum(lengths + 1, horizon)
+    constant = padding == "constant"
+    # Rows per episode: its L transitions (+ the final next state with repeat), padded up to
+    # the horizon.
+    n_rows = np.maximum(lengths + (0 if constant else 1), horizon)
     offsets = np.concatenate([[0], np.cumsum(n_rows)[:-1]])
     total = int(n_rows.sum())
     states = np.empty((total, o), np.float32)
@@ -139,16 +153,23 @@ def make_segments(dataset: Dataset, horizon: int, normalizer: Normalizer | None 
     action_valid = np.zeros(total, bool)
     starts = []
     # One vectorised copy per episode (the per-episode loop is over episodes, not time steps).
+    real = np.zeros(total, bool)  # rows holding an episode's own [s_t, a_t]
     for sl, length, off, n in zip(eps, lengths, offsets, n_rows):
         states[off:off + length] = dataset.observations[sl]
         states[off + length:off + n] = dataset.next_observations[sl.stop - 1]
         actions[off:off + length] = dataset.actions[sl]
+        real[off:off + length] = True
         state_valid[off:off + length + 1] = True
         action_valid[off:off + length] = True
         starts.append(off + np.arange(n - horizon + 1))
     rows = normalizer.normalize(np.concatenate([states, actions], 1))
-    # Padded rows hold raw zero actions; set them to normalised 0 (the channel centre) instead.
-    rows[~action_valid, o:] = 0.0
+    if constant:  # the authors': constant padding, every entry in the loss
+        rows[~real] = PAD_VALUE
+        state_valid[:] = True
+        action_valid[:] = True
+    else:
+        # Padded rows hold raw zero actions; set them to normalised 0 (the channel centre).
+        rows[~action_valid, o:] = 0.0
     return Segments(torch.from_numpy(rows.astype(np.float32)), torch.from_numpy(state_valid),
                     torch.from_numpy(action_valid),
                     torch.from_numpy(np.concatenate(starts).astype(np.int64)), horizon, o, a,

@@ -44,7 +44,7 @@ def toy_dataset(n_eps: int = 12, length: int = 20, short: int = 4, seed: int = 0
 
 def test_segments_windows_padding_and_mask():
     ds = toy_dataset()
-    seg = make_segments(ds, horizon=8)
+    seg = make_segments(ds, horizon=8, padding="repeat")  # the former padding (variant)
     # Long episodes (20 steps -> 21 rows) give 14 windows each; short ones (4 -> 5 rows) one.
     assert len(seg) == 9 * 14 + 3 * 1
     x, mask = seg.batch(torch.arange(len(seg)))
@@ -118,7 +118,7 @@ def test_edm_loss_uses_lognormal_sigma_and_skips_conditioned_entries():
             return torch.zeros_like(x)
     probe = Probe()
     d = EDMDenoiser(probe)
-    loss = edm_loss(d, x0, mask, obs_dim=3, action_cond_prob=1.0)
+    loss = edm_loss(d, x0, mask, obs_dim=3, action_cond_prob=1.0, loss_form="masked_mean")
     sigma = (probe.c_noise * 4).exp()
     # The first state and all actions are clean in the (c_in-scaled) input.
     c_in = d.c_in(sigma)[:, None]
@@ -224,7 +224,9 @@ def test_config_validation_names_the_key():
 
 
 def test_loss_decreases_on_toy_data(tmp_path):
-    cfg = {**TINY, "train_steps": 150, "log_every": 25, "checkpoint_every": 150}
+    # The former loss (masked mean; the authors' per-sample sum: tests/test_dydiff_deviations.py)
+    cfg = {**TINY, "train_steps": 150, "log_every": 25, "checkpoint_every": 150,
+           "loss_form": "masked_mean", "padding": "repeat", "action_cond_prob": 0.9}
     summary = train_diffusion(toy_dataset(), cfg, tmp_path, seed=0, progress=False,
                               device="cpu")
     m = pd.read_parquet(tmp_path / "metrics.parquet")

@@ -44,8 +44,8 @@ from test_diffusion import TINY, toy_dataset
 
 # The pre-change sampler semantics, which the equivalence is about (issue 26 item 1 made the
 # authors' float64 / unconditioned-churn sampler the default; these two keys give the former).
-FORMER_SAMPLER: dict = {}
-FORMER_LOSS: dict = {}
+FORMER_SAMPLER = {"dtype": "float32", "condition_churn": True}
+FORMER_LOSS = {"loss_form": "masked_mean"}  # issue 26 item 2: the former loss
 
 
 # --- the former code paths (fd9d912), the reference ----------------------------------------
@@ -312,7 +312,7 @@ def _dynamics(device, **sampler):
                              cfg.sampler, device)
 
 
-@pytest.mark.parametrize("sampler", [{}, {"S_churn": 0.0},
+@pytest.mark.parametrize("sampler", [{}, FORMER_SAMPLER, {"S_churn": 0.0},
                                      {"solver": "dpmpp2m", "S_churn": 0.0, "warm_start": True}])
 def test_sampler_runs_on_the_meta_device(sampler):
     """Every tensor the sampler creates is on its inputs' device: with the model and inputs on

@@ -82,11 +82,14 @@ def test_defaults_are_the_authors_and_new_values_are_validated():
 
 
 def test_dataset_limits_cover_observations_next_observations_and_actions():
+    """The former box (clip_range: with_next_obs); the authors' (the normaliser's range, the
+    default) is in tests/test_dydiff_deviations.py."""
     obs = np.array([[0.0, 1.0], [2.0, -1.0]], np.float32)
     nxt = np.array([[5.0, 0.0], [1.0, -3.0]], np.float32)
     act = np.array([[0.5], [-0.25]], np.float32)
     z = np.zeros(2, bool)
-    lim = dataset_limits(Dataset(obs, act, np.zeros(2, np.float32), nxt, z, z, name="hopper"))
+    lim = dataset_limits(Dataset(obs, act, np.zeros(2, np.float32), nxt, z, z, name="hopper"),
+                         next_obs=True)
     assert lim.obs_lo.tolist() == [0.0, -3.0] and lim.obs_hi.tolist() == [5.0, 1.0]
     assert lim.act_lo.tolist() == [-0.25] and lim.act_hi.tolist() == [0.5]
     x = torch.tensor([[-1.0, 2.0], [3.0, -4.0]])

@@ -145,7 +145,10 @@ class RewardStandIn(nn.Module):
 
 TINY_DIFFUSION = {"horizon": 8, "dim": 16, "dim_mults": [1, 2], "batch_size": 32,
                   "train_steps": 30, "lr_rampup_kimg": 0.0, "log_every": 10,
-                  "checkpoint_every": 30, "sampler": {"num_steps": 4}}
+                  "checkpoint_every": 30, "sampler": {"num_steps": 4},
+                  # action dropout, so that init 'diffusion' can sample action-free (the
+                  # authors' 1.0 cannot, dydiff/rollout.py make_generator)
+                  "action_cond_prob": 0.9}
 # Seconds to train (tests/test_mopo.py's ensemble): 4 members, 2 elites, 64 x 64, 3 epochs.
 TINY_ENSEMBLE = dict(num_members=4, num_elites=2, hidden=[64, 64],
                      weight_decay=[0.0, 0.0, 0.0], max_epochs=3)

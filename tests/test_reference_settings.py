@@ -202,14 +202,16 @@ def test_a_malformed_preset_names_the_file_and_key(tmp_path, bad):
 
 def test_paper_config_trains_the_reference_ensemble():
     """MOPO / MBPO's dynamics ensemble, for every task and model seed of the paper grid,
-    bootstrap member sampling included."""
+    bootstrap member sampling included; DyDiff's diffusion and reward models as its authors'."""
     cfg = plan.load_config(PAPER)
     problems = []
     for spec in plan.all_jobs(cfg):
         if spec["step"] != "train-model" or spec["model"] not in reference()["models"]:
             continue
         for key, want in reference()["models"][spec["model"]].items():
-            found = spec["config"]["model"].get(key, "<missing>")
+            found = spec["config"]["model"]
+            for part in key.split("."):  # dotted: a nested setting (sampler.dtype)
+                found = found.get(part, "<missing>") if isinstance(found, dict) else "<missing>"
             if found != want["value"]:
                 problems.append(f"models.{spec['model']} / {spec['task']}: {key} expected "
                                 f"{want['value']!r} (source: {want['source']}), found {found!r}")

@@ -15,7 +15,7 @@ import logging
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Literal
 
 import pandas as pd
 import torch
@@ -36,6 +36,9 @@ class OfflineConfig:
     total_steps: int = 1_000_000
     batch_size: int = 256
     real_ratio: float = 1.0          # 1.0 = model-free; MOPO 0.05, DyDiff 0.6
+    # Real rows per batch: round(real_ratio * B) (256 x 0.6: 154 + 102 model rows), or int(...)
+    # as the DyDiff authors' trainer (rlkit/trainer.py:197-198: 153 + 103).
+    real_batch_rule: Literal["round", "int"] = "round"
     rollout_freq: int = 1000         # generator call every this many gradient steps
     model_retain_epochs: int = 5     # model buffer holds this many generator calls ...
     model_buffer_size: int | None = None  # ... unless given here in transitions (DyDiff: 2e6)
@@ -56,7 +59,8 @@ class OfflineConfig:
 
     @property
     def n_real(self) -> int:
-        return int(round(self.real_ratio * self.batch_size))
+        x = self.real_ratio * self.batch_size
+        return int(round(x)) if self.real_batch_rule == "round" else int(x)
 
 
 def eval_seed(seed: int, step: int) -> int:

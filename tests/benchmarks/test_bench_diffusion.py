@@ -35,7 +35,7 @@ PRESETS = {
               "lr_rampup_kimg": 0.0, "ema_halflife_kimg": 10.0, "sampler": {"num_steps": 10}},
 }
 PAIRED_ROUNDS = {"smoke": 30, "paper": 4}
-SAMPLE_ROUNDS = {"smoke": 8, "paper": 2}
+SAMPLE_ROUNDS = {"smoke": 8, "paper": 3}
 RESULTS: dict = {}  # (what, preset) -> (speed-up, lo, hi, former s, current s)
 
 

@@ -7,6 +7,7 @@ one nan_to_num and one lerp_ per parameter, loss.item() per step, per-tensor Ada
 back per sampler step), kept in tests/test_dydiff_equivalence.py as the equivalence reference,
 against the current ones, alternating one call of each per round, and print the paired
 speed-up (agents.flops.paired_speedup: mean former / mean current, 95 % bootstrap CI).
+`test_sampler_authors_float64_cost` prices the paper default's float64 sampler the same way.
 Run with:
     OMP_NUM_THREADS=1 .venv/bin/python -m pytest tests/benchmarks/test_bench_diffusion.py \\
         --benchmark-enable --benchmark-only
@@ -51,6 +52,26 @@ def table(request):
     capture = request.config.pluginmanager.get_plugin("capturemanager")
     with capture.global_and_fixture_disabled():
         print("\n" + "\n".join(lines))
+
+
+def _paired(benchmark, key, fns, rounds):
+    """Alternate one call of each side per round (`fns[side](k)`, round 0 warms up), then
+    record the paired speed-up of `current` over `former` (mean time ratio, 95 % CI)."""
+    times = {"former": [], "current": []}
+
+    def run():
+        for k in range(rounds + 1):
+            for side in ("former", "current") if k % 2 else ("current", "former"):
+                t0 = time.perf_counter()
+                fns[side](k)
+                if k:
+                    times[side].append(time.perf_counter() - t0)
+
+    benchmark.pedantic(run, rounds=1, iterations=1)
+    f, c = np.array(times["former"]), np.array(times["current"])
+    r, lo, hi = paired_speedup(f, c)
+    RESULTS[key] = (r, lo, hi, f.mean(), c.mean())
+    benchmark.extra_info.update(paired_speedup=r, ci=[lo, hi])
 
 
 def _dataset(n=3000):
@@ -111,21 +132,7 @@ def test_train_step_paired_speedup(benchmark, preset):
         twins[side] = (d, e, opt)
     fns = {"former": lambda k: former_train_step(*twins["former"], segments, k, cfg),
            "current": lambda k: float(train_step(*twins["current"], segments, k, cfg))}
-    times = {"former": [], "current": []}
-
-    def rounds():
-        for k in range(PAIRED_ROUNDS[preset] + 1):
-            for side in ("former", "current") if k % 2 else ("current", "former"):
-                t0 = time.perf_counter()
-                fns[side](k)
-                if k:  # the first round warms up
-                    times[side].append(time.perf_counter() - t0)
-
-    benchmark.pedantic(rounds, rounds=1, iterations=1)
-    f, c = np.array(times["former"]), np.array(times["current"])
-    r, lo, hi = paired_speedup(f, c)
-    RESULTS["train step", preset] = (r, lo, hi, f.mean(), c.mean())
-    benchmark.extra_info.update(paired_speedup=r, ci=[lo, hi])
+    _paired(benchmark, ("train step", preset), fns, PAIRED_ROUNDS[preset])
 
 
 @pytest.mark.benchmark(group="diffusion-sample")
@@ -156,20 +163,27 @@ def test_sampler_paired_speedup(benchmark, preset, n):
     den = build_denoiser(cfg, O + A).eval().requires_grad_(False)
     start, actions = torch.randn(n, O), torch.rand(n, cfg.horizon, A) * 2 - 1
     shape = (n, cfg.horizon, O + A)
-    fns = {"former": former_edm_sample, "current": edm_sample}
-    times = {"former": [], "current": []}
+    fns = {side: (lambda k, f=f: f(den, shape, O, start, actions, cfg.sampler,
+                                    torch.Generator().manual_seed(k)))
+           for side, f in (("former", former_edm_sample), ("current", edm_sample))}
+    _paired(benchmark, ("sample", preset), fns, SAMPLE_ROUNDS[preset])
 
-    def rounds():
-        for k in range(SAMPLE_ROUNDS[preset] + 1):
-            for side in ("former", "current") if k % 2 else ("current", "former"):
-                g = torch.Generator().manual_seed(k)
-                t0 = time.perf_counter()
-                fns[side](den, shape, O, start, actions, cfg.sampler, g)
-                if k:
-                    times[side].append(time.perf_counter() - t0)
 
-    benchmark.pedantic(rounds, rounds=1, iterations=1)
-    f, c = np.array(times["former"]), np.array(times["current"])
-    r, lo, hi = paired_speedup(f, c)
-    RESULTS["sample", preset] = (r, lo, hi, f.mean(), c.mean())
-    benchmark.extra_info.update(paired_speedup=r, ci=[lo, hi])
+@pytest.mark.benchmark(group="diffusion-sample-paired")
+@pytest.mark.parametrize("preset,n", [("smoke", 256), ("paper", 2)])
+def test_sampler_authors_float64_cost(benchmark, preset, n):
+    """The price of the authors' sampler semantics (issue 26 item 1): edm_sample with the
+    paper default (float64 updates around the float32 network, churned x_hat unconditioned)
+    as `current` against the former float32, churn-conditioned settings as `former`; a ratio
+    below 1 is the cost of fidelity."""
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    authors, former = _cfg(preset).sampler, _cfg(preset, former_semantics=True).sampler
+    den = build_denoiser(_cfg(preset), O + A).eval().requires_grad_(False)
+    horizon = _cfg(preset).horizon
+    start, actions = torch.randn(n, O), torch.rand(n, horizon, A) * 2 - 1
+    shape = (n, horizon, O + A)
+    fns = {side: (lambda k, c=c: edm_sample(den, shape, O, start, actions, c,
+                                            torch.Generator().manual_seed(k)))
+           for side, c in (("former", former), ("current", authors))}
+    _paired(benchmark, ("sample float64 vs float32", preset), fns, SAMPLE_ROUNDS[preset])

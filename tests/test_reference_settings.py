@@ -260,3 +260,16 @@ def test_diffql_choice_is_what_it_says_and_wang_rows_are_main_pys():
     ant = [e for t, e in wang.items() if t.startswith("antmaze")]
     assert len(ant) == 6 and {e["reward_tune"] for e in ant} == {"cql_antmaze"}
     assert [e["max_q_backup"] for e in ant] == [False, True, True, True, True, True]
+
+
+def test_diffql_smoke_runs_the_authors_diffql_with_equal_budgets():
+    """config/diffql-smoke.yaml: the DiffQL pair with the DyDiff authors' agent (both members)
+    and the same number of updates, as the paper grid."""
+    cfg = plan.load_config(ROOT / "config" / "diffql-smoke.yaml")
+    jobs = {m: plan.policy_job(cfg, m, cfg["tasks"][0], 0)["config"]["policy"]
+            for m in ("diffql", "dydiff-diffql")}
+    for method, policy in jobs.items():
+        assert policy["agent"] == registry.DIFFQL_PRESETS["dydiff-authors"], method
+    assert jobs["diffql"]["offline"]["total_steps"] == jobs["dydiff-diffql"]["offline"][
+        "total_steps"]
+    assert jobs["dydiff-diffql"]["offline"]["rollout_freq"] == 250

@@ -298,8 +298,10 @@ def fit_scales(net: EnsembleNet, inputs: torch.Tensor, train_idx: torch.Tensor, 
         return
     obs = inputs[:, :obs_dim]
     std = obs.std(0, unbiased=False) + 1e-6   # np.std, + 1e-6 (buffer.py:457,478-483)
-    net.input_norm.mean.zero_()[:obs_dim] = obs.mean(0)
-    net.input_norm.std.fill_(1.0)[:obs_dim] = std   # actions stay raw
+    net.input_norm.mean.zero_()
+    net.input_norm.std.fill_(1.0)   # actions stay raw
+    net.input_norm.mean[:obs_dim] = obs.mean(0)
+    net.input_norm.std[:obs_dim] = std
     net.target_scale[:obs_dim] = std   # (next - obs) / std: the standardised states' delta
 
 

@@ -139,7 +139,11 @@ COST_FREE = {"actor_lr", "critic_lr", "alpha_lr", "cql_alpha_lr", "cql_log_alpha
              # sampler's float64 updates are elementwise next to a float32 network (its cost
              # difference is in docs/performance.md, within noise)
              "action_cond_prob", "loss_form", "padding", "condition_churn", "dtype",
-             "clip_range", "keep_rule", "zscore_eps", "prob_floor", "real_batch_rule", "keep"}
+             "clip_range", "keep_rule", "zscore_eps", "prob_floor", "real_batch_rule", "keep",
+             # the DyDiff authors' ensemble recipe (models.ensemble-dydiff): the same
+             # minibatch work (without a reward head: one output of o + 1 fewer)
+             "target_space", "weight_decay_form", "member_loss", "learned_logvar_bounds",
+             "reward_head"}
 
 
 def _cost_settings(d: dict) -> dict:
@@ -192,7 +196,7 @@ def _model_items(cfg: dict, spec: dict) -> list[Item]:
                                          **dims}, mcfg["train_steps"])]
     train_rows = rows - min(int(rows * mcfg["holdout_ratio"]), mcfg["max_holdout"])
     batches = math.ceil(train_rows / mcfg["batch_size"])
-    if model == "ensemble":
+    if registry.MODELS[model].train == registry.MODELS["ensemble"].train:  # ensemble-dydiff too
         epochs = mcfg["max_epochs"] or ASSUMED_EPOCHS["ensemble"]
         return [item("ensemble-train", {"config": _without(mcfg, "max_epochs", "patience",
                                                            "log_every", "checkpoint_every"),
@@ -231,7 +235,7 @@ def _generate_items(cfg: dict, spec: dict) -> list[Item]:
 def _rollout_error_items(cfg: dict, spec: dict) -> list[Item]:
     task, c = spec["task"], spec["config"]
     dims = _dims(task)
-    models = _model_configs(cfg, task, ("diffusion", "ensemble", "reward"))
+    models = _model_configs(cfg, task, plan.ROLLOUT_ERROR_MODELS)
     horizon = models["diffusion"]["horizon"]
     windows = math.ceil(c["horizon"] / (horizon - 1))
     agent = registry.method(c["policy_method"]).agent
@@ -468,14 +472,15 @@ def _synthetic_dataset_dims(s: dict, n: int):
 
 def _measure_ensemble_train(s: dict) -> float:
     import torch
-    from baselines.ensemble import EnsembleConfig, EnsembleNet, ensemble_loss
+    from baselines.ensemble import (EnsembleConfig, EnsembleNet, ensemble_loss,
+                                    make_optimizer, target_dim)
     cfg = from_dict(EnsembleConfig, s["config"], where="models.ensemble")
     o, a = s["obs_dim"], s["act_dim"]
-    net = _on(EnsembleNet(o + a, o + 1, cfg))
-    opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
+    net = _on(EnsembleNet(o + a, target_dim(cfg, o), cfg))
+    opt = make_optimizer(net, cfg)
     g = torch.Generator().manual_seed(0)
     x = _on(torch.randn(cfg.num_members, cfg.batch_size, o + a, generator=g))
-    y = _on(torch.randn(cfg.num_members, cfg.batch_size, o + 1, generator=g))
+    y = _on(torch.randn(cfg.num_members, cfg.batch_size, target_dim(cfg, o), generator=g))
 
     def step():
         loss = ensemble_loss(net, x, y, cfg.logvar_loss_coef)
@@ -504,15 +509,16 @@ def _measure_reward_train(s: dict) -> float:
 
 def _untrained_models(s: dict):
     """Untrained ensemble, reward model and diffusion model at the job's settings."""
-    from baselines.ensemble import EnsembleConfig, EnsembleDynamics, EnsembleNet
+    from baselines.ensemble import EnsembleConfig, EnsembleDynamics, EnsembleNet, target_dim
     o, a = s["obs_dim"], s["act_dim"]
     models = s["models"]
     out = {}
-    if "ensemble" in models:
-        ecfg = from_dict(EnsembleConfig, models["ensemble"], where="models.ensemble")
-        out["ensemble"] = EnsembleDynamics(EnsembleNet(o + a, o + 1, ecfg),
-                                           list(range(ecfg.num_elites)), o, a, "estimate",
-                                           device=_measure_device)
+    for name in ("ensemble", "ensemble-dydiff"):  # MOPO / MBPO's; DyDiff's start-state one
+        if name in models:
+            ecfg = from_dict(EnsembleConfig, models[name], where=f"models.{name}")
+            out[name] = EnsembleDynamics(EnsembleNet(o + a, target_dim(ecfg, o), ecfg),
+                                         list(range(ecfg.num_elites)), o, a, "estimate",
+                                         device=_measure_device)
     if "reward" in models:
         from dydiff.reward_model import RewardModel
         out["reward"] = _on(RewardModel(o, a, models["reward"]["hidden"]).eval())
@@ -542,7 +548,7 @@ def _measure_rollout(s: dict) -> float:
     models = _untrained_models(s)
     done_fn = TERMINATION_FNS["halfcheetah"]  # never terminates (non-finite states only)
     if "diffusion" in models:
-        from dydiff.rollout import DyDiffConfig, DyDiffGenerator, _reward_fn
+        from dydiff.rollout import ENSEMBLE, DyDiffConfig, DyDiffGenerator, _reward_fn
         from dydiff.sampler import Limits
         params = sum(p.numel() for p in models["diffusion"].denoiser.parameters())
         n = min(s["rollout"].get("rollout_batch_size", 2048),
@@ -552,7 +558,7 @@ def _measure_rollout(s: dict) -> float:
         limits = Limits(*(_on(x) for x in (-torch.ones(o) * 5, torch.ones(o) * 5,
                                            -torch.ones(a), torch.ones(a))))
         gen = DyDiffGenerator(models["diffusion"], _reward_fn(models["reward"]), done_fn, cfg,
-                              ensemble=models.get("ensemble"), limits=limits)
+                              ensemble=models.get(ENSEMBLE), limits=limits)
     else:
         from baselines.mopo import EnsembleRolloutGenerator, as_config
         n = min(s["rollout"].get("rollout_batch_size", 50_000), MEASURE_BATCH["ensemble-rollout"])

@@ -19,8 +19,8 @@ counts those starts).
 Models: "ensemble" (the MBPO/MOPO ensemble's elite mean), "diffusion" (the diffusion model
 alone: `DiffusionDynamics.policy_rollout` with its defaults) and "dydiff" (`DyDiffModel`: the
 trajectories the DyDiff generator produces in training, before its reward, filter and
-truncation: ensemble start, K injections, state averaging, clipping to the dataset's range,
-with the generator's own settings). The DyDiff generator acts only with the policy, so
+truncation: the start from DyDiff's own ensemble (ensemble-dydiff), K injections, state
+averaging, clipping to the dataset's range, with the generator's own settings). The DyDiff generator acts only with the policy, so
 "dydiff" has no open-loop mode and is skipped with dataset actions.
 
 Metric: per start n and step t, the state MSE normalised by the dataset's per-dimension
@@ -66,6 +66,7 @@ import torch
 from tqdm.auto import tqdm
 
 from analysis import plotting
+from dydiff.rollout import ENSEMBLE as DYDIFF_ENSEMBLE
 from dydiff.rollout import DyDiffConfig, DyDiffGenerator, make_generator
 from harness.data.dataset import Dataset, DatasetError
 from harness.envs import (alive_mask, family_of, make_env, restore_state, sim_state,
@@ -223,7 +224,7 @@ class DyDiffModel:
                   cfg: dict | DyDiffConfig | None = None, device="cpu") -> "DyDiffModel":
         """Through dydiff.rollout.make_generator, as training builds it (`cfg` None: the
         DyDiffConfig defaults; model_dirs: diffusion, reward and, for init 'ensemble',
-        ensemble; clip limits from `dataset`)."""
+        ensemble-dydiff; clip limits from `dataset`)."""
         return cls(make_generator(dataset, {} if cfg is None else cfg, model_dirs, device))
 
     def policy_rollout(self, start_obs, agent, H: int) -> dict:
@@ -455,7 +456,8 @@ def run_rollout_error(dataset: str | Path | Dataset, model_dirs: dict[str, Path]
                       include_simulator: bool = False,
                       reps: int = 1000, device: str = "cpu", progress: bool = True,
                       reward_dir: Path | None = None,
-                      dydiff: dict | DyDiffConfig | None = None) -> dict:
+                      dydiff: dict | DyDiffConfig | None = None,
+                      dydiff_ensemble_dir: Path | None = None) -> dict:
     """The study end to end: load the dataset (path/name, see harness.data.sources.load_dataset) and
     each model (`model_dirs` {kind: dir}; `loaders` {kind: fn(dir, device)}, default
     `default_loaders()`), optionally the policy (`agent_loader(policy, device)`, default
@@ -466,7 +468,8 @@ def run_rollout_error(dataset: str | Path | Dataset, model_dirs: dict[str, Path]
     models without their own reward prediction (the diffusion models).
     `dydiff`: add the "dydiff" model (`DyDiffModel`, policy mode only), the DyDiff generator
     built by dydiff.rollout.make_generator with this rollout config ({} = DyDiffConfig
-    defaults) from model_dirs' diffusion and ensemble and `reward_dir`."""
+    defaults) from model_dirs' diffusion, `reward_dir` and `dydiff_ensemble_dir` (the
+    ensemble-dydiff model its init 'ensemble' starts from)."""
     if not isinstance(dataset, Dataset):
         from harness.data.sources import load_dataset
         dataset = load_dataset(str(dataset))
@@ -479,7 +482,7 @@ def run_rollout_error(dataset: str | Path | Dataset, model_dirs: dict[str, Path]
         models[kind] = loaders[kind](Path(model_dir), device)
     if dydiff is not None:
         dirs = {k: Path(d) for k, d in (("diffusion", model_dirs.get("diffusion")),
-                                        ("ensemble", model_dirs.get("ensemble")),
+                                        (DYDIFF_ENSEMBLE, dydiff_ensemble_dir),
                                         ("reward", reward_dir)) if d is not None}
         models["dydiff"] = DyDiffModel.from_dirs(dataset, dirs, dydiff, device)
     if include_simulator:
@@ -518,7 +521,8 @@ def rollout_error_step(spec: dict, log_fn=None) -> dict:
                                Path(spec["out"]), policy=Path(spec["policy_dir"]) / "policy.pt",
                                horizon=cfg["horizon"], n_starts=cfg["n_starts"], seed=cfg["seed"],
                                reward_dir=dirs["reward"], device=device(),
-                               dydiff=cfg.get("dydiff_rollout") or {})
+                               dydiff=cfg.get("dydiff_rollout") or {},
+                               dydiff_ensemble_dir=dirs.get(DYDIFF_ENSEMBLE))
     df = result["rollout_error"]
     last = df[df["horizon"] == df["horizon"].max()]
     out = {f"{r['mode']}/{r['model']}/state_mse_at_H": float(r["state_mse"])

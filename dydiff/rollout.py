@@ -32,6 +32,9 @@ from harness.data.dataset import Dataset
 from dydiff.sampler import SAMPLER_PRESETS, DiffusionDynamics, Limits
 from harness.envs import alive_mask, termination_fn
 
+# The registry model DyDiff's init='ensemble' starts from (harness/registry.py): the single-step
+# ensemble as the DyDiff authors train it, not MOPO / MBPO's "ensemble".
+ENSEMBLE = "ensemble-dydiff"
 
 @dataclass
 class DyDiffConfig:
@@ -43,8 +46,9 @@ class DyDiffConfig:
     temp: float = 0.05                # softmax temperature on z-scored returns
     average_states: bool = True       # authors: s^k = (DM(s_0, a^{k-1}) + s^{k-1}) / 2
     # s^0 of the injection loop. ensemble (authors, generate_rl.py:99-110): the single-step
-    # ensemble (models.ensemble) rolled out by the learning policy; diffusion: an
-    # action-unconditioned diffusion sample; policy: diffusion conditioned on pi(s_0) repeated.
+    # ensemble as the authors train it (models.ensemble-dydiff) rolled out by the learning
+    # policy; diffusion: an action-unconditioned diffusion sample; policy: diffusion
+    # conditioned on pi(s_0) repeated.
     init: Literal["ensemble", "diffusion", "policy"] = "ensemble"
     # Clip states and actions to the dataset's per-dimension [min, max] at every model -> env
     # conversion (authors' LimitsNormalizer, training/dataset.py:455-472); false: never clip.
@@ -258,16 +262,18 @@ def _reward_fn(model) -> Callable:
 def make_generator(dataset: Dataset, cfg: dict | DyDiffConfig, model_dirs: dict[str, Path],
                    device: torch.device | str = "cpu") -> DyDiffGenerator:
     """The DyDiff generator from trained models: model_dirs["diffusion"], ["reward"], and
-    ["ensemble"] when init == 'ensemble' (loaded through harness.registry.load_model, so
-    dydiff/ does not import baselines/). Clip limits come from `dataset` (`dataset_limits`)."""
+    [ENSEMBLE] (the authors' single-step ensemble) when init == 'ensemble' (loaded through
+    harness.registry.load_model, so dydiff/ does not import baselines/). Clip limits come from
+    `dataset` (`dataset_limits`)."""
     if not isinstance(cfg, DyDiffConfig):
         cfg = from_dict(DyDiffConfig, cfg, where="policy.rollout")
-    need = {"diffusion", "reward"} | ({"ensemble"} if cfg.init == "ensemble" else set())
+    need = {"diffusion", "reward"} | ({ENSEMBLE} if cfg.init == "ensemble" else set())
     missing = sorted(need - set(model_dirs))
     if missing:
-        hint = (" (policy.rollout.init 'ensemble' starts policy injection from the trained "
-                "single-step ensemble; init 'diffusion' or 'policy' runs without it)"
-                if "ensemble" in missing else "")
+        hint = (f" (policy.rollout.init 'ensemble' starts policy injection from the trained "
+                f"single-step ensemble {ENSEMBLE!r}, models.{ENSEMBLE}: the DyDiff authors', "
+                f"not MOPO's 'ensemble'; init 'diffusion' or 'policy' runs without it)"
+                if ENSEMBLE in missing else "")
         raise KeyError(f"DyDiff rollouts need trained models {missing} in model_dirs "
                        f"(got {sorted(model_dirs)}){hint}")
     from dydiff.diffusion import load_diffusion
@@ -288,9 +294,9 @@ def make_generator(dataset: Dataset, cfg: dict | DyDiffConfig, model_dirs: dict[
     ensemble = None
     if cfg.init == "ensemble":
         from harness.registry import load_model
-        ensemble = load_model("ensemble", model_dirs["ensemble"], device)
+        ensemble = load_model(ENSEMBLE, model_dirs[ENSEMBLE], device)
         if ensemble.obs_dim != dataset.obs_dim or ensemble.act_dim != dataset.act_dim:
-            raise ValueError(f"ensemble at {model_dirs['ensemble']} has obs/act dims "
+            raise ValueError(f"ensemble at {model_dirs[ENSEMBLE]} has obs/act dims "
                              f"{ensemble.obs_dim}/{ensemble.act_dim}, dataset {dataset.name} "
                              f"has {dataset.obs_dim}/{dataset.act_dim}")
     reward = load_reward_model(model_dirs["reward"], device)
@@ -300,5 +306,5 @@ def make_generator(dataset: Dataset, cfg: dict | DyDiffConfig, model_dirs: dict[
                            ensemble, limits)
 
 
-__all__ = ["DyDiffConfig", "DyDiffGenerator", "Limits", "dataset_limits", "filter_trajectories",
+__all__ = ["ENSEMBLE", "DyDiffConfig", "DyDiffGenerator", "Limits", "dataset_limits", "filter_trajectories",
            "make_generator", "n_kept", "softmax_filter_logits", "trajectory_scores"]

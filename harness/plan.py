@@ -262,10 +262,15 @@ def rollout_error_enabled(cfg: dict) -> bool:
     return bool((cfg.get("rollout_error") or {}).get("enabled", True))
 
 
+# The rollout-error study's models: MOPO's ensemble, the diffusion model, and for its DyDiff
+# generator the reward model and the ensemble DyDiff starts from (dydiff.rollout.ENSEMBLE).
+ROLLOUT_ERROR_MODELS = ("ensemble", "ensemble-dydiff", "diffusion", "reward")
+
+
 def needed_models(cfg: dict) -> list[str]:
     need = {m for name in cfg["methods"] for m in registry.method(name).models}
     if rollout_error_enabled(cfg):
-        need |= {"ensemble", "diffusion", "reward"}
+        need |= set(ROLLOUT_ERROR_MODELS)
     return [m for m in registry.MODELS if m in need]
 
 
@@ -413,7 +418,7 @@ def rollout_error_job(cfg: dict, task: str) -> dict:
     method = rcfg.get("policy_method", default)
     seed = cfg["seeds"][0]
     return {"step": "rollout-error", "task": task, "dataset": str(path(cfg, "dataset", task=task)),
-            "model_dirs": model_dirs(cfg, ("ensemble", "diffusion", "reward"), task, seed),
+            "model_dirs": model_dirs(cfg, ROLLOUT_ERROR_MODELS, task, seed),
             "policy_dir": str(path(cfg, "policy_dir", method=method, task=task, seed=seed)),
             "out": str(path(cfg, "rollout_error_dir", task=task)),
             "config": {"horizon": rcfg.get("horizon", 100), "n_starts": rcfg.get("n_starts", 64),

@@ -199,6 +199,10 @@ register_agent(Agent("diffql", "agents.diffql:DiffQL", "agents.diffql:DiffQLConf
 # ---- the models (trained once per task, shared by every method that needs them) ------------
 register_model(Model("ensemble", "baselines.ensemble:EnsembleConfig",
                      "baselines.ensemble:train_ensemble", "baselines.ensemble:load_ensemble"))
+# The same ensemble as the DyDiff authors train it (standardised-state targets, no reward
+# head, last weights, ...): the start of DyDiff's policy injection, so MOPO / MBPO keep theirs.
+register_model(Model("ensemble-dydiff", "baselines.ensemble:DyDiffEnsembleConfig",
+                     "baselines.ensemble:train_ensemble", "baselines.ensemble:load_ensemble"))
 register_model(Model("reward", "dydiff.reward_model:RewardModelConfig",
                      "dydiff.reward_model:train_reward_model",
                      "dydiff.reward_model:load_reward_model"))
@@ -208,7 +212,7 @@ register_model(Model("diffusion", "dydiff.diffusion:DiffusionConfig",
 
 def load_model(name: str, out_dir, device="cpu"):
     """A trained model read back through the registry: how a method uses another layer's
-    model (DyDiff starts its rollouts from the ensemble of baselines/) without importing it."""
+    model (DyDiff starts its rollouts from an ensemble of baselines/) without importing it."""
     return resolve(MODELS[name].load)(out_dir, device)
 
 # ---- the methods (table and figure order) ----------------------------------------------------
@@ -218,7 +222,7 @@ register_method(Method(
 register_method(Method(
     "dydiff-td3bc", "DyDiff-TD3BC", "#ff7f0e", agent="td3bc", base="td3bc",
     generator="dydiff.rollout:make_generator", rollout_config="dydiff.rollout:DyDiffConfig",
-    models=("diffusion", "reward", "ensemble"), published=("dydiff-paper",), gpu=True,
+    models=("diffusion", "reward", "ensemble-dydiff"), published=("dydiff-paper",), gpu=True,
     source="Zhao et al. 2024 (arXiv 2405.19189); github.com/FineArtz/DyDiff"))
 # `cql` is DyDiff-CQL's model-free control: both read the config's `policy.cql` (paper.yaml: the
 # DyDiff authors' settings), so the pair differs only in its rollouts. The published CQL
@@ -230,7 +234,7 @@ register_method(Method(
 register_method(Method(
     "dydiff-cql", "DyDiff-CQL", "#d62728", agent="cql", base="cql",
     generator="dydiff.rollout:make_generator", rollout_config="dydiff.rollout:DyDiffConfig",
-    models=("diffusion", "reward", "ensemble"), published=("dydiff-paper",), gpu=True,
+    models=("diffusion", "reward", "ensemble-dydiff"), published=("dydiff-paper",), gpu=True,
     source="Zhao et al. 2024 (arXiv 2405.19189); github.com/FineArtz/DyDiff"))
 
 # CQL as a published source runs it: a complete agents/cql.py CQLConfig (every field, so the
@@ -312,7 +316,7 @@ register_method(Method(
 register_method(Method(
     "dydiff-diffql", "DyDiff-DiffQL", "#bcbd22", agent="diffql", base="diffql",
     generator="dydiff.rollout:make_generator", rollout_config="dydiff.rollout:DyDiffConfig",
-    models=("diffusion", "reward", "ensemble"), published=("dydiff-paper",), gpu=True,
+    models=("diffusion", "reward", "ensemble-dydiff"), published=("dydiff-paper",), gpu=True,
     source="Zhao et al. 2024 (arXiv 2405.19189); github.com/FineArtz/DyDiff "
            "exp_specs/dydiff_diffql/*"))
 variant_of("diffql", "diffql-wang", "Diffusion-QL, original settings", "#9edae5",

@@ -118,13 +118,17 @@ def stage_diffusion(args, ds, summary):
 
 def stage_ensemble(args, ds, summary):
     try:
-        from baselines.ensemble import train_ensemble
+        from baselines.ensemble import DyDiffEnsembleConfig, train_ensemble
     except ImportError as err:
         log.warning("no ensemble (%s): skipping", err)
         return
     summary["ensemble"] = train_ensemble(ds, {"max_epochs": args.ensemble_max_epochs},
                                          args.out / "ensemble", seed=args.seed,
                                          device="cpu")
+    # The one DyDiff's generator starts from: the authors' recipe (models.ensemble-dydiff).
+    summary["ensemble-dydiff"] = train_ensemble(
+        ds, DyDiffEnsembleConfig(max_epochs=args.ensemble_max_epochs),
+        args.out / "ensemble-dydiff", seed=args.seed, device="cpu")
 
 
 def stage_policy(args, ds, summary):
@@ -175,16 +179,19 @@ def stage_error(args, ds, summary):
         dirs["ensemble"] = args.out / "ensemble"
     policy = args.out / "td3bc" / "policy.pt"
     reward = args.out / "reward"
-    # The DyDiff generator (DyDiffConfig defaults: ensemble start) needs the ensemble, the
+    # The DyDiff generator (DyDiffConfig defaults: ensemble start) needs its ensemble, the
     # reward model and a policy to act with.
-    dydiff = "ensemble" in dirs and (reward / "model.pt").exists() and policy.exists()
+    dydiff_ensemble = args.out / "ensemble-dydiff"
+    dydiff = ((dydiff_ensemble / "model.pt").exists() and (reward / "model.pt").exists()
+              and policy.exists())
     t0 = time.perf_counter()
     torch.manual_seed(args.seed)  # diffusion sampling draws from the global stream
     res = run_rollout_error(ds, dirs, args.out / "error", horizon=args.error_horizon,
                             n_starts=args.n_starts, seed=args.seed,
                             policy=policy if policy.exists() else None, reps=1000,
                             reward_dir=reward if dydiff else None,
-                            dydiff={} if dydiff else None)
+                            dydiff={} if dydiff else None,
+                            dydiff_ensemble_dir=dydiff_ensemble if dydiff else None)
     # Reference predictors on the same starts (same seed -> same rows): what an
     # uninformative model scores, to read the learned models' numbers against.
     from analysis.rollout_error import rollout_error_study

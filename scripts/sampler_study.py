@@ -119,13 +119,13 @@ def ensure_models(models: Path, seed: int):
     ds = md.stage_data(margs, summary)
     md.save_stage(models, "data", summary)
     outputs = {"reward": "reward/model.pt", "diffusion": "diffusion/model.pt",
-               "ensemble": "ensemble/model.pt", "policy": "td3bc/policy.pt"}
+               "ensemble": "ensemble-dydiff/model.pt", "policy": "td3bc/policy.pt"}
     for stage, rel in outputs.items():
         if not (models / rel).exists():
             log.info("%s missing: running measure_dydiff stage %r", models / rel, stage)
             getattr(md, f"stage_{stage}")(margs, ds, summary)
             md.save_stage(models, stage, summary)
-    dirs = {m: models / m for m in ("diffusion", "ensemble", "reward")}
+    dirs = {m: models / m for m in ("diffusion", "ensemble-dydiff", "reward")}
     return ds, dirs, models / outputs["policy"]
 
 

@@ -148,12 +148,13 @@ def test_paper_config_uses_mopo_grid_settings_per_task():
 def test_paper_grid_job_counts():
     """15 tasks (12 MuJoCo, 3 maze2d) x 13 methods (cql-corl: CQL with CORL's settings;
     diffql, dydiff-diffql, its hardmax variant and diffql-wang) x 5 seeds, D4RL files imported,
-    every model (ensemble, reward, diffusion) once per task and seed."""
+    every model (MOPO's ensemble, DyDiff's ensemble-dydiff, reward, diffusion) once per task and
+    seed."""
     cfg = plan.load_config("config/paper.yaml")
     counts: dict[str, int] = {}
     for spec in plan.all_jobs(cfg):
         counts[spec["step"]] = counts.get(spec["step"], 0) + 1
-    assert counts == {"import-dataset": 15, "train-model": 3 * 15 * 5, "train-policy": 975,
+    assert counts == {"import-dataset": 15, "train-model": 4 * 15 * 5, "train-policy": 975,
                       "evaluate": 975, "rollout-error": 15, "analyze": 1}
 
 
@@ -164,7 +165,8 @@ def test_models_per_seed_or_shared():
     cfg = plan.load_config("tests/configs/tiny.yaml", {"seeds": [0, 1]})
     models = [s for s in plan.all_jobs(cfg) if s["step"] == "train-model" and s["task"] == task]
     assert sorted((s["model"], s["config"]["seed"]) for s in models) == sorted(
-        (m, seed) for m in ("ensemble", "reward", "diffusion") for seed in (0, 1))
+        (m, seed) for m in ("ensemble", "ensemble-dydiff", "reward", "diffusion")
+        for seed in (0, 1))
     dirs = [plan.policy_job(cfg, "dydiff-td3bc", task, seed)["model_dirs"] for seed in (0, 1)]
     assert dirs[0]["diffusion"].endswith("/models/diffusion/hopper-medium-replay/seed0")
     assert dirs[1]["diffusion"].endswith("/models/diffusion/hopper-medium-replay/seed1")
@@ -175,7 +177,7 @@ def test_models_per_seed_or_shared():
         "seeds": [0, 1], "models": {"shared_across_seeds": True, "seed": 3}})
     models = [s for s in plan.all_jobs(shared) if s["step"] == "train-model"
               and s["task"] == task]
-    assert sorted(s["config"]["seed"] for s in models) == [3, 3, 3]
+    assert sorted(s["config"]["seed"] for s in models) == [3, 3, 3, 3]
     assert {plan.policy_job(shared, "mopo", task, seed)["model_dirs"]["ensemble"]
             for seed in (0, 1)} == {models[0]["out"].replace(models[0]["model"], "ensemble")}
     assert plan.analysis_job(shared)["config"]["models_shared"] is True
@@ -256,7 +258,7 @@ def test_paper_config_runs_the_dydiff_authors_protocol():
     diffusion = plan.model_job(cfg, "diffusion", task, 0)["config"]["model"]
     assert diffusion["train_steps"] == 375_000 and diffusion["horizon"] == 100
     assert diffusion["sampler"]["num_steps"] == 34 and diffusion["sampler"]["S_churn"] == 60.0
-    assert {"ensemble", "diffusion", "reward"} <= set(
+    assert {"ensemble-dydiff", "diffusion", "reward"} <= set(
         plan.policy_job(cfg, "dydiff-td3bc", task, 0)["model_dirs"])
 
 

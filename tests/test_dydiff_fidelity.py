@@ -241,13 +241,17 @@ def test_score_changes_only_the_kept_trajectories():
 
 @pytest.fixture(scope="module")
 def models(hopper_random, tmp_path_factory):
-    from baselines.ensemble import train_ensemble
+    from baselines.ensemble import DyDiffEnsembleConfig, train_ensemble
     from dydiff.reward_model import train_reward_model
-    dirs = {k: tmp_path_factory.mktemp(k) for k in ("diffusion", "ensemble", "reward")}
+    dirs = {k: tmp_path_factory.mktemp(k)
+            for k in ("diffusion", "ensemble", "ensemble-dydiff", "reward")}
     train_diffusion(hopper_random, TINY_DIFFUSION, dirs["diffusion"], seed=0, progress=False,
                     device="cpu")
+    # MOPO's ensemble (the rollout-error study's) and DyDiff's start-state one.
     train_ensemble(hopper_random, TINY_ENSEMBLE, dirs["ensemble"], seed=0, progress=False,
                    device="cpu")
+    train_ensemble(hopper_random, from_dict(DyDiffEnsembleConfig, TINY_ENSEMBLE),
+                   dirs["ensemble-dydiff"], seed=0, progress=False, device="cpu")
     train_reward_model(hopper_random, {"hidden": [32, 32], "lr": 1e-3, "eval_every": 10,
                                        "train_steps": 30}, dirs["reward"], seed=0,
                        progress=False, device="cpu")
@@ -263,7 +267,7 @@ def agent():
 @pytest.mark.parametrize("length", [-1, 14])  # one window of H - 1 = 7; two chained windows
 def test_without_injection_the_generator_returns_the_ensemble_policy_rollout(
         hopper_random, models, agent, length):
-    ensemble = registry.load_model("ensemble", models["ensemble"])
+    ensemble = registry.load_model("ensemble-dydiff", models["ensemble-dydiff"])
     start = torch.as_tensor(hopper_random.observations[:12])
 
     def generate(**cfg):
@@ -316,5 +320,5 @@ def test_clip_keeps_generated_rows_inside_a_narrow_dataset_range(hopper_random, 
     from harness.envs import termination_fn
     assert torch.equal(on["terminals"].bool(), termination_fn(narrow.name)(on["next_obs"]))
     # The diffusion start needs no ensemble.
-    dirs = {k: v for k, v in models.items() if k != "ensemble"}
+    dirs = {k: v for k, v in models.items() if k != "ensemble-dydiff"}
     assert make_generator(narrow, {"init": "diffusion"}, dirs, "cpu").ensemble is None

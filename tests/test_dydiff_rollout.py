@@ -163,9 +163,11 @@ def hopper_diffusion(hopper_random, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def hopper_ensemble(hopper_random, tmp_path_factory):
-    from baselines.ensemble import train_ensemble  # tests may use any layer
-    out = tmp_path_factory.mktemp("ensemble")
-    train_ensemble(hopper_random, TINY_ENSEMBLE, out, seed=0, progress=False, device="cpu")
+    """DyDiff's start-state ensemble (the authors' recipe, ensemble-dydiff), tiny."""
+    from baselines.ensemble import DyDiffEnsembleConfig, train_ensemble  # any layer, in tests
+    out = tmp_path_factory.mktemp("ensemble-dydiff")
+    train_ensemble(hopper_random, from_dict(DyDiffEnsembleConfig, TINY_ENSEMBLE), out, seed=0,
+                   progress=False, device="cpu")
     return out
 
 
@@ -204,7 +206,8 @@ def test_make_generator_errors(hopper_random, hopper_diffusion, tmp_path):
     with pytest.raises(KeyError, match="reward"):
         make_generator(hopper_random, {}, {"diffusion": hopper_diffusion}, "cpu")
     # The default (authors') start needs the ensemble, and says so.
-    with pytest.raises(KeyError, match=r"\['ensemble'\].*init 'diffusion' or 'policy'"):
+    with pytest.raises(KeyError, match=r"\['ensemble-dydiff'\].*not MOPO's 'ensemble'.*"
+                                       r"init 'diffusion' or 'policy'"):
         make_generator(hopper_random, {}, {"diffusion": hopper_diffusion, "reward": tmp_path},
                        "cpu")
     with pytest.raises(ConfigError, match="policy.rollout.threshold"):
@@ -222,7 +225,7 @@ def test_make_generator_with_trained_reward_model_end_to_end(hopper_random, hopp
     # Defaults: the authors' ensemble start, clipping and all-rows score.
     gen = make_generator(hopper_random, {"rollout_batch_size": 16, "sampler_steps": 3},
                          {"diffusion": hopper_diffusion, "reward": tmp_path,
-                          "ensemble": hopper_ensemble}, "cpu")
+                          "ensemble-dydiff": hopper_ensemble}, "cpu")
     assert gen.dynamics.sampler.num_steps == 3 and gen.length == 7
     assert gen.ensemble is not None and gen.limits is not None
     torch.manual_seed(0)

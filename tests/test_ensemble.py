@@ -9,8 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from baselines.ensemble import EnsembleConfig, EnsembleLinear, EnsembleNet, dataset_tensors, \
-    load_ensemble, member_mse, split_indices, train_ensemble
+from baselines.ensemble import DyDiffEnsembleConfig, EnsembleConfig, EnsembleLinear, \
+    EnsembleNet, dataset_tensors, load_ensemble, make_optimizer, member_mse, split_indices, \
+    train_ensemble
 from harness.config import ConfigError, from_dict
 from harness.data.dataset import Dataset
 
@@ -174,9 +175,13 @@ def test_same_seed_same_weights_other_seed_differs(tmp_path):
     assert not torch.equal(a["layers.0.weight"], c["layers.0.weight"])
 
 
-def test_kill_and_resume_equals_uninterrupted(tmp_path):
+@pytest.mark.parametrize("recipe", [EnsembleConfig, DyDiffEnsembleConfig])
+def test_kill_and_resume_equals_uninterrupted(tmp_path, recipe):
+    """MOPO's recipe and the DyDiff authors' (epoch permutations, Adam's weight decay groups,
+    constant logvar bounds, keep last) resume to the same weights."""
     ds = linear_system(800)
-    cfg = {**SMALL, "max_epochs": 5, "checkpoint_every": 2}
+    as_cfg = lambda d: from_dict(recipe, d)  # noqa: E731
+    cfg = as_cfg({**SMALL, "max_epochs": 5, "checkpoint_every": 2})
     full = train_ensemble(ds, cfg, tmp_path / "full", seed=0, progress=False, device="cpu")
     part = train_ensemble(ds, cfg, tmp_path / "cut", seed=0, progress=False, device="cpu",
                           stop_at=3)
@@ -193,7 +198,34 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path):
     again = train_ensemble(ds, cfg, tmp_path / "cut", seed=0, progress=False, device="cpu")
     assert again["holdout_mse"] == full["holdout_mse"]
     with pytest.raises(ValueError, match="different config"):
-        train_ensemble(ds, {**cfg, "lr": 0.5}, tmp_path / "cut", seed=0, progress=False)
+        train_ensemble(ds, as_cfg({**SMALL, "max_epochs": 5, "checkpoint_every": 2, "lr": 0.5}),
+                       tmp_path / "cut", seed=0, progress=False)
+
+
+def test_dydiff_recipe_init_weight_decay_groups_and_constant_logvar_bounds():
+    """torch_3d: torch's kaiming_uniform_(a=sqrt(5)) on the (E, in, out) tensor, whose fan_in
+    torch takes as in * out, so U(+-1 / sqrt(in * out)) for weights and biases; Adam's
+    weight_decay per layer on weights and biases; the logvar bounds are not trained."""
+    cfg = from_dict(DyDiffEnsembleConfig, SMALL)
+    torch.manual_seed(0)
+    net = EnsembleNet(5, 3, cfg)
+    for layer in net.layers:
+        _, fan_in, out = layer.weight.shape
+        bound = 1 / math.sqrt(fan_in * out)
+        ref = torch.empty_like(layer.weight)
+        assert nn.init._calculate_fan_in_and_fan_out(ref)[0] == fan_in * out
+        for p in (layer.weight, layer.bias):
+            assert p.abs().max() <= bound and p.abs().max() > 0.9 * bound
+    opt = make_optimizer(net, cfg)
+    assert [g["weight_decay"] for g in opt.param_groups] == cfg.weight_decay
+    assert [len(g["params"]) for g in opt.param_groups] == [2] * len(net.layers)  # W and b
+    assert "max_logvar" not in dict(net.named_parameters())
+    assert "max_logvar" in net.state_dict()  # saved with the model, as a constant
+    # MOPO's recipe: one group without weight decay (it is in the loss), bounds trained.
+    mopo = EnsembleNet(5, 3, from_dict(EnsembleConfig, SMALL))
+    groups = make_optimizer(mopo, from_dict(EnsembleConfig, SMALL)).param_groups
+    assert len(groups) == 1 and groups[0]["weight_decay"] == 0
+    assert "max_logvar" in dict(mopo.named_parameters())
 
 
 @pytest.mark.parametrize("override, key", [

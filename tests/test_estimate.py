@@ -79,7 +79,7 @@ def test_paper_estimate_on_the_slurm_profile():
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
     out = res.stdout
-    assert "| train_policy | 975 |" in out and "| train_model | 225 |" in out, out
+    assert "| train_policy | 975 |" in out and "| train_model | 300 |" in out, out
     assert "Wall time with 100 jobs at once:" in out
     # paper.yaml runs DyDiff policies, diffusion training and the rollout-error study on GPUs;
     # the table has no GPU rows yet: "not measured", never CPU timings under the GPU heading

@@ -235,7 +235,7 @@ def test_dydiff_model_is_the_training_generators_rollout(hopper_random, models):
         assert torch.equal(got[key].reshape(n * T, -1), want[key]), key
     # (2) chained windows: the sampler's own policy_rollout / inject with the same settings.
     dyn = load_diffusion(models["diffusion"])
-    ens = load_model("ensemble", models["ensemble"])
+    ens = load_model("ensemble-dydiff", models["ensemble-dydiff"])
     lim = dataset_limits(hopper_random)
     H = 2 * T + 3
     torch.manual_seed(1)
@@ -288,7 +288,8 @@ def test_study_with_dydiff_and_action_gap(hopper_random, models, tmp_path):
     out = re.run_rollout_error(hopper_random, {k: models[k] for k in ("ensemble", "diffusion")},
                                tmp_path, policy=tmp_path / "policy.pt",
                                agent_loader=lambda path, device: agent, horizon=4, n_starts=4,
-                               reps=20, progress=False, reward_dir=models["reward"], dydiff={})
+                               reps=20, progress=False, reward_dir=models["reward"], dydiff={},
+                               dydiff_ensemble_dir=models["ensemble-dydiff"])
     csv = pd.read_csv(tmp_path / "rollout_error.csv")
     assert set(csv.model[csv["mode"] == "policy"]) == {"ensemble", "diffusion", "dydiff"}
     assert "dydiff" not in set(csv.model[csv["mode"] == "behaviour"])
@@ -307,11 +308,14 @@ def test_rollout_error_step_adds_dydiff_from_the_steps_models(monkeypatch, tmp_p
               "action_gap": 0.5}])}
     monkeypatch.setattr(re, "run_rollout_error", fake)
     spec = {"dataset": "d.hdf5", "out": str(tmp_path), "policy_dir": str(tmp_path),
-            "model_dirs": {k: str(tmp_path / k) for k in ("ensemble", "diffusion", "reward")},
+            "model_dirs": {k: str(tmp_path / k)
+                           for k in ("ensemble", "ensemble-dydiff", "diffusion", "reward")},
             "config": {"horizon": 5, "n_starts": 2, "seed": 0}}
     got = re.rollout_error_step(spec)
     assert seen["dydiff"] == {} and seen["reward_dir"] == tmp_path / "reward"
+    # MOPO's ensemble is a study model; DyDiff's own starts the dydiff generator.
     assert set(seen["model_dirs"]) == {"ensemble", "diffusion"}
+    assert seen["dydiff_ensemble_dir"] == tmp_path / "ensemble-dydiff"
     assert got == {"policy/dydiff/state_mse_at_H": 1.0, "policy/dydiff/action_gap_mean": 0.5}
 
 

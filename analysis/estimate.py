@@ -66,9 +66,13 @@ class Item:
 
     @functools.cached_property
     def key(self) -> str:
-        """Hash of the settings that change the work (not learning rates, coefficients...)."""
-        blob = json.dumps(_cost_settings(_settings(self)), sort_keys=True)
-        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+        return settings_key(_settings(self))
+
+
+def settings_key(settings: dict) -> str:
+    """Hash of the settings that change the work (not learning rates, coefficients...)."""
+    blob = json.dumps(_cost_settings(settings), sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
 def item(name: str, settings: dict, count: float) -> Item:
@@ -325,6 +329,9 @@ def read_table(path: Path = THROUGHPUT_FILE) -> list[dict]:
     for row in rows:
         try:
             row["seconds"], row["threads"] = float(row["seconds"]), int(row["threads"])
+            # The key is recomputed from the row's settings: a setting declared cost-free
+            # later (COST_FREE) leaves the rows measured before it findable.
+            row["key"] = settings_key(json.loads(row["settings"]))
         except (KeyError, ValueError) as err:
             raise ConfigError(f"{path}: bad row {row}: {err}") from None
     return rows

@@ -145,9 +145,10 @@ COST_FREE = {"actor_lr", "critic_lr", "alpha_lr", "cql_alpha_lr", "cql_log_alpha
              "action_cond_prob", "loss_form", "padding", "condition_churn", "dtype",
              "clip_range", "keep_rule", "zscore_eps", "prob_floor", "real_batch_rule", "keep",
              # the DyDiff authors' ensemble recipe (models.ensemble-dydiff): the same
-             # minibatch work (without a reward head: one output of o + 1 fewer)
+             # minibatch work (without a reward head: one output of o + 1 fewer); its start
+             # step reads one elite's mean instead of the elites' average
              "target_space", "weight_decay_form", "member_loss", "learned_logvar_bounds",
-             "reward_head"}
+             "reward_head", "start_step"}
 
 
 def _cost_settings(d: dict) -> dict:

@@ -520,16 +520,28 @@ class EnsembleDynamics:
         and every member's means / stds (E, N, o+1) for uncertainty penalties."""
         self._need_rewards("step (MOPO / MBPO rollouts)")
         means, stds = self.predict(obs, act)
-        n = means.shape[1]
-        pick = self.elites[torch.randint(len(self.elites), (n,), generator=generator,
-                                         device=self.device)]
-        rows = torch.arange(n, device=self.device)
+        pick, rows = self._random_elites(means.shape[1], generator)
         out = means[pick, rows]
         if not deterministic:
             noise = torch.randn(out.shape, generator=generator, device=self.device)
             out = out + stds[pick, rows] * noise
         return {"next_obs": out[:, :self.obs_dim], "rewards": out[:, self.obs_dim],
                 "means": means, "stds": stds}
+
+    def _random_elites(self, n: int, generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """(member, row) indices of one uniformly drawn elite per sample."""
+        pick = self.elites[torch.randint(len(self.elites), (n,), generator=generator,
+                                         device=self.device)]
+        return pick, torch.arange(n, device=self.device)
+
+    @torch.no_grad()
+    def elite_step(self, obs, act, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Next states (N, o): the mean of one elite drawn uniformly per sample (no Gaussian
+        draw), the DyDiff authors' start-trajectory step (`deterministic=True`,
+        rlkit/dynamics_model_trainer.py:212-215)."""
+        means, _ = self.predict(obs, act)
+        pick, rows = self._random_elites(means.shape[1], generator)
+        return means[pick, rows][:, :self.obs_dim]
 
     @torch.no_grad()
     def mean_step(self, obs, act) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -50,6 +50,10 @@ class DyDiffConfig:
     # policy; diffusion: an action-unconditioned diffusion sample; policy: diffusion
     # conditioned on pi(s_0) repeated.
     init: Literal["ensemble", "diffusion", "policy"] = "ensemble"
+    # The ensemble start's step: random_elite (authors, rlkit/dynamics_model_trainer.py:
+    # 212-215): the mean of one elite drawn at random per sample and step; elite_mean (the
+    # former here): the mean over the elites' means, a deterministic s^0.
+    start_step: Literal["random_elite", "elite_mean"] = "random_elite"
     # Clip states and actions to the dataset's per-dimension [min, max] at every model -> env
     # conversion (authors' LimitsNormalizer, training/dataset.py:455-472); false: never clip.
     clip: bool = True
@@ -207,7 +211,8 @@ class DyDiffGenerator:
         start = torch.as_tensor(start_obs, dtype=torch.float32, device=dyn.device)
         return dyn.policy_rollout(start, RolloutPolicy(agent), H, cfg.iterative_times,
                                   cfg.average_states, cfg.init,
-                                  self.limits if cfg.clip else None, self.ensemble)
+                                  self.limits if cfg.clip else None, self.ensemble,
+                                  start_step=cfg.start_step)
 
     @torch.no_grad()
     def generate(self, agent, start_obs: torch.Tensor) -> dict:

@@ -309,17 +309,19 @@ def _policy(agent, states: torch.Tensor, limits: Limits | None = None) -> torch.
 
 @torch.no_grad()
 def ensemble_rollout(ensemble, start_obs: torch.Tensor, agent, horizon: int,
-                     limits: Limits | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                     limits: Limits | None = None, start_step: str = "random_elite",
+                     generator: torch.Generator | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """s^0 of the authors' injection loop (generate_rl.py:99-110): the ensemble rolled out
     closed loop by the learning policy for horizon - 1 transitions, a_i = pi(s_i)
     (deterministic), s_{i+1} = f(s_i, a_i), and the last row's action a_{H-1} = pi(s_{H-1}).
     Returns states (N, H, o) (s_0 = start_obs) and actions (N, H, a).
 
-    `ensemble` is an EnsembleDynamics; its `mean_step` is the mean over the elites' means.
-    The authors instead use the mean of ONE elite drawn at random per sample and step
-    (`deterministic=True`, rlkit/dynamics_model_trainer.py:212-215); we keep the elite mean,
-    which makes s^0 deterministic and, without limits, exactly `ensemble.policy_rollout(
-    start_obs, agent, horizon - 1)` (same calls in the same order; tested).
+    `ensemble` is an EnsembleDynamics. start_step random_elite (the authors'): each sample and
+    step takes the mean of ONE elite drawn at random (`elite_step`, from `generator`;
+    `deterministic=True`, rlkit/dynamics_model_trainer.py:212-215); elite_mean: the mean over
+    the elites' means (`mean_step`), which makes s^0 deterministic and, without limits,
+    exactly `ensemble.policy_rollout(start_obs, agent, horizon - 1)` (tested).
     With limits, the policy and the ensemble see clipped states and the ensemble clipped
     actions, as the authors' `dynamics_wrapper` (run_scripts/dydiff_cql_script.py:194-200)
     and `_wrapped_policy` do; the predicted states and the recorded actions are not clipped
@@ -332,7 +334,10 @@ def ensemble_rollout(ensemble, start_obs: torch.Tensor, agent, horizon: int,
     states, actions = [state], []
     for _ in range(horizon - 1):  # a recurrence: each state needs the previous one
         action = act_of(state)
-        nxt, _ = ensemble.mean_step(clip_obs(state), clip_act(action))
+        if start_step == "random_elite":
+            nxt = ensemble.elite_step(clip_obs(state), clip_act(action), generator)
+        else:
+            nxt, _ = ensemble.mean_step(clip_obs(state), clip_act(action))
         state = torch.as_tensor(nxt, dtype=torch.float32, device=device)
         states.append(state)
         actions.append(action)
@@ -401,13 +406,14 @@ class DiffusionDynamics:
                average_states: bool = True,
                init: Literal["ensemble", "diffusion", "policy"] = "diffusion",
                generator: torch.Generator | None = None, limits: Limits | None = None,
-               ensemble=None) -> dict:
+               ensemble=None, start_step: str = "random_elite") -> dict:
         """Policy injection; returns states (N,H,o), actions = pi(states) (N,H,a), cond_actions
         (the actions the last states were generated with) and action_gap per iteration:
         mean ||cond_actions - pi(states)|| (index 0 = before injection; 0 for init='ensemble',
         whose s^0 is generated with the policy's own actions).
 
-        init='ensemble' needs `ensemble` (see `ensemble_rollout`); with K = 0 it returns that
+        init='ensemble' needs `ensemble` (see `ensemble_rollout`, which `start_step` and
+        `generator` go to); with K = 0 it returns that
         rollout unchanged. With the sampler's warm_start, iteration k >= 2 (and with warm_first
         also k = 1) starts from s^{k-1} noised to warm_sigma instead of pure noise.
         `limits`: the policy (and the ensemble) see clipped states; the returned states and
@@ -417,7 +423,8 @@ class DiffusionDynamics:
             if ensemble is None:
                 raise ValueError("init='ensemble' needs the single-step ensemble "
                                  "(pass ensemble=...)")
-            states, actions = ensemble_rollout(ensemble, start_obs, agent, self.horizon, limits)
+            states, actions = ensemble_rollout(ensemble, start_obs, agent, self.horizon, limits,
+                                               start_step, generator)
             states, actions = states.to(self.device), actions.to(self.device)
             cond_actions = actions  # authors: cond_actions = trajs[..., obs_dim:] (line 111)
         elif init in ("diffusion", "policy"):
@@ -464,7 +471,8 @@ class DiffusionDynamics:
                        average_states: bool = True,
                        init: Literal["ensemble", "diffusion", "policy"] = "diffusion",
                        limits: Limits | None = None, ensemble=None,
-                       generator: torch.Generator | None = None) -> dict:
+                       generator: torch.Generator | None = None,
+                       start_step: str = "random_elite") -> dict:
         """Policy-injected rollout of H transitions: dict(obs, actions, next_obs) each (N,H,.),
         cond_actions (N,H,a) (per transition, the actions its states were sampled with in the
         last injection iteration: `inject`'s cond_actions, unclipped), last_obs (N,o) /
@@ -484,7 +492,7 @@ class DiffusionDynamics:
         for lo in range(0, H, step):
             k = min(step, H - lo)
             out = self.inject(start, agent, iterative_times, average_states, init, generator,
-                              limits, ensemble)
+                              limits, ensemble, start_step)
             gaps = gaps or out["action_gap"]
             states = torch.cat([start[:, None], clip_obs(out["states"][:, 1:k + 1])], 1)
             actions = clip_act(out["actions"])

@@ -303,6 +303,9 @@ class StubEnsemble(nn.Module):
     def mean_step(self, obs, act):
         return obs + 0.1 * self.lin(torch.cat([obs, act], -1)), None
 
+    def elite_step(self, obs, act, generator=None):
+        return self.mean_step(obs, act)[0]
+
 
 def _dynamics(device, **sampler):
     cfg = _tiny(sampler={"num_steps": 4, **sampler})

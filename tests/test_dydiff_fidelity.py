@@ -37,6 +37,9 @@ class DriftingEnsemble:
         self.inputs.append((obs.clone(), act.clone()))
         return 0.9 * obs + 0.3 * torch.cat([act, act[:, :1]], -1) + self.drift, obs[:, 0]
 
+    def elite_step(self, obs, act, generator=None):  # one "elite": the same step
+        return self.mean_step(obs, act)[0]
+
 
 class RecordingPolicy(LinearPolicy):
     """LinearPolicy (scaled so its actions leave [-0.2, 0.2]) that records the states it sees."""
@@ -272,7 +275,8 @@ def test_without_injection_the_generator_returns_the_ensemble_policy_rollout(
 
     def generate(**cfg):
         cfg = from_dict(DyDiffConfig, {"rollout_batch_size": 12, "rollout_length": length,
-                                       "filter": "none", "clip": False, **cfg})
+                                       "filter": "none", "clip": False,
+                                       "start_step": "elite_mean", **cfg})
         gen = DyDiffGenerator(load_diffusion(models["diffusion"]), _reward_fn(RewardStandIn()),
                               never_done, cfg, ensemble=ensemble)
         torch.manual_seed(0)
@@ -287,6 +291,24 @@ def test_without_injection_the_generator_returns_the_ensemble_policy_rollout(
     # The check has teeth: the diffusion start, or an injection iteration, changes the states.
     for other in ({"iterative_times": 0, "init": "diffusion"}, {"iterative_times": 1}):
         assert not torch.allclose(generate(**other)[1]["next_obs"], flat(ref["next_obs"]))
+
+
+def test_the_ensemble_start_steps_one_random_elite_per_sample(hopper_random, models, agent):
+    """start_step random_elite (the authors', the default): each next state of the start
+    trajectory is the mean of one elite at its (state, action), drawn per sample and step;
+    elite_mean averages the elites instead."""
+    ensemble = registry.load_model("ensemble-dydiff", models["ensemble-dydiff"])
+    start = torch.as_tensor(hopper_random.observations[:64])
+    assert from_dict(DyDiffConfig, {}).start_step == "random_elite"
+    states, actions = ensemble_rollout(ensemble, start, agent, 4, None, "random_elite",
+                                       torch.Generator().manual_seed(0))
+    o, a = ensemble.obs_dim, ensemble.act_dim
+    means, _ = ensemble.predict(states[:, :-1].reshape(-1, o), actions[:, :-1].reshape(-1, a))
+    gap = (means[ensemble.elites] - states[:, 1:].reshape(-1, o)).abs().amax(-1)  # (elites, N)
+    assert (gap.min(0).values < 1e-5).all()  # every next state is one elite's mean ...
+    assert len(gap.argmin(0).unique()) == len(ensemble.elites)  # ... and all elites are drawn
+    averaged, _ = ensemble_rollout(ensemble, start, agent, 4, None, "elite_mean")
+    assert not torch.allclose(averaged, states)
 
 
 def test_clip_keeps_generated_rows_inside_a_narrow_dataset_range(hopper_random, models, agent):

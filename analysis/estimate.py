@@ -140,8 +140,8 @@ COST_FREE = {"actor_lr", "critic_lr", "alpha_lr", "cql_alpha_lr", "cql_log_alpha
              "reward_tune", "lr_decay", "lr_decay_every", "lr_decay_t_max", "critic_init",
              "beta_schedule",
              # DyDiff's authors' settings (issue 26): the same work per step / sample; the
-             # sampler's float64 updates are elementwise next to a float32 network (its cost
-             # difference is in docs/performance.md, within noise)
+             # sampler's float64 updates are elementwise next to a float32 network (measured
+             # in docs/performance.md: within noise at the paper size, 2-9 % at the smoke's)
              "action_cond_prob", "loss_form", "padding", "condition_churn", "dtype",
              "clip_range", "keep_rule", "zscore_eps", "prob_floor", "real_batch_rule", "keep",
              # the DyDiff authors' ensemble recipe (models.ensemble-dydiff): the same

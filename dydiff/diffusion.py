@@ -210,14 +210,10 @@ def train_diffusion(dataset: Dataset, cfg: DiffusionConfig | dict, out_dir: str 
         denoiser.load_state_dict(ckpt.state["model"])
         ema.load_state_dict(ckpt.state["ema"])
         opt.load_state_dict(ckpt.state["optimizer"])
-        pending = ckpt.state["pending_losses"]  # a list of floats, or {"sum", "count"}
-        if isinstance(pending, dict):
-            loss_sum.fill_(pending["sum"])
-            loss_count = pending["count"]
-        else:
-            for v in pending:  # checkpoints written before the running sum
-                loss_sum += v
-            loss_count = len(pending)
+        # (A checkpoint from before the running sum has another config, loss_form and
+        # padding included, so `expect` refuses it before this point.)
+        loss_sum.fill_(ckpt.state["pending_losses"]["sum"])
+        loss_count = ckpt.state["pending_losses"]["count"]
     step = ckpt.start
 
     def state() -> dict:
@@ -273,8 +269,6 @@ def load_diffusion(out_dir: str | Path, device: torch.device | str = "cpu",
     cfg = from_dict(DiffusionConfig, cfg_dict, where=f"{path}:config")
     denoiser = build_denoiser(cfg, state["obs_dim"] + state["act_dim"])
     denoiser.load_state_dict(state["ema"])
-    dyn = DiffusionDynamics(denoiser, Normalizer.from_state_dict(state["normalizer"]),
-                            state["obs_dim"], state["act_dim"], cfg.horizon, cfg.sampler,
-                            device, state["name"])
-    dyn.action_cond_prob = cfg.action_cond_prob  # 1: never trained to sample action-free
-    return dyn
+    return DiffusionDynamics(denoiser, Normalizer.from_state_dict(state["normalizer"]),
+                             state["obs_dim"], state["act_dim"], cfg.horizon, cfg.sampler,
+                             device, state["name"], cfg.action_cond_prob)

@@ -159,8 +159,8 @@ def _levels(cfg: SamplerConfig, warm: bool) -> torch.Tensor:
 class _Schedule:
     """A sample's noise levels, precomputed once per call so that the solver loop neither
     reads a level back from the device nor branches on one: `sig` (host floats) decide the
-    branches, `steps` (rows on the sampling device, float32 as the per-step scalars were)
-    are indexed per step, which launches nothing. Heun rows: t_cur, t_next, t_hat, churn
+    branches, `steps` (rows on the sampling device, in the sampler's dtype) are indexed per
+    step, which launches nothing. Heun rows: t_cur, t_next, t_hat, churn
     noise scale sqrt(t_hat^2 - t_cur^2) S_noise, t_next - t_hat; in the sampler's dtype, t_hat
     as the authors' t_cur + gamma t_cur in float64 (generate_rl.py:67), as the former
     t_cur (1 + gamma) in float32."""
@@ -350,7 +350,8 @@ class DiffusionDynamics:
 
     def __init__(self, denoiser: EDMDenoiser, normalizer: Normalizer, obs_dim: int,
                  act_dim: int, horizon: int, sampler: SamplerConfig | None = None,
-                 device: torch.device | str = "cpu", name: str = "unknown"):
+                 device: torch.device | str = "cpu", name: str = "unknown",
+                 action_cond_prob: float | None = None):
         self.denoiser = denoiser.to(device).eval().requires_grad_(False)
         self.normalizer = normalizer
         self.obs_norm = normalizer.slice(slice(0, obs_dim))
@@ -359,7 +360,8 @@ class DiffusionDynamics:
         self.sampler = sampler or SamplerConfig()
         self.device = torch.device(device)
         self.name = name
-        self.action_cond_prob: float | None = None  # the training's; set by load_diffusion
+        # The training's (below 1 it can sample action-free); None: not known (built by hand).
+        self.action_cond_prob = action_cond_prob
 
     # -- sampling -------------------------------------------------------------------------
     def sample(self, start_obs: torch.Tensor, actions: torch.Tensor | None = None,

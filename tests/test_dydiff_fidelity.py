@@ -344,3 +344,17 @@ def test_clip_keeps_generated_rows_inside_a_narrow_dataset_range(hopper_random, 
     # The diffusion start needs no ensemble.
     dirs = {k: v for k, v in models.items() if k != "ensemble-dydiff"}
     assert make_generator(narrow, {"init": "diffusion"}, dirs, "cpu").ensemble is None
+
+
+def test_a_diffusion_start_needs_a_model_trained_with_action_dropout(hopper_random, models,
+                                                                     tmp_path):
+    """init 'diffusion' samples action-free, which a model trained always action-conditioned
+    (the authors' action_cond_prob 1) never learnt: make_generator refuses it in one line."""
+    train_diffusion(hopper_random, {**TINY_DIFFUSION, "action_cond_prob": 1.0, "train_steps": 2,
+                                    "checkpoint_every": 2}, tmp_path, seed=0, progress=False,
+                    device="cpu")
+    with pytest.raises(ValueError, match="trained always action-conditioned"):
+        make_generator(hopper_random, {"init": "diffusion"}, {**models, "diffusion": tmp_path},
+                       "cpu")
+    assert make_generator(hopper_random, {"init": "diffusion"}, models,
+                          "cpu").dynamics.action_cond_prob == 0.9

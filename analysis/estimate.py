@@ -246,10 +246,22 @@ def _rollout_error_items(cfg: dict, spec: dict) -> list[Item]:
     agent = registry.method(c["policy_method"]).agent
     agent_cfg = plan.policy_settings(cfg, c["policy_method"], task)["agent"]
     rollout = c["dydiff_rollout"] or {}
-    # Diffusion alone, DyDiff, the ensemble (open loop and with the policy), the simulator.
+    runs = len(spec["runs"])  # one per model seed, from the same starts
+    # Priced in DyDiff generator calls (the measured "rollout" item: an ensemble start and K
+    # diffusion samples, K = iterative_times) per start and window. Diffusion samples per
+    # start: 1 open loop; policy mode: 1 + K (init diffusion, the default "diffusion" row) or,
+    # with rollout_error.injections, 1 + k per row; K for "dydiff"; the ensemble rows and the
+    # ensemble start are cheap next to a sample.
+    k = max(rollout.get("iterative_times", 2), 1)
+    injected = sum(1 + i for i in c.get("injections") or []) or 1 + k
+    calls = (1 + injected + k) / k
     out = [*_rollout_items("dydiff-td3bc", rollout, models, agent, agent_cfg, dims,
-                           3 * windows * c["n_starts"]),
-           _env_item(task, agent, 2 * c["horizon"] * c["n_starts"])]
+                           calls * windows * c["n_starts"] * runs),
+           _env_item(task, agent, 2 * c["horizon"] * c["n_starts"] * runs)]
+    if c.get("fast_sampler"):
+        fast = {**rollout, "sampler": "fast", "sampler_steps": None}
+        out += _rollout_items("dydiff-td3bc", fast, models, agent, agent_cfg, dims,
+                              windows * c["n_starts"] * runs)
     return out
 
 

@@ -53,9 +53,10 @@ serves all starts and the policy still acts on all N states in one batched call 
 """
 from __future__ import annotations
 
+import dataclasses
 import inspect
+import json
 import logging
-import warnings
 import zlib
 from pathlib import Path
 from typing import Callable
@@ -65,12 +66,14 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from analysis import plotting
+from analysis.rollout_figures import plot_at_horizon, plot_rollout_error
+from analysis.rollout_stats import bootstrap_masked_mean, hierarchical_bootstrap_mean
 from dydiff.rollout import ENSEMBLE as DYDIFF_ENSEMBLE
 from dydiff.rollout import DyDiffConfig, DyDiffGenerator, make_generator
-from harness.data.dataset import Dataset, DatasetError
-from harness.envs import (alive_mask, family_of, make_env, restore_state, sim_state,
-                          termination_fn)
+from analysis.simulator import (SimulatorModel, _to_np,  # noqa: F401 (re-exported)
+                                clipped_velocities, states_from_observations)
+from harness.data.dataset import Dataset
+from harness.envs import alive_mask
 from harness.checkpoint import atomic_write_text
 from harness.runtime import device_of
 
@@ -83,127 +86,6 @@ def default_loaders() -> dict[str, Callable]:
     from baselines.ensemble import load_ensemble
     from dydiff.diffusion import load_diffusion
     return {"diffusion": load_diffusion, "ensemble": load_ensemble}
-
-
-# ---- simulator states from observations ----------------------------------------------------
-
-# The observation's velocity clip of gymnasium's v5 envs (Hopper/Walker2d `_get_obs` clip qvel
-# to +-10; HalfCheetah does not clip), as in D4RL's -v2 envs.
-VELOCITY_CLIP = {"hopper": 10.0, "walker2d": 10.0}
-
-
-def states_from_observations(obs, nq: int, nv: int) -> tuple[np.ndarray, np.ndarray]:
-    """(qpos, qvel) of D4RL-layout observations: (..., nq - 1 + nv) = qpos[1:] ++ qvel of the
-    locomotion tasks: qpos = [0, obs[:nq-1]] (x = 0: neither the dynamics nor the rewards,
-    which use x differences, depend on it), qvel = obs[nq-1:]. Exact unless a velocity was
-    clipped in the observation (`clipped_velocities`). Maze2d's observation is the whole
-    state (..., nq + nv) = position ++ velocity."""
-    obs = np.asarray(obs, dtype=np.float64)
-    if obs.shape[-1] == nq + nv:
-        return obs[..., :nq].copy(), obs[..., nq:].copy()
-    if obs.shape[-1] != nq - 1 + nv:
-        raise DatasetError(f"observations have {obs.shape[-1]} dims, not nq - 1 + nv = "
-                           f"{nq - 1 + nv} (qpos without x, then qvel) or nq + nv = {nq + nv}"
-                           f" (the whole state): cannot reconstruct "
-                           f"simulator states from them")
-    qpos = np.concatenate([np.zeros(obs.shape[:-1] + (1,)), obs[..., :nq - 1]], -1)
-    return qpos, obs[..., nq - 1:].copy()
-
-
-def clipped_velocities(task: str, obs, nq: int) -> np.ndarray:
-    """(N,) bool: the observation shows a velocity at the task's observation clip, so the true
-    velocity (and the reconstructed state's next observation) may differ."""
-    clip = VELOCITY_CLIP.get(family_of(task))
-    obs = np.asarray(obs)
-    if clip is None:
-        return np.zeros(obs.shape[:-1], bool)
-    return (np.abs(obs[..., nq - 1:]) >= clip).any(-1)
-
-
-# ---- the simulator as a (perfect) model ---------------------------------------------------
-
-class SimulatorModel:
-    """The MuJoCo simulator behind the rollout-model interface (open_loop / policy_rollout).
-
-    Start observations are mapped back to simulator states by exact lookup among the dataset
-    rows (observations are not full states: the x position is dropped and Hopper/Walker clip
-    velocities to +-10). An observation not in the dataset falls back to x = 0 and qvel read
-    from the observation, exact whenever no velocity was clipped (x does not affect dynamics
-    or rewards, which use x differences)."""
-
-    def __init__(self, task: str, dataset: Dataset | None = None, progress: bool = False):
-        self.task = task
-        # The model the data replays in (its sim_model attr; None = the gym id's own).
-        self.env = make_env(task, model=(dataset.extra.get("sim_model")
-                                         if dataset is not None else None))
-        self.env.reset(seed=0)
-        self.sim = self.env.unwrapped
-        self.nq, self.nv = self.sim.model.nq, self.sim.model.nv
-        self.done_fn = termination_fn(task)
-        self.progress = progress
-        self._lookup: dict[bytes, int] = {}
-        self._dataset = dataset if dataset is not None and dataset.has_states else None
-        if self._dataset is not None:
-            obs = np.ascontiguousarray(self._dataset.observations, dtype=np.float32)
-            self._lookup = {row.tobytes(): i for i, row in enumerate(obs)}
-
-    def states_for(self, start_obs) -> tuple[np.ndarray, np.ndarray]:
-        obs = np.ascontiguousarray(_to_np(start_obs), dtype=np.float32)
-        qpos, qvel = states_from_observations(obs, self.nq, self.nv)
-        for n, row in enumerate(obs):
-            i = self._lookup.get(row.tobytes())
-            if i is not None:
-                qpos[n], qvel[n] = self._dataset.qpos[i], self._dataset.qvel[i]
-        return qpos, qvel
-
-    def _set(self, qpos, qvel) -> np.ndarray:
-        # Zero the solver warm start so a step is a pure function of (qpos, qvel, action),
-        # independent of which state the env simulated before.
-        self.sim.data.qacc_warmstart[:] = 0.0
-        return restore_state(self.env, qpos, qvel)
-
-    def simulate(self, qpos: np.ndarray, qvel: np.ndarray, actions: np.ndarray | None = None,
-                 agent=None, horizon: int | None = None) -> dict[str, np.ndarray]:
-        """Step N simulator states H times with given actions (N,H,a) or the agent's
-        deterministic actions. Returns float64 numpy obs, actions, next_obs (N,H,.),
-        rewards, terminals (N,H). Stepping continues after a terminal state (masked later)."""
-        if (actions is None) == (agent is None):
-            raise ValueError("simulate needs exactly one of actions or agent")
-        n = len(qpos)
-        h = actions.shape[1] if actions is not None else int(horizon)
-        qpos, qvel = np.array(qpos, dtype=np.float64), np.array(qvel, dtype=np.float64)
-        obs_t = np.stack([self._set(qpos[i], qvel[i]) for i in range(n)])
-        out = {k: [] for k in ("obs", "actions", "next_obs", "rewards", "terminals")}
-        for t in tqdm(range(h), desc="simulator", disable=not self.progress, leave=False):
-            if agent is not None:
-                with torch.no_grad():
-                    a_t = agent.act(torch.as_tensor(obs_t, dtype=torch.float32,
-                                                    device=device_of(agent)),
-                                    deterministic=True).cpu().numpy().astype(np.float64)
-            else:
-                a_t = np.asarray(actions[:, t], dtype=np.float64)
-            nxt, rew = np.empty_like(obs_t), np.empty(n)
-            for i in range(n):
-                self._set(qpos[i], qvel[i])
-                nxt[i], rew[i], *_ = self.sim.step(a_t[i])
-                qpos[i], qvel[i] = sim_state(self.env)
-            for k, v in (("obs", obs_t), ("actions", a_t), ("next_obs", nxt), ("rewards", rew),
-                         ("terminals", np.asarray(self.done_fn(nxt)))):
-                out[k].append(v)
-            obs_t = nxt
-        return {k: np.stack(v, axis=1) for k, v in out.items()}
-
-    # -- rollout-model interface --------------------------------------------------------------
-    def open_loop(self, start_obs, actions) -> torch.Tensor:
-        qpos, qvel = self.states_for(start_obs)
-        # The simulator is the CPU's (MuJoCo): its trajectories are CPU tensors.
-        next_obs = self.simulate(qpos, qvel, actions=_to_np(actions))["next_obs"]
-        return torch.as_tensor(next_obs, device="cpu")
-
-    def policy_rollout(self, start_obs, agent, H: int) -> dict[str, torch.Tensor]:
-        qpos, qvel = self.states_for(start_obs)
-        sim = self.simulate(qpos, qvel, agent=agent, horizon=H)
-        return {k: torch.as_tensor(v, device="cpu") for k, v in sim.items()}
 
 
 # ---- the diffusion models in policy mode ---------------------------------------------------
@@ -232,31 +114,6 @@ class DyDiffModel:
 
 
 # ---- metrics --------------------------------------------------------------------------------
-
-def bootstrap_masked_mean(values: np.ndarray, mask: np.ndarray, reps: int,
-                          rng: np.random.Generator, ci: float = 0.95):
-    """Per-column mean of `values` (N,H) over rows where `mask`, with a bootstrap CI over rows
-    (multinomial resampling weights, one matrix product for all reps and columns)."""
-    n = len(values)
-    v = np.where(mask, values, 0.0)
-    m = mask.astype(np.float64)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        point = v.sum(0) / m.sum(0)
-        w = rng.multinomial(n, np.full(n, 1.0 / n), size=reps).astype(np.float64)  # (B, N)
-        boots = (w @ v) / (w @ m)
-    alpha = (1 - ci) / 2
-    if not reps:
-        return point, point, point
-    with warnings.catch_warnings():  # steps where no start is alive anymore are NaN
-        warnings.simplefilter("ignore", RuntimeWarning)
-        lo, hi = np.nanquantile(boots, [alpha, 1 - alpha], axis=0)
-    return point, lo, hi
-
-
-def _to_np(x) -> np.ndarray:
-    x = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
-    return x.astype(np.float64)
-
 
 def action_gap(agent, obs, actions) -> np.ndarray:
     """(N,H) ||actions[:, t] - pi(obs[:, t])||, pi the agent's deterministic action: one call per
@@ -303,8 +160,11 @@ def behaviour_actions(dataset: Dataset, starts: np.ndarray, horizon: int):
 
 def rollout_error_study(dataset: Dataset, models: dict, agent=None, horizon: int = 100,
                         n_starts: int = 256, seed: int = 0, reward_fn: Callable | None = None,
-                        reps: int = 1000, progress: bool = True) -> pd.DataFrame:
+                        reps: int = 1000, progress: bool = True,
+                        raw: dict | None = None) -> pd.DataFrame:
     """Error vs horizon of each model against the simulator; see the module docstring.
+    `raw`: a dict that receives, per (mode, model), the per-start arrays behind each curve
+    (err, mask, ret, gap: (N, H) or None), for pooling several model seeds (`pool_runs`).
 
     Returns one row per (mode, model, horizon h = 1..H): state_mse, state_mse_lo/hi, n_valid,
     return_err, return_err_lo/hi (NaN without rewards), action_gap, action_gap_lo/hi (policy
@@ -340,6 +200,9 @@ def rollout_error_study(dataset: Dataset, models: dict, agent=None, horizon: int
             r_point = r_lo = r_hi = nan
         g_point, g_lo, g_hi = (nan, nan, nan) if gap is None else bootstrap_masked_mean(
             gap, np.ones_like(mask), reps, boot)
+        if raw is not None:
+            raw[(mode, name)] = {"err": err, "mask": mask, "gap": gap, "ret": (
+                None if pred_rewards is None else ret)}
         for t in range(horizon):
             rows.append({"mode": mode, "model": name, "horizon": t + 1,
                          "state_mse": point[t], "state_mse_lo": lo[t], "state_mse_hi": hi[t],
@@ -377,7 +240,9 @@ def rollout_error_study(dataset: Dataset, models: dict, agent=None, horizon: int
     # (ii) the learning policy's actions
     if agent is not None:
         truth = sim.simulate(qpos, qvel, agent=agent, horizon=horizon)
-        for name, model in tqdm(models.items(), desc="policy models", disable=not progress):
+        rollout = {k: m for k, m in models.items()
+                   if callable(getattr(m, "policy_rollout", None))}
+        for name, model in tqdm(rollout.items(), desc="policy models", disable=not progress):
             with torch.no_grad():
                 out = model.policy_rollout(start_obs, agent, horizon)
             nxt = _to_np(out["next_obs"])
@@ -393,60 +258,115 @@ def _check_shape(name, fn, arr, want):
         raise ValueError(f"model {name!r}: {fn} returned shape {arr.shape}, expected {want}")
 
 
-# ---- figures and the CLI step -------------------------------------------------------------
+# ---- the study end to end, and the CLI step -------------------------------------------
 
-def plot_rollout_error(df: pd.DataFrame, out_dir: Path, task: str = "") -> list[Path]:
-    """State error (log scale), where available return error, and the action gap (policy mode)
-    vs horizon; one column per mode, CI bands per model. Saves rollout_error.png/.pdf in
-    out_dir."""
-    modes = [m for m in ("behaviour", "policy") if m in set(df["mode"])]
-    has_ret = df.return_err.notna().any()
-    has_gap = "action_gap" in df and df.action_gap.notna().any()
-    panels = ["state_mse"] + (["return_err"] if has_ret else []) + (
-        ["action_gap"] if has_gap else [])
-    nrows = len(panels)
-    fig, axes = plotting.new_figure(5.0 * len(modes), 3.6 * nrows, ncols=len(modes), nrows=nrows)
-    axes = np.array(axes, dtype=object).reshape(nrows, len(modes))
-    titles = {"behaviour": "dataset actions (open loop)", "policy": "policy actions"}
-    ylabels = {"state_mse": "normalised state MSE (obs std units²)",
-               "return_err": "|predicted - true return| (reward units)",
-               "action_gap": "mean ||a_t - pi(s_t)|| (action units)"}
-    empty = {"return_err": "no predicted rewards\n(no reward model given)",
-             "action_gap": "no action gap: the dataset's actions\nare not the policy's"}
-    policy_only = sorted(set(df.model[df["mode"] == "policy"])
-                         - set(df.model[df["mode"] == "behaviour"]))
-    order = list(dict.fromkeys(df.model))  # one colour per model in every panel
-    for j, mode in enumerate(modes):
-        sub = df[df["mode"] == mode]
-        for name, g in sub.groupby("model", sort=False):
-            c = plotting.color(name, order.index(name))
-            for r, col in enumerate(panels):
-                if g[col].notna().any():
-                    axes[r, j].plot(g.horizon, g[col], color=c, label=name)
-                    axes[r, j].fill_between(g.horizon, g[f"{col}_lo"], g[f"{col}_hi"], color=c,
-                                            alpha=0.2)
-        ax = axes[0, j]
-        if (sub.state_mse > 0).any():
-            ax.set_yscale("log")
-        ax.set_title(f"{task} state error, {titles[mode]}".strip())
-        if mode == "behaviour" and policy_only:
-            ax.text(0.02, 0.02, f"{', '.join(policy_only)}: policy actions only (no open-loop "
-                    f"mode)", transform=ax.transAxes, fontsize="small", color="grey")
-        for r, col in enumerate(panels):
-            ax = axes[r, j]
-            if r:
-                ax.set_title({"return_err": "return error", "action_gap": "action gap"}[col]
-                             + f", {titles[mode]}")
-            ax.set_xlabel("rollout horizon h (steps)")
-            ax.set_ylabel(ylabels[col])
-            if ax.has_data():
-                ax.legend(frameon=False)
-            else:
-                ax.text(0.5, 0.5, empty[col], ha="center", va="center", transform=ax.transAxes,
-                        color="grey")
-                if col == "action_gap":
-                    ax.axis("off")  # not a missing input: the gap is undefined in this mode
-    return plotting.save_figure(fig, Path(out_dir) / "rollout_error")
+class OpenLoopOnly:
+    """A model's open-loop mode alone: where the study's "diffusion K=<k>" rows stand for the
+    diffusion model with the policy, its default policy rollout is left out of that panel."""
+
+    def __init__(self, model):
+        self.open_loop = model.open_loop
+
+
+def policy_action_distance(agent, dataset: Dataset, n: int = 10_000, seed: int = 0) -> float:
+    """Mean ||pi(s) - a|| over up to n dataset rows (s, a): how far the learning policy's
+    deterministic actions are from the behaviour policy's on the data."""
+    rows = np.sort(np.random.default_rng(seed).choice(len(dataset), min(n, len(dataset)),
+                                                      replace=False))
+    obs = torch.as_tensor(dataset.observations[rows], dtype=torch.float32,
+                          device=device_of(agent))
+    with torch.no_grad():
+        pi = _to_np(agent.act(obs, deterministic=True))
+    return float(np.linalg.norm(pi - dataset.actions[rows], axis=-1).mean())
+
+
+def pool_runs(raws: list[dict], reps: int = 1000, seed: int = 0) -> pd.DataFrame:
+    """The study's rows pooled over model seeds: `raws` holds one `rollout_error_study(...,
+    raw=...)` dict per seed (same starts, same horizon); each curve is the mean over every
+    valid (seed, start) pair with a two-level bootstrap CI (seeds, then starts:
+    `hierarchical_bootstrap_mean`). Curves missing from a seed are left out."""
+    keys = [k for k in raws[0] if all(k in r for r in raws)]
+    rows = []
+    for mode, name in keys:
+        per = [r[(mode, name)] for r in raws]
+        mask = np.stack([p["mask"] for p in per])
+        boot = np.random.default_rng([seed, zlib.crc32(f"pooled/{mode}/{name}".encode())])
+        cols = {"state_mse": hierarchical_bootstrap_mean(np.stack([p["err"] for p in per]),
+                                                         mask, reps, boot)}
+        horizon = mask.shape[-1]
+        nan = (np.full(horizon, np.nan),) * 3
+        every = np.ones_like(mask)
+        cols["return_err"] = nan if per[0]["ret"] is None else hierarchical_bootstrap_mean(
+            np.stack([p["ret"] for p in per]), every, reps, boot)
+        cols["action_gap"] = nan if per[0]["gap"] is None else hierarchical_bootstrap_mean(
+            np.stack([p["gap"] for p in per]), every, reps, boot)
+        n_valid = mask.sum((0, 1))
+        for t in range(horizon):
+            row = {"mode": mode, "model": name, "horizon": t + 1, "n_valid": int(n_valid[t]),
+                   "n_seeds": len(raws)}
+            for col, (point, lo, hi) in cols.items():
+                row.update({col: point[t], f"{col}_lo": lo[t], f"{col}_hi": hi[t]})
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def load_study_models(dataset: Dataset, model_dirs: dict[str, Path], device: str = "cpu",
+                      loaders: dict[str, Callable] | None = None,
+                      include_simulator: bool = False, reward_dir: Path | None = None,
+                      dydiff: dict | DyDiffConfig | None = None,
+                      dydiff_ensemble_dir: Path | None = None,
+                      injections: list[int] | tuple = (), fast_sampler: bool = False) -> dict:
+    """The study's models by name: each of `model_dirs` ({kind: dir}, loaded by `loaders`
+    {kind: fn(dir, device)}, default `default_loaders()`); with `dydiff` (a rollout config,
+    {} = DyDiffConfig defaults) "dydiff", the DyDiff generator from model_dirs' diffusion,
+    `reward_dir` and `dydiff_ensemble_dir`, and with `fast_sampler` "dydiff fast", the same
+    with the `fast` sampler preset; per K in `injections` "diffusion K=<k>", the same generator
+    started from the diffusion model's own action-free sample (init 'diffusion') with K policy
+    injections (its default "diffusion" policy rollout is then left out); `include_simulator`
+    adds the SimulatorModel as a zero-error reference."""
+    loaders = {**default_loaders(), **(loaders or {})}
+    models = {}
+    for kind, model_dir in model_dirs.items():
+        if kind not in loaders:
+            raise KeyError(f"rollout_error: no loader for model kind {kind!r}; known: "
+                           f"{sorted(loaders)} (pass loaders={{kind: fn(dir, device)}})")
+        models[kind] = loaders[kind](Path(model_dir), device)
+    generators = {}
+    if dydiff is not None:
+        base = dataclasses.asdict(dydiff) if isinstance(dydiff, DyDiffConfig) else dict(dydiff)
+        generators["dydiff"] = base
+        if fast_sampler:
+            generators["dydiff fast"] = {**base, "sampler": "fast", "sampler_steps": None}
+        for k in injections:
+            generators[f"diffusion K={k}"] = {**base, "init": "diffusion", "iterative_times": k}
+    elif injections or fast_sampler:
+        raise ValueError("rollout_error: injections / fast_sampler rows need the DyDiff "
+                         "generator's settings (dydiff={} for its defaults)")
+    if generators:
+        dirs = {k: Path(d) for k, d in (("diffusion", model_dirs.get("diffusion")),
+                                        (DYDIFF_ENSEMBLE, dydiff_ensemble_dir),
+                                        ("reward", reward_dir)) if d is not None}
+        for name, cfg in generators.items():
+            models[name] = DyDiffModel.from_dirs(dataset, dirs, cfg, device)
+    if injections and "diffusion" in models:
+        models["diffusion"] = OpenLoopOnly(models["diffusion"])
+    if include_simulator:
+        models["simulator"] = SimulatorModel(dataset.name, dataset)
+    return models
+
+
+def _reward_fn(reward_dir: Path | None, device: str) -> Callable | None:
+    """r(s, a) over (N, H, .) tensors from a trained reward model (dydiff.reward_model)."""
+    if reward_dir is None:
+        return None
+    from dydiff.reward_model import load_reward_model
+    reward_model = load_reward_model(Path(reward_dir), device)
+
+    def reward_fn(obs, act, _next_obs):
+        n, h = obs.shape[:2]
+        obs, act = (x.to(device).reshape(n * h, -1) for x in (obs, act))
+        return reward_model(obs, act).reshape(n, h)
+    return reward_fn
 
 
 def run_rollout_error(dataset: str | Path | Dataset, model_dirs: dict[str, Path], out_dir: Path,
@@ -457,76 +377,103 @@ def run_rollout_error(dataset: str | Path | Dataset, model_dirs: dict[str, Path]
                       reps: int = 1000, device: str = "cpu", progress: bool = True,
                       reward_dir: Path | None = None,
                       dydiff: dict | DyDiffConfig | None = None,
-                      dydiff_ensemble_dir: Path | None = None) -> dict:
-    """The study end to end: load the dataset (path/name, see harness.data.sources.load_dataset) and
-    each model (`model_dirs` {kind: dir}; `loaders` {kind: fn(dir, device)}, default
-    `default_loaders()`), optionally the policy (`agent_loader(policy, device)`, default
-    harness.training.policy.load_agent), run the study, write rollout_error.csv +
-    rollout_error.png/.pdf in out_dir.
-    `include_simulator` adds the SimulatorModel as a zero-error reference curve.
-    `reward_dir`: a trained reward model (dydiff.reward_model) that scores the returns of
-    models without their own reward prediction (the diffusion models).
-    `dydiff`: add the "dydiff" model (`DyDiffModel`, policy mode only), the DyDiff generator
-    built by dydiff.rollout.make_generator with this rollout config ({} = DyDiffConfig
-    defaults) from model_dirs' diffusion, `reward_dir` and `dydiff_ensemble_dir` (the
-    ensemble-dydiff model its init 'ensemble' starts from)."""
+                      dydiff_ensemble_dir: Path | None = None,
+                      injections: list[int] | tuple = (), fast_sampler: bool = False) -> dict:
+    """The study end to end for one set of models (`run_rollout_errors` with one run)."""
+    run = {"model_dirs": model_dirs, "policy": policy, "reward_dir": reward_dir,
+           "dydiff_ensemble_dir": dydiff_ensemble_dir}
+    return run_rollout_errors(dataset, [run], out_dir, agent_loader=agent_loader,
+                              horizon=horizon, n_starts=n_starts, seed=seed, loaders=loaders,
+                              include_simulator=include_simulator, reps=reps, device=device,
+                              progress=progress, dydiff=dydiff, injections=injections,
+                              fast_sampler=fast_sampler)
+
+
+def run_rollout_errors(dataset: str | Path | Dataset, runs: list[dict], out_dir: Path,
+                       agent_loader: Callable | None = None, horizon: int = 100,
+                       n_starts: int = 256, seed: int = 0, reps: int = 1000,
+                       device: str = "cpu", progress: bool = True,
+                       dydiff: dict | DyDiffConfig | None = None, reseed: bool = False,
+                       **model_kw) -> dict:
+    """The study end to end: load the dataset (path/name, see harness.data.sources.
+    load_dataset); per run (one per model seed: {"model_dirs", "policy" (a policy.pt, or
+    None), "reward_dir", "dydiff_ensemble_dir", "seed"}) load its models
+    (`load_study_models`, with `dydiff` and `model_kw`) and its policy (`agent_loader(policy,
+    device)`, default harness.training.policy.load_agent) and run the study from the same
+    starts; with `reseed`, torch's global stream (the samplers') is seeded seed + i before run
+    i. Writes in out_dir: rollout_error.csv (one run: its curves; several: pooled over the
+    runs, `pool_runs`), rollout_error_by_seed.csv (several runs), rollout_error_runs.json (per
+    run: seed and the policy's action distance to the data) and the figures
+    rollout_error.png/.pdf and rollout_error_at_H.png/.pdf."""
     if not isinstance(dataset, Dataset):
         from harness.data.sources import load_dataset
         dataset = load_dataset(str(dataset))
-    loaders = {**default_loaders(), **(loaders or {})}
-    models = {}
-    for kind, model_dir in model_dirs.items():
-        if kind not in loaders:
-            raise KeyError(f"rollout_error: no loader for model kind {kind!r}; known: "
-                           f"{sorted(loaders)} (pass loaders={{kind: fn(dir, device)}})")
-        models[kind] = loaders[kind](Path(model_dir), device)
-    if dydiff is not None:
-        dirs = {k: Path(d) for k, d in (("diffusion", model_dirs.get("diffusion")),
-                                        (DYDIFF_ENSEMBLE, dydiff_ensemble_dir),
-                                        ("reward", reward_dir)) if d is not None}
-        models["dydiff"] = DyDiffModel.from_dirs(dataset, dirs, dydiff, device)
-    if include_simulator:
-        models["simulator"] = SimulatorModel(dataset.name, dataset)
-    agent = None
-    if policy is not None:
-        if agent_loader is None:
-            from harness.training.policy import load_agent as agent_loader
-        agent = agent_loader(Path(policy), device)
-    reward_fn = None
-    if reward_dir is not None:
-        from dydiff.reward_model import load_reward_model
-        reward_model = load_reward_model(Path(reward_dir), device)
-
-        def reward_fn(obs, act, _next_obs):  # r(s, a) over (N, H, .) arrays
-            n, h = obs.shape[:2]
-            obs, act = (x.to(device).reshape(n * h, -1) for x in (obs, act))
-            return reward_model(obs, act).reshape(n, h)
-    df = rollout_error_study(dataset, models, agent=agent, horizon=horizon, n_starts=n_starts,
-                             seed=seed, reward_fn=reward_fn, reps=reps, progress=progress)
+    if agent_loader is None:
+        from harness.training.policy import load_agent as agent_loader
+    frames, raws, meta = [], [], []
+    for i, run in enumerate(runs):
+        if reseed:
+            torch.manual_seed(seed + i)  # the diffusion samplers draw from the global stream
+        models = load_study_models(dataset, run["model_dirs"], device,
+                                   reward_dir=run.get("reward_dir"), dydiff=dydiff,
+                                   dydiff_ensemble_dir=run.get("dydiff_ensemble_dir"),
+                                   **model_kw)
+        agent = None if run.get("policy") is None else agent_loader(Path(run["policy"]), device)
+        raw: dict = {}
+        df = rollout_error_study(dataset, models, agent=agent, horizon=horizon,
+                                 n_starts=n_starts, seed=seed,
+                                 reward_fn=_reward_fn(run.get("reward_dir"), device), reps=reps,
+                                 progress=progress, raw=raw)
+        frames.append(df.assign(seed=run.get("seed", i)))
+        raws.append(raw)
+        meta.append({"seed": run.get("seed", i), "policy_data_action_distance": (
+            None if agent is None else policy_action_distance(agent, dataset, seed=seed))})
+        log.info("rollout-error run %d of %d (model seed %s) done", i + 1, len(runs),
+                 run.get("seed", i))
+    df = frames[0].drop(columns="seed") if len(runs) == 1 else pool_runs(raws, reps, seed)
     out_dir = Path(out_dir)
     atomic_write_text(out_dir / "rollout_error.csv", df.to_csv(index=False, float_format="%.6g"))
-    files = [out_dir / "rollout_error.csv"] + plot_rollout_error(df, out_dir, dataset.name)
-    return {"rollout_error": df, "files": files, "task": dataset.name}
+    files = [out_dir / "rollout_error.csv"]
+    if len(runs) > 1:
+        atomic_write_text(out_dir / "rollout_error_by_seed.csv",
+                          pd.concat(frames).to_csv(index=False, float_format="%.6g"))
+        files.append(out_dir / "rollout_error_by_seed.csv")
+    atomic_write_text(out_dir / "rollout_error_runs.json", json.dumps(meta, indent=1))
+    files += [out_dir / "rollout_error_runs.json",
+              *plot_rollout_error(df, out_dir, dataset.name),
+              *plot_at_horizon(df, out_dir, dataset.name)]
+    return {"rollout_error": df, "files": files, "task": dataset.name, "runs": meta}
 
 
 def rollout_error_step(spec: dict, log_fn=None) -> dict:
     """Job step: ensemble, diffusion-alone and DyDiff-generator trajectories against the
-    simulator for one task. The DyDiff generator runs with the rollout settings of the grid's
+    simulator for one task, one run per model seed of spec["runs"] (each with its models and
+    its learning policy). The DyDiff generator runs with the rollout settings of the grid's
     first DyDiff method (spec["config"]["dydiff_rollout"], from harness.plan), else the
-    DyDiffConfig defaults (the authors' settings)."""
+    DyDiffConfig defaults (the authors' settings); spec["config"]["injections"] adds the
+    diffusion model's "diffusion K=<k>" rows, ["fast_sampler"] "dydiff fast"."""
     from harness.runtime import device
-    cfg, dirs = spec["config"], {k: Path(v) for k, v in spec["model_dirs"].items()}
-    torch.manual_seed(cfg["seed"])  # the diffusion samplers draw from the global stream
-    result = run_rollout_error(spec["dataset"], {k: dirs[k] for k in ("ensemble", "diffusion")},
-                               Path(spec["out"]), policy=Path(spec["policy_dir"]) / "policy.pt",
-                               horizon=cfg["horizon"], n_starts=cfg["n_starts"], seed=cfg["seed"],
-                               reward_dir=dirs["reward"], device=device(),
-                               dydiff=cfg.get("dydiff_rollout") or {},
-                               dydiff_ensemble_dir=dirs.get(DYDIFF_ENSEMBLE))
+    cfg = spec["config"]
+    runs = [{"seed": run["seed"], "policy": Path(run["policy_dir"]) / "policy.pt",
+             "model_dirs": {k: Path(run["model_dirs"][k]) for k in ("ensemble", "diffusion")},
+             "reward_dir": Path(run["model_dirs"]["reward"]),
+             "dydiff_ensemble_dir": (Path(run["model_dirs"][DYDIFF_ENSEMBLE])
+                                     if DYDIFF_ENSEMBLE in run["model_dirs"] else None)}
+            for run in spec["runs"]]
+    result = run_rollout_errors(spec["dataset"], runs, Path(spec["out"]),
+                                horizon=cfg["horizon"], n_starts=cfg["n_starts"],
+                                seed=cfg["seed"], device=device(),
+                                dydiff=cfg.get("dydiff_rollout") or {}, reseed=True,
+                                injections=cfg.get("injections") or (),
+                                fast_sampler=bool(cfg.get("fast_sampler")))
     df = result["rollout_error"]
     last = df[df["horizon"] == df["horizon"].max()]
     out = {f"{r['mode']}/{r['model']}/state_mse_at_H": float(r["state_mse"])
            for _, r in last.iterrows()}
     gaps = df[df["mode"] == "policy"].groupby("model", sort=False).action_gap.mean()
     out.update({f"policy/{m}/action_gap_mean": float(v) for m, v in gaps.items()})
+    dist = [r["policy_data_action_distance"] for r in result["runs"]
+            if r["policy_data_action_distance"] is not None]
+    if dist:
+        out["policy/data_action_distance"] = float(np.mean(dist))
     return out

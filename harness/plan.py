@@ -411,18 +411,23 @@ def eval_job(cfg: dict, method: str, task: str, seed: int) -> dict:
 
 
 def rollout_error_job(cfg: dict, task: str) -> dict:
-    """Generated vs simulator trajectories for one task (needs stored qpos/qvel)."""
+    """Generated vs simulator trajectories for one task (needs stored qpos/qvel). `runs`: one
+    per model seed the study covers (rollout_error.model_seeds: `first`, the default, or `all`
+    seeds of the grid), each with that seed's models and that seed's learning policy."""
     rcfg = task_config(cfg, task).get("rollout_error") or {}
     # The policy whose actions drive the study: TD3+BC's by default, else the first method's.
     default = "td3bc" if "td3bc" in cfg["methods"] else cfg["methods"][0]
     method = rcfg.get("policy_method", default)
-    seed = cfg["seeds"][0]
+    seeds = cfg["seeds"] if rcfg.get("model_seeds", "first") == "all" else cfg["seeds"][:1]
+    runs = [{"seed": seed, "model_dirs": model_dirs(cfg, ROLLOUT_ERROR_MODELS, task, seed),
+             "policy_dir": str(path(cfg, "policy_dir", method=method, task=task, seed=seed))}
+            for seed in seeds]
     return {"step": "rollout-error", "task": task, "dataset": str(path(cfg, "dataset", task=task)),
-            "model_dirs": model_dirs(cfg, ROLLOUT_ERROR_MODELS, task, seed),
-            "policy_dir": str(path(cfg, "policy_dir", method=method, task=task, seed=seed)),
-            "out": str(path(cfg, "rollout_error_dir", task=task)),
+            "runs": runs, "out": str(path(cfg, "rollout_error_dir", task=task)),
             "config": {"horizon": rcfg.get("horizon", 100), "n_starts": rcfg.get("n_starts", 64),
                        "seed": rcfg.get("seed", 0), "policy_method": method,
+                       "injections": list(rcfg.get("injections") or []),
+                       "fast_sampler": bool(rcfg.get("fast_sampler", False)),
                        "dydiff_rollout": _dydiff_rollout(cfg, task)},
             **runtime(cfg, "rollout_error")}
 

@@ -1,4 +1,6 @@
 """Rollout-error study against the MuJoCo simulator (Hopper-v5, tiny sizes)."""
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -301,22 +303,103 @@ def test_study_with_dydiff_and_action_gap(hopper_random, models, tmp_path):
 def test_rollout_error_step_adds_dydiff_from_the_steps_models(monkeypatch, tmp_path):
     seen = {}
 
-    def fake(dataset, model_dirs, out_dir, **kw):
-        seen.update(model_dirs=model_dirs, **kw)
+    def fake(dataset, runs, out_dir, **kw):
+        seen.update(runs=runs, **kw)
         return {"rollout_error": pd.DataFrame(
             [{"mode": "policy", "model": "dydiff", "horizon": 1, "state_mse": 1.0,
-              "action_gap": 0.5}])}
-    monkeypatch.setattr(re, "run_rollout_error", fake)
-    spec = {"dataset": "d.hdf5", "out": str(tmp_path), "policy_dir": str(tmp_path),
-            "model_dirs": {k: str(tmp_path / k)
-                           for k in ("ensemble", "ensemble-dydiff", "diffusion", "reward")},
+              "action_gap": 0.5}]), "runs": [{"seed": 0, "policy_data_action_distance": 0.25}]}
+    monkeypatch.setattr(re, "run_rollout_errors", fake)
+    spec = {"dataset": "d.hdf5", "out": str(tmp_path),
+            "runs": [{"seed": 0, "policy_dir": str(tmp_path),
+                      "model_dirs": {k: str(tmp_path / k) for k in
+                                     ("ensemble", "ensemble-dydiff", "diffusion", "reward")}}],
             "config": {"horizon": 5, "n_starts": 2, "seed": 0}}
     got = re.rollout_error_step(spec)
-    assert seen["dydiff"] == {} and seen["reward_dir"] == tmp_path / "reward"
+    run, = seen["runs"]
+    assert seen["dydiff"] == {} and run["reward_dir"] == tmp_path / "reward"
     # MOPO's ensemble is a study model; DyDiff's own starts the dydiff generator.
-    assert set(seen["model_dirs"]) == {"ensemble", "diffusion"}
-    assert seen["dydiff_ensemble_dir"] == tmp_path / "ensemble-dydiff"
-    assert got == {"policy/dydiff/state_mse_at_H": 1.0, "policy/dydiff/action_gap_mean": 0.5}
+    assert set(run["model_dirs"]) == {"ensemble", "diffusion"}
+    assert run["dydiff_ensemble_dir"] == tmp_path / "ensemble-dydiff"
+    assert seen["injections"] == () and seen["fast_sampler"] is False and seen["reseed"]
+    assert got == {"policy/dydiff/state_mse_at_H": 1.0, "policy/dydiff/action_gap_mean": 0.5,
+                   "policy/data_action_distance": 0.25}
+
+
+def test_plan_runs_one_study_per_model_seed():
+    """rollout_error.model_seeds: all gives one run per seed, each with that seed's models and
+    policy; first (the default) the first seed's alone; bad injection counts are refused."""
+    from harness import plan
+    from harness.config import ConfigError
+    base = plan.resolve(plan.load_config("config/rollout-study.yaml"))
+    spec = plan.rollout_error_job(base, "halfcheetah-medium")
+    assert [r["seed"] for r in spec["runs"]] == [0, 1, 2]
+    assert len({r["model_dirs"]["diffusion"] for r in spec["runs"]}) == 3
+    assert len({r["policy_dir"] for r in spec["runs"]}) == 3
+    assert spec["config"]["injections"] == [0, 1, 2, 4] and spec["config"]["fast_sampler"]
+    first = dict(base, rollout_error={**base["rollout_error"], "model_seeds": "first"})
+    assert [r["seed"] for r in plan.rollout_error_job(first, "halfcheetah-medium")["runs"]] == [0]
+    bad = dict(base, rollout_error={**base["rollout_error"], "injections": [1, 1]})
+    with pytest.raises(ConfigError, match="injections"):
+        plan.resolve(bad)
+
+
+def test_hierarchical_bootstrap_carries_seed_variance():
+    from analysis.rollout_stats import bootstrap_masked_mean, hierarchical_bootstrap_mean
+    rng = np.random.default_rng(0)
+    # Three seeds whose models differ (offsets 0, 1, 2), small noise within each seed.
+    v = np.array([0.0, 1.0, 2.0])[:, None, None] + 0.01 * rng.standard_normal((3, 50, 4))
+    mask = np.ones_like(v, bool)
+    point, lo, hi = hierarchical_bootstrap_mean(v, mask, 2000, np.random.default_rng(1))
+    np.testing.assert_allclose(point, v.mean((0, 1)))
+    assert (lo < 0.6).all() and (hi > 1.4).all()  # the seeds' spread is in the interval
+    # Pooling the starts alone (the seeds as if they were more starts) would hide it.
+    _, flat_lo, flat_hi = bootstrap_masked_mean(v.reshape(150, 4), mask.reshape(150, 4), 2000,
+                                                np.random.default_rng(1))
+    assert ((flat_hi - flat_lo) < 0.5 * (hi - lo)).all()
+    # Masked entries count nowhere.
+    mask[0, :, 2:] = False
+    point, _, _ = hierarchical_bootstrap_mean(v, mask, 200, np.random.default_rng(1))
+    np.testing.assert_allclose(point[2:], v[1:, :, 2:].mean((0, 1)))
+
+
+def test_injection_rows_pooled_over_seeds(hopper_random, models, tmp_path):
+    """The study's new rows at tiny size, as the DAG step builds them: the diffusion model
+    from its own action-free sample (K = 0) and with K injections, beside the DyDiff generator
+    with the authors' and the fast sampler, two runs pooled."""
+    agent = LinearAgent()
+    run = {"model_dirs": {k: models[k] for k in ("ensemble", "diffusion")},
+           "policy": tmp_path / "policy.pt", "reward_dir": models["reward"],
+           "dydiff_ensemble_dir": models["ensemble-dydiff"]}
+    out = re.run_rollout_errors(hopper_random, [{**run, "seed": 0}, {**run, "seed": 1}], tmp_path,
+                                agent_loader=lambda path, device: agent, horizon=9, n_starts=6,
+                                reps=50, progress=False, dydiff={}, reseed=True,
+                                injections=[0, 1, 2], fast_sampler=True)
+    df = out["rollout_error"]
+    pol = df[df["mode"] == "policy"]
+    assert list(dict.fromkeys(pol.model)) == ["ensemble", "dydiff", "dydiff fast",
+                                              "diffusion K=0", "diffusion K=1", "diffusion K=2"]
+    assert set(df.model[df["mode"] == "behaviour"]) == {"ensemble", "diffusion"}
+    assert (df.n_seeds == 2).all()
+    gap1 = pol[pol.horizon == 1].set_index("model").action_gap
+    # K = 0 steps with the model's own (behaviour) actions: pi(s_0) was never injected, so the
+    # first transition's gap is the model's action vs the policy's; with K >= 1 the first row
+    # (the given start, the same for every iteration) was generated with exactly pi(s_0).
+    assert gap1["diffusion K=0"] > 0.05
+    assert gap1[["diffusion K=1", "diffusion K=2"]].abs().max() < 1e-5
+    assert (pol[pol.model == "ensemble"].action_gap == 0).all()
+    # Pooled curves are the valid-count-weighted means of the per-seed ones.
+    by_seed = pd.read_csv(tmp_path / "rollout_error_by_seed.csv")
+    assert sorted(by_seed.seed.unique()) == [0, 1]
+    for (mode, model), g in by_seed.groupby(["mode", "model"]):
+        w = g.pivot(index="horizon", columns="seed", values="n_valid")
+        m = g.pivot(index="horizon", columns="seed", values="state_mse")
+        want = (w * m).sum(1) / w.sum(1)
+        got = df[(df["mode"] == mode) & (df.model == model)].set_index("horizon").state_mse
+        np.testing.assert_allclose(got, want, rtol=1e-4, err_msg=f"{mode}/{model}")
+    runs = json.loads((tmp_path / "rollout_error_runs.json").read_text())
+    assert [r["seed"] for r in runs] == [0, 1]
+    assert all(r["policy_data_action_distance"] > 0 for r in runs)
+    assert (tmp_path / "rollout_error_at_H.png").exists()
 
 
 def test_plot_rollout_error(data, tmp_path, monkeypatch):

@@ -4,8 +4,8 @@
 
 def rollout_error_inputs(w):
     spec = plan.rollout_error_job(config, w.task)
-    return ([spec["dataset"], f"{spec['policy_dir']}/policy.pt"]
-            + [f"{d}/model.pt" for d in spec["model_dirs"].values()])
+    return [spec["dataset"]] + [f for run in spec["runs"] for f in (
+        f"{run['policy_dir']}/policy.pt", *(f"{d}/model.pt" for d in run["model_dirs"].values()))]
 
 
 rule rollout_error:

@@ -124,6 +124,7 @@ def _tables_section(tables: dict) -> list[str]:
 
 
 MODEL_NOTES = {"diffusion": "the diffusion model alone",
+               "dydiff fast": "the DyDiff generator with the `fast` sampler preset",
                "dydiff": "the DyDiff generator as training samples it (ensemble start, "
                          "policy injections, clipping to the data range)"}
 
@@ -151,6 +152,36 @@ def _action_gap_lines(g: pd.DataFrame) -> list[str]:
         lines.append(f"  dydiff vs the diffusion model alone: mean gap {y.action_gap.mean():.3g} "
                      f"vs {d.action_gap.mean():.3g}; their CIs are apart at {below} of {H} steps "
                      f"with dydiff lower and at {above} with dydiff higher.")
+    return lines
+
+
+def _injection_lines(g: pd.DataFrame) -> list[str]:
+    """Policy mode, the "diffusion K=<k>" rows: state error, return error and action gap at
+    h = H against K, and whether K = 0 and the largest K are apart (CIs disjoint)."""
+    from analysis.rollout_figures import injection_count
+    H = int(g.horizon.max())
+    last = g[g.horizon == H].set_index("model")
+    ks = sorted((injection_count(m), m) for m in last.index if injection_count(m) is not None)
+    if not ks:
+        return []
+    lines = [f"  Policy injections (the diffusion model from its own action-free sample, then K "
+             f"injections of pi's actions; K = 0 steps with its own behaviour actions), at "
+             f"h={H} [95% CI]:"]
+    for col, what in (("state_mse", "state error"), ("return_err", "return error"),
+                      ("action_gap", "action gap")):
+        if not last[col].notna().any():
+            continue
+        parts = [f"K={k} {last.at[m, col]:.3g} [{last.at[m, f'{col}_lo']:.3g}, "
+                 f"{last.at[m, f'{col}_hi']:.3g}]" for k, m in ks]
+        (k0, m0), (kn, mn) = ks[0], ks[-1]
+        apart = (last.at[mn, f"{col}_hi"] < last.at[m0, f"{col}_lo"]
+                 or last.at[mn, f"{col}_lo"] > last.at[m0, f"{col}_hi"])
+        verdict = (f"K={kn} vs K={k0}: CIs apart ({'lower' if last.at[mn, col] < last.at[m0, col] else 'higher'})"
+                   if apart else f"K={kn} vs K={k0}: CIs overlap, no difference shown")
+        lines.append(f"  - {what}: " + "; ".join(parts) + f". {verdict}.")
+    if "n_seeds" in g and g.n_seeds.notna().any():
+        lines.append(f"  Pooled over {int(g.n_seeds.max())} model seeds (each with its own "
+                     f"learning policy); CIs resample seeds, then starts.")
     return lines
 
 
@@ -195,6 +226,7 @@ def _rollout_section(results) -> list[str]:
                                  f"open-loop mode), not in this comparison.")
             else:
                 lines += _action_gap_lines(g)
+                lines += _injection_lines(g)
         if (df.n_valid < df.groupby(["mode", "model"]).n_valid.transform("max")).any():
             lines.append(f"  Some simulated episodes terminate before h={H}; later steps are "
                          f"masked, so long-horizon averages use fewer starts.")

@@ -33,6 +33,7 @@ PATHS = {
     "rollout_error_dir": "{root}/rollout_error/{task}",
     "rollout_error_csv": "{root}/rollout_error/{task}/rollout_error.csv",
     "rollout_error_png": "{root}/rollout_error/{task}/rollout_error.png",
+    "rollout_error_at_h_png": "{root}/rollout_error/{task}/rollout_error_at_H.png",
     "analysis_dir": "{root}/analysis",
     "aggregates": "{root}/analysis/aggregates.csv",
     "aggregate_intervals": "{root}/analysis/aggregate_intervals.png",

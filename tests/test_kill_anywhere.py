@@ -115,7 +115,8 @@ def job_files(cfg: dict, trial: Trial) -> JobFiles:
         return JobFiles([out], [out], [out, out.with_suffix(".mlflow_run_id")],
                         path("log_evaluate"), [])
     assert trial.step == "rollout-error"
-    outputs = [path("rollout_error_csv"), path("rollout_error_png")]
+    outputs = [path("rollout_error_csv"), path("rollout_error_png"),
+               path("rollout_error_at_h_png")]
     return JobFiles(outputs, outputs[:1], [out], path("log_rollout_error"), [])
 
 

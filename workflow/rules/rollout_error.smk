@@ -15,6 +15,8 @@ rule rollout_error:
         out("rollout_error_csv"),
         report(out("rollout_error_png"), caption="../report/rollout_error.rst",
                category="Rollout error", subcategory="{task}"),
+        report(out("rollout_error_at_h_png"), caption="../report/rollout_error_at_h.rst",
+               category="Rollout error", subcategory="{task}"),
     params:
         job=lambda w: job_param(plan.rollout_error_job(config, w.task)),
     threads: 1

@@ -17,11 +17,21 @@ counts those starts).
   model's states) is compared with it. A deterministic policy makes the two comparable.
 
 Models: "ensemble" (the MBPO/MOPO ensemble's elite mean), "diffusion" (the diffusion model
-alone: `DiffusionDynamics.policy_rollout` with its defaults) and "dydiff" (`DyDiffModel`: the
-trajectories the DyDiff generator produces in training, before its reward, filter and
-truncation: the start from DyDiff's own ensemble (ensemble-dydiff), K injections, state
-averaging, clipping to the dataset's range, with the generator's own settings). The DyDiff generator acts only with the policy, so
-"dydiff" has no open-loop mode and is skipped with dataset actions.
+alone: open loop with the dataset's actions; with the policy, `DiffusionDynamics.
+policy_rollout` with its defaults, left out for a model trained always action-conditioned,
+which cannot sample its own actions) and "dydiff" (`DyDiffModel`: the trajectories the DyDiff
+generator produces in training, before its reward, filter and truncation: the start from
+DyDiff's own ensemble (ensemble-dydiff), K injections, state averaging, clipping to the
+dataset's range, with the generator's own settings); "dydiff fast" the same with the `fast`
+sampler. The injection mechanism (`injections`): "diffusion K=<k>", the generator's settings
+but started from the diffusion model's own action-free sample (init 'diffusion'), so K = 0 steps
+with the model's own, behaviour-policy actions and K >= 1 with the learning policy's injected K
+times; these rows replace the default "diffusion" policy rollout. The DyDiff generators act only
+with the policy, so they have no open-loop mode and are skipped with dataset actions.
+
+Model seeds (`run_rollout_errors`): one run per seed, each with its own models and learning
+policy, from the same starts; the curves are pooled over seeds with a two-level bootstrap CI
+(seeds, then starts: analysis/rollout_stats.py).
 
 Metric: per start n and step t, the state MSE normalised by the dataset's per-dimension
 observation std, mean_d ((s_hat - s) / sigma_d)^2, averaged over starts valid at t, with a
@@ -348,11 +358,23 @@ def load_study_models(dataset: Dataset, model_dirs: dict[str, Path], device: str
                                         ("reward", reward_dir)) if d is not None}
         for name, cfg in generators.items():
             models[name] = DyDiffModel.from_dirs(dataset, dirs, cfg, device)
-    if injections and "diffusion" in models:
+    if "diffusion" in models and (injections or not _samples_own_actions(models["diffusion"])):
+        if not injections:
+            log.warning("the diffusion model at %s was trained always action-conditioned "
+                        "(action_cond_prob 1): it cannot sample its own actions, so its default "
+                        "policy rollout (init 'diffusion') is left out of the policy panel",
+                        model_dirs["diffusion"])
         models["diffusion"] = OpenLoopOnly(models["diffusion"])
     if include_simulator:
         models["simulator"] = SimulatorModel(dataset.name, dataset)
     return models
+
+
+def _samples_own_actions(model) -> bool:
+    """Whether a diffusion model was trained to sample action-free (action_cond_prob < 1); a
+    model not built by training (action_cond_prob unknown) is taken at its word."""
+    prob = getattr(model, "action_cond_prob", None)
+    return prob is None or prob < 1.0
 
 
 def _reward_fn(reward_dir: Path | None, device: str) -> Callable | None:

@@ -227,6 +227,13 @@ def _rollout_section(results) -> list[str]:
             else:
                 lines += _action_gap_lines(g)
                 lines += _injection_lines(g)
+                open_only = [m for m in df.model[df["mode"] == "behaviour"].unique()
+                             if m not in at]
+                if open_only:
+                    lines.append(f"  {', '.join(open_only)}: dataset actions only, not in this "
+                                 f"panel (the diffusion model's policy rows are its K rows, "
+                                 f"or it was trained always action-conditioned and cannot "
+                                 f"sample its own actions).")
         if (df.n_valid < df.groupby(["mode", "model"]).n_valid.transform("max")).any():
             lines.append(f"  Some simulated episodes terminate before h={H}; later steps are "
                          f"masked, so long-horizon averages use fewer starts.")

@@ -477,3 +477,22 @@ def test_summary_reports_dydiff_and_the_action_gap():
             r.update(action_gap=0.28, action_gap_lo=0.2, action_gap_hi=0.3)
     text = "\n".join(_rollout_section(pd.DataFrame(rows)))
     assert "apart at 0 of 2 steps with dydiff lower and at 0 with dydiff higher" in text
+
+
+def test_always_conditioned_diffusion_model_has_no_default_policy_row(hopper_random, tmp_path,
+                                                                       caplog):
+    """A model trained always action-conditioned (the authors' action_cond_prob 1) never learnt
+    to sample its own actions: its default policy rollout (init 'diffusion') would be an
+    off-distribution sample, so the study keeps it in the open-loop panel only, and says so."""
+    from dydiff.diffusion import train_diffusion
+    from test_dydiff_rollout import TINY_DIFFUSION
+    train_diffusion(hopper_random, {**TINY_DIFFUSION, "action_cond_prob": 1.0, "train_steps": 2},
+                    tmp_path, seed=0, progress=False, device="cpu")
+    with caplog.at_level("WARNING"):
+        models = re.load_study_models(hopper_random, {"diffusion": tmp_path})
+    assert isinstance(models["diffusion"], re.OpenLoopOnly)
+    assert not hasattr(models["diffusion"], "policy_rollout")
+    assert "cannot sample its own actions" in caplog.text
+    df = re.rollout_error_study(hopper_random, models, agent=LinearAgent(), horizon=3,
+                                n_starts=2, reps=10, progress=False)
+    assert set(df["mode"]) == {"behaviour"}

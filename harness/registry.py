@@ -334,7 +334,8 @@ variant_of("diffql", "diffql-wang", "Diffusion-QL, original settings", "#9edae5"
 # - grad-norm: the authors publish one DiffQL spec, hopper-medium-expert's, whose clip 5 (= Wang's
 #   hopper-medium-expert row) paper.yaml runs on every task; `diffql-gn-wang` takes Wang's
 #   per-task `gn` instead (main.py:18-26; no random / maze2d row: `diffql-choice`, their median
-#   5). Values and lines: reference_settings.yaml diffql_presets (tested to agree).
+#   5; a task in neither keeps 5). Values and lines: reference_settings.yaml diffql_presets
+#   (tested to agree).
 # - budget: the pair trains 500k updates (DyDiff-DiffQL's 2000 x 250), the authors' own DiffQL
 #   2000 x 500 = 1M (exp_specs/diffql/diffql_hopper_me.yaml:18-19): `diffql-authors-1m`, the run
 #   to set beside published DiffQL numbers.

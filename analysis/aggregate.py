@@ -46,7 +46,9 @@ class ScoreError(ValueError):
 SCORE_RULES = {
     "final": ("normalized_score", "final eval"),              # CORL's "last"
     "last10": ("normalized_score_last10", "mean of last 10 evals"),  # OfflineRL-Kit's
-    # Diffusion-QL's published numbers (--ms online): the max over the training evaluations
+    # Diffusion-QL's published numbers (--ms online): the max over the training evaluations;
+    # their cadence (how many, how many episodes, shared start states) differs from the
+    # sources': README "Evaluation cadence under the `best` score rule"
     "best": ("normalized_score_best", "best eval during training"),
 }
 

@@ -353,9 +353,10 @@ def model_job(cfg: dict, model: str, task: str, mseed: int) -> dict:
 
 def policy_settings(cfg: dict, method: str, task: str) -> dict:
     """A method's training settings: the shared `policy` sections, then for the method and each
-    method it is derived from (root first) its registry overrides and its
-    `policy.methods.<name>` section (+ the task's `per_task` overrides), validated. Only the
-    method's own agent section is kept, so another agent's change reruns nothing."""
+    method it is derived from (root first) its registry overrides (its per-task ones for
+    `task` after) and its `policy.methods.<name>` section (+ the task's `per_task` overrides),
+    validated. Only the method's own agent section is kept, so another agent's change reruns
+    nothing."""
     spec = registry.method(method)
     policy = task_config(cfg, task).get("policy") or {}
     merged = {k: v for k, v in policy.items() if k != "methods"}
@@ -364,7 +365,8 @@ def policy_settings(cfg: dict, method: str, task: str) -> dict:
         unknown = sorted(set(section) - {"offline", "rollout", *registry.AGENTS})
         if unknown:
             raise ConfigError(f"policy.methods.{m.name}: unknown key(s) {unknown}")
-        merged = deep_merge(deep_merge(merged, m.overrides), section)
+        merged = deep_merge(deep_merge(merged, m.overrides), m.per_task.get(task, {}))
+        merged = deep_merge(merged, section)
     given = (policy.get("methods") or {}).get(method, {})
     rollout = merged.get("rollout") or {}
     where = f"policy.methods.{method}.rollout"

@@ -50,6 +50,8 @@ class Method:
         section (`policy.methods.<parent>`) included, then applies its own.
     overrides: config overrides under `policy` the method applies after its parent's settings
         and before the user's own `policy.methods.<name>` (how a variant differs).
+    per_task: {task: overrides} applied after `overrides` on that task only (a source's
+        per-task table, e.g. Wang's grad-norms); the config's `per_task` section still wins.
     base: the method it is compared with for P(improvement) (DyDiff-X vs X; a variant vs its
         base); methods sharing a base form one family table.
     published: source ids in analysis/published.yaml whose numbers sit next to this method.
@@ -72,6 +74,7 @@ class Method:
     pinned_rollout: dict[str, Any] = field(default_factory=dict)
     parent: str | None = None
     overrides: dict[str, Any] = field(default_factory=dict)
+    per_task: dict[str, dict[str, Any]] = field(default_factory=dict)
     base: str | None = None
     published: tuple[str, ...] = ()
     ablation: str | None = None
@@ -142,6 +145,7 @@ def variant_of(base: str, name: str, label: str, color: str, overrides: dict,
     """Register a variant of `base`: its settings plus `overrides`, compared with `base`."""
     changes.setdefault("ablation", None)  # a variant of an ablation is not that ablation
     changes.setdefault("published", ())   # the base's published numbers are not the variant's
+    changes.setdefault("per_task", {})    # the base's are applied as its own (lineage)
     return register_method(replace(METHODS[base], name=name, label=label, color=color,
                                    parent=base, overrides=overrides, base=base, source=source,
                                    **changes))
@@ -323,6 +327,33 @@ variant_of("diffql", "diffql-wang", "Diffusion-QL, original settings", "#9edae5"
            overrides={"diffql": DIFFQL_PRESETS["wang"]}, compare=False,
            source="Diffusion-QL as its authors run it: main.py, agents/ql_diffusion.py "
                   "(github.com/Zhendong-Wang/Diffusion-Policies-for-Offline-RL)")
+
+# Two variants of `diffql`, each changing one of the DyDiff authors' settings that paper.yaml
+# documents as a choice; compared with `diffql` (P(variant > diffql)); not in the paper grid,
+# config/diffql-variants.yaml runs them:
+# - grad-norm: the authors publish one DiffQL spec, hopper-medium-expert's, whose clip 5 (= Wang's
+#   hopper-medium-expert row) paper.yaml runs on every task; `diffql-gn-wang` takes Wang's
+#   per-task `gn` instead (main.py:18-26; no random / maze2d row: `diffql-choice`, their median
+#   5; a task in neither keeps 5). Values and lines: reference_settings.yaml diffql_presets
+#   (tested to agree).
+# - budget: the pair trains 500k updates (DyDiff-DiffQL's 2000 x 250), the authors' own DiffQL
+#   2000 x 500 = 1M (exp_specs/diffql/diffql_hopper_me.yaml:18-19): `diffql-authors-1m`, the run
+#   to set beside published DiffQL numbers.
+WANG_GRAD_NORM = {
+    "halfcheetah-medium": 9.0, "hopper-medium": 9.0, "walker2d-medium": 1.0,
+    "halfcheetah-medium-replay": 2.0, "hopper-medium-replay": 4.0, "walker2d-medium-replay": 4.0,
+    "halfcheetah-medium-expert": 7.0, "hopper-medium-expert": 5.0, "walker2d-medium-expert": 5.0,
+    **dict.fromkeys(("halfcheetah-random", "hopper-random", "walker2d-random", "maze2d-umaze",
+                     "maze2d-medium", "maze2d-large"), 5.0)}  # diffql-choice
+variant_of("diffql", "diffql-gn-wang", "Diffusion-QL, DyDiff-DiffQL settings, Wang's grad-norms",
+           "#0e7c86", overrides={},
+           per_task={t: {"diffql": {"grad_norm": g}} for t, g in WANG_GRAD_NORM.items()},
+           source="the DyDiff authors' DiffQL with the original's per-task grad-norm clip "
+                  "(github.com/Zhendong-Wang/Diffusion-Policies-for-Offline-RL main.py:18-26)")
+variant_of("diffql", "diffql-authors-1m", "Diffusion-QL, DyDiff-DiffQL settings, 1M updates",
+           "#0a5a61", overrides={"offline": {"total_steps": 1_000_000}},
+           source="the DyDiff authors' DiffQL run: 2000 epochs x 500 updates "
+                  "(github.com/FineArtz/DyDiff exp_specs/diffql/diffql_hopper_me.yaml:18-19)")
 
 # ---- DyDiff's variants: the authors' hardmax filter and the ablations that say why it works --
 # Each changes one component of the generator (dydiff/rollout.py DyDiffConfig); the full method

@@ -273,3 +273,62 @@ def test_diffql_smoke_runs_the_authors_diffql_with_equal_budgets():
     assert jobs["diffql"]["offline"]["total_steps"] == jobs["dydiff-diffql"]["offline"][
         "total_steps"]
     assert jobs["dydiff-diffql"]["offline"]["rollout_freq"] == 250
+
+
+VARIANTS = ROOT / "config" / "diffql-variants.yaml"
+
+
+def test_the_pairs_grad_norm_is_a_documented_choice_and_wangs_table_a_variant():
+    """paper.yaml's grad-norm 5 on every task is the DyDiff authors' hopper-medium-expert spec,
+    stated as a choice (= Wang's hopper-medium-expert row); `diffql-gn-wang` is the pair's
+    DiffQL with Wang's per-task value instead, on every task, in any grid that runs it."""
+    ref = reference()
+    wang, choice = ref["diffql_presets"]["wang"], ref["diffql_presets"]["diffql-choice"]
+    authors = ref["methods"]["diffql"]["all_tasks"]["agent.grad_norm"]
+    assert authors["value"] == wang["hopper-medium-expert"]["grad_norm"] == 5.0
+    assert "diffql-gn-wang" in authors["choice"] and "main.py:25" in authors["choice"]
+    want = {t: e["grad_norm"] for t, e in {**wang, **choice}.items()
+            if not t.startswith("antmaze")}
+    assert registry.WANG_GRAD_NORM == want
+    assert sorted(set(want.values())) == [1.0, 2.0, 4.0, 5.0, 7.0, 9.0]
+    paper = plan.load_config(PAPER)
+    variants = plan.load_config(VARIANTS)
+    assert variants["tasks"] == paper["tasks"]
+    for cfg in (paper, variants):  # the paper grid does not run it: resolved all the same
+        for task in cfg["tasks"]:
+            base, gn = (plan.policy_job(cfg, m, task, 0)["config"]["policy"]
+                        for m in ("diffql", "diffql-gn-wang"))
+            assert gn["agent"] == {**base["agent"], "grad_norm": want[task]}, task
+            assert base["agent"]["grad_norm"] == 5.0 and gn["offline"] == base["offline"]
+    for task in paper["tasks"]:  # the same table as the original's per-task lines
+        original = plan.policy_job(paper, "diffql-wang", task, 0)["config"]["policy"]["agent"]
+        assert original["grad_norm"] == want[task], task
+    # the config's own per_task setting still wins over the variant's table
+    mine = plan.load_config(VARIANTS, {"per_task": {"hopper-medium": {"policy": {"methods": {
+        "diffql-gn-wang": {"diffql": {"grad_norm": 3.0}}}}}}})
+    assert [plan.policy_job(mine, "diffql-gn-wang", t, 0)["config"]["policy"]["agent"][
+        "grad_norm"] for t in ("hopper-medium", "walker2d-medium")] == [3.0, 1.0]
+    assert ("diffql-gn-wang", "diffql") in registry.comparisons()
+
+
+def test_the_authors_diffql_budget_is_a_variant_and_the_pair_keeps_equal_budgets():
+    """`diffql-authors-1m` trains the authors' 2000 x 500 = 1M updates (their DiffQL spec), an
+    otherwise identical `diffql`; diffql and dydiff-diffql keep the same 500k."""
+    ref = reference()
+    budget = ref["methods"]["diffql-authors-1m"]["all_tasks"]["offline.total_steps"]
+    assert budget["value"] == 1_000_000 and "diffql_hopper_me.yaml:18-19" in budget["source"]
+    paper = plan.load_config(PAPER)
+    for task in paper["tasks"]:
+        base, pair = (plan.policy_job(paper, m, task, 0)["config"]["policy"]["offline"]
+                      for m in ("diffql", "dydiff-diffql"))
+        assert base["total_steps"] == pair["total_steps"] == 500_000, task
+    for cfg in (paper, plan.load_config(VARIANTS)):
+        for task in cfg["tasks"]:
+            base, long = (plan.policy_job(cfg, m, task, 0)["config"]["policy"]
+                          for m in ("diffql", "diffql-authors-1m"))
+            assert base["offline"]["total_steps"] == 500_000
+            assert long["offline"] == {**base["offline"], "total_steps": 1_000_000}, task
+            assert long["agent"] == base["agent"]
+    assert ("diffql-authors-1m", "diffql") in registry.comparisons()
+    assert plan.load_config(VARIANTS)["methods"] == ["diffql", "diffql-gn-wang",
+                                                     "diffql-authors-1m"]

@@ -38,8 +38,8 @@ class Dataset:
         problems = validate_arrays({k.name: getattr(self, k.name) for k in fields(self)
                                     if k.name in REQUIRED_KEYS + OPTIONAL_KEYS})
         if problems:
-            raise DatasetError(f"dataset {self.source or self.name} is malformed:\n  - "
-                               + "\n  - ".join(problems))
+            raise DatasetError(f"dataset {self.source or self.name} is malformed: "
+                               + "; ".join(problems))
         self.observations = self.observations.astype(np.float32, copy=False)
         self.actions = self.actions.astype(np.float32, copy=False)
         self.rewards = self.rewards.astype(np.float32, copy=False).reshape(-1)
@@ -157,8 +157,8 @@ def validate_arrays(arrays: dict[str, np.ndarray | None]) -> list[str]:
             problems.append(f"'{key}' must be {want_ndim}-D, got shape {arr.shape}")
         bad = ~np.isfinite(arr)
         if bad.any():
-            problems.append(f"'{key}' has {int(bad.sum())} NaN/inf value(s), first at row "
-                            f"{int(np.argwhere(bad)[0][0])}")
+            problems.append(f"key '{key}' has {int(bad.sum())} NaN/inf value(s), first at "
+                            f"row {int(np.argwhere(bad)[0][0])}")
     obs, nxt = present.get("observations"), present.get("next_observations")
     if obs is not None and nxt is not None and obs.ndim == 2 and nxt.ndim == 2 \
             and obs.shape[1] != nxt.shape[1]:

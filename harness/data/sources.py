@@ -14,6 +14,7 @@ import numpy as np
 
 from harness.data.d4rl import d4rl_dataset_dir, d4rl_path, read_hdf5
 from harness.data.dataset import Dataset, DatasetError
+from harness.data.inputs import check_against_task
 from harness.envs import family_of, task_spec
 
 _VERSION = re.compile(r"-v\d+$")
@@ -73,7 +74,7 @@ def load_dataset(spec: str, *, minari_root: str | os.PathLike | None = None) -> 
         dataset.name = _VERSION.sub("", dataset.name)
     else:
         dataset = _load_d4rl_name(spec)
-    _check_dims(dataset, spec)
+    check_against_task(dataset, spec)
     return dataset
 
 
@@ -215,15 +216,6 @@ def minari_to_dataset(minari_ds, name: str, source: str = "") -> Dataset:
     arrays = {k: np.concatenate(v) for k, v in parts.items() if v and (has_states or
                                                                          k not in ("qpos", "qvel"))}
     return Dataset(name=name, source=source, **arrays)
-
-
-def _check_dims(dataset: Dataset, spec: str) -> None:
-    want = task_spec(dataset.name)
-    if (dataset.obs_dim, dataset.act_dim) != (want.obs_dim, want.act_dim):
-        raise DatasetError(
-            f"dataset {spec!r} ({dataset.source}) has observation/action widths "
-            f"({dataset.obs_dim}, {dataset.act_dim}) but {want.gym_id} has "
-            f"({want.obs_dim}, {want.act_dim})")
 
 
 def import_step(spec: dict, log_fn=None) -> dict:

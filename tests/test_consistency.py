@@ -20,7 +20,7 @@ import torch
 from datagen.generate import collect
 from harness import plan
 from harness.config import ConfigError, from_dict
-from harness.data import consistency
+from harness.data import consistency, record
 from harness.data.consistency import ConsistencyConfig, ConsistencyError, check
 from harness.data.d4rl import read_hdf5, stored_sim_model, write_hdf5
 from harness.data.dataset import Dataset
@@ -66,7 +66,10 @@ def test_import_chooses_the_recording_model_and_stores_it(recorded, model, tmp_p
     assert result["consistency_residual"] < 1e-5
     assert result[f"consistency_residual/{other}"] > ConsistencyConfig.tolerance
     assert result["tags"] == {"sim_model": model, "consistency_status": "matches",
-                              "recorded_mujoco": consistency.mujoco_version()}  # generated
+                              "recorded_mujoco": consistency.mujoco_version(),  # generated
+                              "data.origin": "file", "data.source": str(src),
+                              "data.verdict": "matches", "data.sim_model": model,
+                              "data.sha256": record.file_sha256(src)}
     with h5py.File(out, "r") as f:
         assert f.attrs["sim_model"] == model
         assert f.attrs["consistency_residual"] == result["consistency_residual"]

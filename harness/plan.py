@@ -474,10 +474,13 @@ def analysis_job(cfg: dict) -> dict:
     rerr = ([str(path(cfg, "rollout_error_csv", task=t)) for t in cfg["tasks"]]
             if rollout_error_enabled(cfg) else [])
     return {"step": "analyze", "scores": eval_paths(cfg), "rollout_error": rerr,
+            "datasets": {t: str(path(cfg, "dataset", task=t)) for t in cfg["tasks"]},
             "out": str(path(cfg, "analysis_dir")),
             "config": {"reps": acfg.get("reps", 2000), "seed": acfg.get("seed", 0),
                        "name": cfg["name"], "seeds": len(cfg["seeds"]),
                        "models_shared": models_shared(cfg),
+                       "models": [m for m in registry.MODELS if any(
+                           m in registry.method(name).models for name in cfg["methods"])],
                        "score_rule": acfg.get("score_rule", "final")}}
 
 

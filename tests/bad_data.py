@@ -58,6 +58,7 @@ def write_d4rl(path: Path, d: Dataset, *, timeouts: bool = True,
     if not next_observations:
         del arrays["next_observations"]
     arrays.update(replace)
+    arrays = {k: v for k, v in arrays.items() if v is not None}
     path.parent.mkdir(parents=True, exist_ok=True)
     with h5py.File(path, "w") as f:
         for key, value in arrays.items():

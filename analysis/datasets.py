@@ -28,7 +28,7 @@ def load_records(datasets: dict[str, str] | None) -> dict[str, dict] | None:
                         task)
             continue
         out[task] = record.read_record(path, task)
-    return out
+    return out or None
 
 
 def _row(task: str, rec: dict) -> str:

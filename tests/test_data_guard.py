@@ -152,7 +152,7 @@ def test_verdicts_and_provenance_reach_the_summary_and_captions(bad_data, tmp_pa
     from analysis.datasets import load_records
     from analysis.summary import write_summary
     from analysis.tables import run_tables
-    from harness.data import record
+    from harness.data import record as records
     from harness.data.d4rl import write_hdf5
     paths = {}
     _, paths["hopper-random"] = _import(bad_data["hopper-good"], "hopper-random", tmp_path)
@@ -167,7 +167,7 @@ def test_verdicts_and_provenance_reach_the_summary_and_captions(bad_data, tmp_pa
     write_hdf5(load_dataset(str(bad_data["hopper-good"])), medium, generator="datagen.generate",
                policy_normalized_score=18.9, target_normalized_score=40.0, target_reached=False,
                sac_steps=1200, consistency_status="matches", sim_model="hopper.xml")
-    record.write_record(medium, record.from_file(medium, "hopper-medium", origin="generated"))
+    records.write_record(medium, records.from_file(medium, "hopper-medium", origin="generated"))
     paths["hopper-medium"] = medium
     runs = tmp_path / "runs"
     for task in paths:
@@ -197,3 +197,30 @@ def test_verdicts_and_provenance_reach_the_summary_and_captions(bad_data, tmp_pa
     assert "hopper-medium: generated here (behaviour policy 18.9 vs target 40: missed), " \
         "matches (hopper.xml)" in caption
     assert re.search(r"this run's data is not that data for [^:]*hopper-medium", caption)
+
+
+def test_a_users_file_is_imported_by_path_and_reported_as_theirs(bad_data, tmp_path):
+    """data.files: {task: path}: no renaming to D4RL's names; the record says whose file."""
+    from harness import plan
+    from harness.config import ConfigError
+    from harness.data import record as records
+    own = write_d4rl(tmp_path / "mine" / "my-hopper.hdf5", record("hopper", n=300))
+    cfg = plan.load_config("config/smoke.yaml", {
+        "tasks": ["hopper-random"], "results_dir": str(tmp_path / "results"),
+        "data": {"source": "files", "files": {"hopper-random": str(own)}}})
+    job = plan.import_job(cfg, "hopper-random")
+    assert job["config"]["name"] == str(own)
+    result = import_step(job)
+    rec = records.read_record(job["out"])
+    assert rec["origin"] == "file" and rec["source"] == str(own)
+    assert rec["sha256"] == records.file_sha256(own) and rec["verdict"] == consistency.MATCHES
+    assert result["tags"]["data.origin"] == "file"
+    assert records.origin_text(rec).startswith(f"user file {own}, sha256 ")
+    assert not records.published_data(rec)
+    with pytest.raises(ConfigError, match=r"data\.files: no file for task\(s\) "
+                                          r"\['halfcheetah-random'\]"):
+        plan.load_config("config/smoke.yaml", {"data": {"source": "files", "files": {
+            "hopper-medium-replay": str(own)}}})
+    with pytest.raises(ConfigError, match=r"data\.files: set for .* but data\.source is 'local'"):
+        plan.load_config("config/smoke.yaml", {"data": {"files": {
+            "hopper-medium-replay": str(own)}}})

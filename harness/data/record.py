@@ -29,12 +29,11 @@ from pathlib import Path
 import h5py
 
 from harness.checkpoint import atomic_write_text
+from harness.data.consistency import ACCEPTED
 
 SUFFIX = ".data.json"
-ORIGINS = ("generated", "d4rl", "minari", "file", "unknown")
 # Verdicts that leave a result resting on data the check did not vouch for.
 UNCHECKED_PREFIX = "not checked"
-ACCEPTED = "wrong model accepted"  # = consistency.ACCEPTED (kept free of that import here)
 
 
 def record_path(dataset_path: str | os.PathLike) -> Path:

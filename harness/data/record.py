@@ -100,6 +100,10 @@ def from_file(dataset_path: str | os.PathLike, task: str, origin: str = "unknown
                             "sac_steps": _attr(attrs, "sac_steps")}
     if origin == "generated":
         rec["seed"], rec["git_sha"] = _attr(attrs, "seed"), _attr(attrs, "git_sha")
+        if rec["recorded_mujoco"] == "unknown":  # recorded by the software that wrote it
+            written_by = json.loads(_attr(attrs, "environment", "{}") or "{}")
+            rec["recorded_mujoco"] = (written_by.get("packages") or {}).get("mujoco") \
+                or "unknown"
     return rec
 
 

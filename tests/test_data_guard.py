@@ -35,10 +35,13 @@ def _figures(message: str) -> dict[str, tuple[float, float, int, int]]:
     return {m: (float(r), float(md), int(k), int(n)) for m, r, md, k, n in found}
 
 
-def test_another_robot_with_equal_widths_is_refused_naming_each_candidate(bad_data, tmp_path):
-    # walker2d data (17 obs, 6 actions, 9 + 9 state) under halfcheetah's D4RL name.
+def test_another_robot_with_equal_widths_is_refused_naming_each_candidate(bad_data, tmp_path,
+                                                                           monkeypatch):
+    # walker2d data (17 obs, 6 actions, 9 + 9 state) under halfcheetah's D4RL name, found in
+    # the D4RL folder by that name as `data.source: d4rl` finds it.
+    monkeypatch.setenv("D4RL_DATASET_DIR", str(bad_data["walker2d-as-halfcheetah"].parent))
     with pytest.raises(ConsistencyError) as err:
-        _import(bad_data["walker2d-as-halfcheetah"], "halfcheetah-random", tmp_path)
+        _import("halfcheetah-random-v2", "halfcheetah-random", tmp_path)
     message = str(err.value)
     assert "\n" not in message and "halfcheetah-random-v2.hdf5" in message
     assert "no candidate explains the data" in message
@@ -51,10 +54,17 @@ def test_another_robot_with_equal_widths_is_refused_naming_each_candidate(bad_da
     assert 0 < mismatched < rows  # some states give their observation: those are replayed
 
 
-def test_accepting_a_mismatch_is_the_only_way_past_and_is_recorded(bad_data, tmp_path):
-    result, out = _import(bad_data["walker2d-as-halfcheetah"], "halfcheetah-random", tmp_path,
+def test_accepting_a_mismatch_is_the_only_way_past_and_is_recorded(bad_data, tmp_path,
+                                                                   monkeypatch):
+    from harness.data import record as records
+    monkeypatch.setenv("D4RL_DATASET_DIR", str(bad_data["walker2d-as-halfcheetah"].parent))
+    result, out = _import("halfcheetah-random-v2", "halfcheetah-random", tmp_path,
                           accept_mismatch=True)
     assert result["tags"]["consistency_status"] == consistency.ACCEPTED
+    rec = records.read_record(out)  # next to the dataset, and on the run's tags
+    assert rec["verdict"] == consistency.ACCEPTED and rec["accept_mismatch"] is True
+    assert rec["origin"] == "d4rl" and result["tags"]["data.verdict"] == consistency.ACCEPTED
+    assert records.origin_text(rec).startswith("D4RL file halfcheetah-random-v2.hdf5, sha256 ")
     with h5py.File(out, "r") as f:
         assert f.attrs["consistency_status"] == consistency.ACCEPTED
         report = json.loads(f.attrs["consistency"])

@@ -153,7 +153,8 @@ def origin_text(record: dict) -> str:
     origin, source = record.get("origin", "unknown"), record.get("source", "")
     digest = f", sha256 {record['sha256'][:12]}" if record.get("sha256") else ""
     if origin == "generated":
-        extra = behaviour_text(record)
+        extra = behaviour_text(record) or ("D4RL's waypoint controller"
+                                           if source == "datagen.maze2d" else "")
         return "generated here" + (f" ({extra})" if extra else "")
     if origin == "d4rl":
         return f"D4RL file {Path(source).name}{digest}"

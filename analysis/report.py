@@ -10,6 +10,7 @@ from pathlib import Path
 import pandas as pd
 
 from analysis.aggregate import ScoreError, run_aggregate, scores_from_mlflow, trial_runs
+from analysis.datasets import load_records
 from analysis.summary import write_summary
 from analysis.tables import _task_key, run_tables
 from harness import plan, tracking
@@ -61,7 +62,9 @@ def markdown_html(text: str, title: str) -> str:
 
 def analyze_step(spec: dict, log_fn=None) -> dict:
     """spec["scores"] / spec["rollout_error"]: the DAG's files; or spec["mlflow"] = {"uri",
-    "experiments", "filter"}: the same inputs read from an MLflow store or server."""
+    "experiments", "filter"}: the same inputs read from an MLflow store or server.
+    spec["datasets"]: {task: dataset file}, whose records (verdict, origin) the summary and
+    the tables' captions report."""
     out, cfg = Path(spec["out"]), spec["config"]
     rule = cfg.get("score_rule", "final")
     source = spec.get("mlflow")
@@ -74,10 +77,13 @@ def analyze_step(spec: dict, log_fn=None) -> dict:
         scores = [Path(p) for p in spec["scores"]]
         rerr = (pd.concat([pd.read_csv(p).assign(task=Path(p).parent.name)
                            for p in spec["rollout_error"]]) if spec["rollout_error"] else None)
+    datasets = load_records(spec.get("datasets"))  # each task's data and its verdict
     aggregates = run_aggregate(scores, out, reps=cfg["reps"], seed=cfg["seed"], rule=rule)
-    tables = run_tables(scores, out / "tables", rule=rule, models_shared=cfg.get("models_shared"))
+    tables = run_tables(scores, out / "tables", rule=rule, models_shared=cfg.get("models_shared"),
+                        datasets=datasets)
     summary = write_summary(aggregates, tables, rerr, out / "summary.md", budget=cfg["name"],
-                            models_shared=cfg.get("models_shared"))
+                            models_shared=cfg.get("models_shared"), models=cfg.get("models"),
+                            datasets=datasets)
     # HTML twins of the Markdown for Snakemake's report (it renders HTML, not Markdown).
     atomic_write_text(out / "tables" / "tables.html", markdown_html(
         (out / "tables" / "tables.md").read_text(), "Paper tables"))

@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 
 from analysis.aggregate import environment_notes, physics_note
+from analysis.datasets import not_published, section as data_section, warnings as data_warnings
 from analysis.plotting import label
 from analysis.tables import NA, NOT_RUN
 from harness.checkpoint import atomic_write_text
@@ -84,7 +85,7 @@ def _cell_mean(cell: str) -> float | None:
     return float(cell.split("±")[0])
 
 
-def _tables_section(tables: dict) -> list[str]:
+def _tables_section(tables: dict, datasets: dict | None = None) -> list[str]:
     lines = ["## Per-task comparison and published numbers", ""]
     for name, t in tables.items():
         if name == "overall":
@@ -114,13 +115,33 @@ def _tables_section(tables: dict) -> list[str]:
                     lines.append(f"  - {c}: no published number for these tasks ({NA}).")
                 continue
             diff = np.mean([o - p for o, p in pairs])
+            tasks = [task for task, cells in table["rows"] if mine is not None
+                     and None not in (_cell_mean(cells[mine]), _cell_mean(cells[j]))]
+            other = not_published(datasets, tasks)
             lines.append(f"  - Our {method} is on average {abs(diff):.1f} points "
-                         f"{'above' if diff >= 0 else 'below'} {c} on {len(pairs)} task(s).")
-    lines += ["", "Published numbers were obtained on D4RL's datasets (-v2; maze2d -v1, "
-              "recorded with mujoco-py) with their authors' budgets; if this run used locally "
-              "generated data or a reduced budget, differences to them are expected and are "
-              "not a verdict on the implementation.", ""]
+                         f"{'above' if diff >= 0 else 'below'} {c} on {len(pairs)} task(s)"
+                         + (f", on data that is not the published data ("
+                            + "; ".join(f"{t}: {o}" for t, o in other.items())
+                            + "): not a like-for-like comparison" if other else "") + ".")
+    lines += ["", _published_note(datasets), ""]
     return lines
+
+
+def _published_note(datasets: dict | None) -> str:
+    """What the published numbers stand on, against this run's data (analysis.datasets)."""
+    base = ("Published numbers were obtained on D4RL's datasets (-v2; maze2d -v1; MOPO's "
+            "paper -v0; recorded with mujoco-py) with their authors' budgets")
+    if datasets is None:
+        return (base + "; if this run used other data or a reduced budget, differences to "
+                "them are expected and are not a verdict on the implementation.")
+    other = not_published(datasets, list(datasets))
+    if not other:
+        return (base + "; this run's data are files under D4RL's names (their sha256 in the "
+                "Data section), so differences come from the methods, budgets and the MuJoCo "
+                "release, not from other data.")
+    return (base + ". This run's data is not that data for " + "; ".join(
+        f"{t} ({o})" for t, o in other.items()) + ": differences to them on those tasks are "
+        "expected and are not a verdict on the implementation.")
 
 
 MODEL_NOTES = {"diffusion": "the diffusion model alone",
@@ -241,20 +262,27 @@ def _rollout_section(results) -> list[str]:
     return lines
 
 
-def models_sentence(shared: bool) -> str:
-    """Which models the runs used: shared models leave model variance out of every CI."""
-    return ("Models: one ensemble / reward / diffusion model per task, shared by every seed "
+def models_sentence(shared: bool, models: list[str] | None = None) -> str:
+    """Which models the runs used (`models`: the kinds the grid's methods train; None: not
+    known, the usual three named): shared models leave model variance out of every CI."""
+    if models is not None and not models:
+        return "Models: none; every method of this grid is model-free."
+    kinds = " / ".join(models) if models else "ensemble / reward / diffusion"
+    return (f"Models: one {kinds} model per task, shared by every seed "
             "(models.shared_across_seeds): the intervals leave out model-training variance."
             if shared else
-            "Models: each seed trained its own ensemble / reward / diffusion models (seeded "
-            "with the run seed), so the intervals include model-training variance.")
+            f"Models: each seed trained its own {kinds} model(s) (seeded with the run seed), "
+            "so the intervals include model-training variance.")
 
 
 def write_summary(aggregates: dict | None, tables: dict | None, rollout_error, out_path: Path,
-                  budget: str | None = None, models_shared: bool | None = None) -> str:
+                  budget: str | None = None, models_shared: bool | None = None,
+                  models: list[str] | None = None, datasets: dict | None = None) -> str:
     """Write the summary markdown to `out_path` and return it. Any input may be None (that
     section is then omitted and the omission stated). `budget` names the config (e.g.
-    'smoke') for the caveats; `models_shared` says whether the seeds shared their models."""
+    'smoke') for the caveats; `models_shared` says whether the seeds shared their models,
+    `models` which model kinds the grid's methods train; `datasets` {task: dataset record}
+    (analysis.datasets: the Data section and its warnings)."""
     lines = ["# dydiff-bench summary", ""]
     caveats = []
     if budget:
@@ -263,7 +291,7 @@ def write_summary(aggregates: dict | None, tables: dict | None, rollout_error, o
             "methods, and must not be compared with published numbers." if budget == "smoke"
             else ""))
     if models_shared is not None:
-        caveats.append(models_sentence(models_shared))
+        caveats.append(models_sentence(models_shared, models))
     if aggregates is not None:
         runs = aggregates["aggregates"].n_runs
         if runs.min() < FEW_SEEDS:
@@ -284,12 +312,15 @@ def write_summary(aggregates: dict | None, tables: dict | None, rollout_error, o
         env_notes = environment_notes(aggregates["scores"])
     for note in env_notes or []:
         lines += [f"**Warning: different environments.** {note[0].upper()}{note[1:]}.", ""]
+    for warning in data_warnings(datasets):
+        lines += [warning, ""]
+    lines += data_section(datasets)
     if aggregates is not None:
         lines += _aggregate_section(aggregates)
     else:
         lines += ["(No aggregate statistics were computed.)", ""]
     if tables is not None:
-        lines += _tables_section(tables)
+        lines += _tables_section(tables, datasets)
     if rollout_error is not None:
         lines += _rollout_section(rollout_error)
     else:

@@ -20,6 +20,7 @@ import yaml
 from rliable import metrics
 
 from analysis.aggregate import SCORE_RULES, collect_scores, ordered, physics_note
+from analysis.datasets import caption as data_caption, not_published
 from analysis.plotting import label
 from harness import registry
 from harness.checkpoint import atomic_write_text
@@ -156,16 +157,22 @@ def _caption(title: str, table: dict) -> str:
             f"first row: each column's score rule; bold = best own run per task; last row: "
             f"IQM of own runs over all seeds and "
             f"tasks, mean over tasks for published columns.")
-    if table.get("models_shared") is not None:
+    if table.get("models_shared") is not None and table.get("model_based", True):
         text += (" Our model-based runs: one model per task shared by every seed (intervals "
                  "leave out model variance)." if table["models_shared"] else
                  " Our model-based runs: models trained per seed.")
     if table.get("physics"):
         text += " " + table["physics"]
+    if table.get("data"):
+        text += " " + table["data"]
     if table["sources"]:
         text += " Published: " + "; ".join(
             f"{p.label}: {p.source}" + (f" ({p.seeds} seeds)" if p.seeds else "")
             for p in table["sources"]) + f" (rounded to one decimal). {NA} = not published/unknown."
+        if table.get("not_published"):
+            text += (" The published numbers were obtained on D4RL's files; this run's data "
+                     "is not that data for " + ", ".join(table["not_published"])
+                     + ": those comparisons are not like for like.")
     return text
 
 
@@ -204,12 +211,25 @@ def to_latex(title: str, table: dict, tag: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _context(df: pd.DataFrame, methods, models_shared, datasets) -> dict:
+    """A table's caption context: whether its methods train models, its tasks' data."""
+    ran = df[df.method.isin(methods)]
+    tasks = sorted(set(ran.task), key=_task_key)
+    return {"models_shared": models_shared,
+            "model_based": any(registry.method(m).models for m in set(ran.method)
+                               if m in registry.METHODS),
+            "physics": physics_note(df[df.method.isin(methods)]),
+            "data": data_caption(datasets, tasks),
+            "not_published": list(not_published(datasets, tasks))}
+
+
 def make_tables(df: pd.DataFrame, published: list[Published], rule: str = "final",
-                models_shared: bool | None = None) -> dict[str, dict]:
-    """{name: {"title", "table", "markdown", "latex"}} for each family present + 'overall'."""
+                models_shared: bool | None = None,
+                datasets: dict[str, dict] | None = None) -> dict[str, dict]:
+    """{name: {"title", "table", "markdown", "latex"}} for each family present + 'overall'.
+    `datasets`: {task: dataset record} (analysis.datasets), said in each caption."""
     out = {}
     present = set(df.method)
-    physics = physics_note(df)
     for base, methods in registry.families().items():
         # A primary family (TD3+BC: TD3+BC, DyDiff-TD3BC) whenever one of it ran; a method's
         # ablation family (DyDiff-TD3BC and its variants) only when a variant ran.
@@ -218,8 +238,7 @@ def make_tables(df: pd.DataFrame, published: list[Published], rule: str = "final
             continue
         title = f"{label(base)} family"
         table = {**build_table(df, methods, published, rule=rule),
-                 "models_shared": models_shared,
-                 "physics": physics_note(df[df.method.isin(methods)])}
+                 **_context(df, methods, models_shared, datasets)}
         out[base] = {"title": title, "table": table, "markdown": to_markdown(title, table),
                      "latex": to_latex(title, table, f"dydiff-{base}")}
     methods = ordered(present)
@@ -230,22 +249,23 @@ def make_tables(df: pd.DataFrame, published: list[Published], rule: str = "final
     table = build_table(df, methods, published,
                         published_methods=[m for m in methods if m not in in_family],
                         rule=rule)
-    table["models_shared"] = models_shared
-    table["physics"] = physics
+    table.update(_context(df, methods, models_shared, datasets))
     out["overall"] = {"title": title, "table": table, "markdown": to_markdown(title, table),
                       "latex": to_latex(title, table, "dydiff-overall")}
     return out
 
 
 def run_tables(score_files: list[Path], out_dir: Path, published: Path | None = None,
-               rule: str = "final", models_shared: bool | None = None) -> dict:
+               rule: str = "final", models_shared: bool | None = None,
+               datasets: dict[str, dict] | None = None) -> dict:
     """Write table_<name>.md / .tex (and tables.md with all of them) into `out_dir`.
 
     `published` is a published.yaml (default: analysis/published.yaml); `rule` the score rule
     (aggregate.SCORE_RULES); `models_shared` whether the seeds shared their models (said in
-    each caption; None: not said)."""
+    each caption; None: not said); `datasets` each task's dataset record (its data and
+    verdict, said in each caption)."""
     df = collect_scores(score_files, rule)
-    tables = make_tables(df, load_published(published), rule, models_shared)
+    tables = make_tables(df, load_published(published), rule, models_shared, datasets)
     out_dir = Path(out_dir)
     for name, t in tables.items():
         atomic_write_text(out_dir / f"table_{name}.md", t["markdown"])

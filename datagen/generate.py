@@ -463,6 +463,7 @@ def generate_step(spec: dict, log_fn=None) -> dict:
     import shutil
     from harness.checkpoint import atomic_path
     from harness.config import from_dict
+    from harness.data import record
     from harness.data.d4rl import read_hdf5
     if spec["family"] == "maze2d":
         cfg = from_dict(Maze2dGenerateConfig, spec["config"]["maze2d"], where="data.maze2d")
@@ -472,11 +473,15 @@ def generate_step(spec: dict, log_fn=None) -> dict:
         cfg = from_dict(GenerateConfig, spec["config"]["generate"], where="data.generate")
         paths = generate_datasets(spec["family"], spec["kinds"], cfg, Path(spec["out"]),
                                   seed=spec["config"]["seed"], progress=True)
-    summary = {}
+    summary, tags = {}, {}
     for kind, target in spec["outputs"].items():
         with atomic_path(target) as tmp:
             shutil.copyfile(paths[kind], tmp)
         info = read_hdf5(target).summary()
         summary[f"{kind}/behaviour_normalized_return"] = info["normalized_return_mean"]
         summary[f"{kind}/transitions"] = info["transitions"]
-    return summary
+        # Its verdict and provenance next to it, for MLflow, the summary and the report.
+        rec = record.from_file(target, f"{spec['family']}-{kind}", origin="generated")
+        record.write_record(target, rec)
+        tags.update({f"{kind}/{k}": v for k, v in record.mlflow_tags(rec).items()})
+    return {**summary, "tags": tags}

@@ -186,6 +186,7 @@ def validate(cfg: dict) -> None:
     unknown = sorted(set(cfg.get("per_task") or {}) - set(cfg["tasks"]))
     if unknown:
         raise ConfigError(f"per_task: override(s) for task(s) {unknown} not in tasks")
+    _check_files(cfg)
     configured = _configured_methods(cfg)
     for task in [None, *cfg["tasks"]]:
         section = task_config(cfg, task) if task else cfg
@@ -203,6 +204,32 @@ def validate(cfg: dict) -> None:
     _validated("harness.data.consistency:ConsistencyConfig",  # also when no import uses it
                (cfg.get("data") or {}).get("consistency"), "data.consistency")
     all_jobs(cfg, seeds=cfg["seeds"][:1])
+
+
+def data_files(cfg: dict) -> dict[str, str]:
+    """`data.files`: {task: path of a user's D4RL-layout hdf5 file} imported for those tasks
+    in place of `data.source`'s (data.source: files takes every task from here)."""
+    return dict((cfg.get("data") or {}).get("files") or {})
+
+
+def _check_files(cfg: dict) -> None:
+    from harness.data.sources import HDF5_SUFFIXES
+    files, source = data_files(cfg), data_source(cfg)
+    if files and source == "local":
+        raise ConfigError(f"data.files: set for {sorted(files)}, but data.source is 'local' "
+                          f"(every task generated here); use data.source: files (every task "
+                          f"from data.files), d4rl or minari (the others from there)")
+    for task, file in files.items():
+        if task not in cfg["tasks"]:
+            raise ConfigError(f"data.files.{task}: not a task of the grid (tasks: "
+                              f"{cfg['tasks']})")
+        if not str(file).endswith(HDF5_SUFFIXES):
+            raise ConfigError(f"data.files.{task}: {file!r} is not an hdf5 file path (one of "
+                              f"{list(HDF5_SUFFIXES)})")
+    missing = [t for t in cfg["tasks"] if t not in files]
+    if source == "files" and missing:
+        raise ConfigError(f"data.files: no file for task(s) {missing}, and data.source: files "
+                          f"takes every task from data.files")
 
 
 def check_datasets(cfg: dict) -> None:
@@ -298,11 +325,13 @@ def generate_job(cfg: dict, family: str) -> dict:
 
 def source_name(cfg: dict, task: str) -> str:
     """The D4RL file name or Minari id a task is imported from: 'hopper-medium-v2',
-    'mujoco/hopper/medium-v0'; maze2d: D4RL's 'maze2d-umaze-v1', Minari's
+    'mujoco/hopper/medium-v0', or its `data.files` path; maze2d: D4RL's 'maze2d-umaze-v1', Minari's
     'D4RL/pointmaze/umaze-v2' (versions: `data.d4rl_version` / `data.minari_version`, and
     `data.maze2d_d4rl_version` / `data.maze2d_minari_version` for the mazes)."""
     data = cfg.get("data") or {}
     family, kind = split_task(task)
+    if task in data_files(cfg):
+        return str(Path(data_files(cfg)[task]).expanduser())
     if family == "maze2d":
         if data_source(cfg) == "d4rl":
             return f"{task}-{data.get('maze2d_d4rl_version', 'v1')}"
@@ -453,10 +482,13 @@ def analysis_job(cfg: dict) -> dict:
     rerr = ([str(path(cfg, "rollout_error_csv", task=t)) for t in cfg["tasks"]]
             if rollout_error_enabled(cfg) else [])
     return {"step": "analyze", "scores": eval_paths(cfg), "rollout_error": rerr,
+            "datasets": {t: str(path(cfg, "dataset", task=t)) for t in cfg["tasks"]},
             "out": str(path(cfg, "analysis_dir")),
             "config": {"reps": acfg.get("reps", 2000), "seed": acfg.get("seed", 0),
                        "name": cfg["name"], "seeds": len(cfg["seeds"]),
                        "models_shared": models_shared(cfg),
+                       "models": [m for m in registry.MODELS if any(
+                           m in registry.method(name).models for name in cfg["methods"])],
                        "score_rule": acfg.get("score_rule", "final")}}
 
 

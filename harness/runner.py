@@ -17,6 +17,7 @@ from pathlib import Path
 import h5py
 
 from harness import provenance, registry, runtime, tracking
+from harness.data import record
 from harness.config import config_hash
 from harness.runtime import git_sha
 
@@ -73,6 +74,9 @@ def _dataset_input(spec: dict, log_fn) -> None:
     tracking.log_dataset(log_fn, name=spec.get("task") or path.stem, source=str(path.resolve()),
                          digest=digest, profile={"num_rows": rows} if rows else None,
                          context="training" if spec["step"].startswith("train") else spec["step"])
+    # The data's verdict and origin on every run that used it (harness/data/record.py).
+    for key, value in record.mlflow_tags(record.read_record(path, spec.get("task"))).items():
+        tracking.retry(log_fn.client.set_tag, log_fn.run_id, key, value)
 
 
 def run_job(spec: dict) -> dict:

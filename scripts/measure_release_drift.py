@@ -7,7 +7,7 @@ that mujoco, numpy and h5py, optionally with a folder put first on its PYTHONPAT
 that release: hopper, walker2d (walker2d.xml and walker2d_v5.xml), halfcheetah, the point mass
 of maze2d (maze2d-umaze's simulator), plus deliberately wrong models (a changed friction, 10 %
 more torso / particle mass, 10 % more joint damping for the point). Each file is then replayed
-here, in today's MuJoCo, by the harness's own check (consistency.usable_rows + replay_errors)
+here, in today's MuJoCo, by the harness's own check (consistency.row_errors)
 in every candidate model of its task, with float64 states and with the states rounded to
 float32 as D4RL stores them. Per (release, family, recorded model, candidate model, states):
 the per-row max-abs error quantiles median / 0.99 / 0.999 / max.
@@ -185,10 +185,12 @@ def read(path: Path, family: str, state_dtype) -> Dataset:
 
 def replay(dataset: Dataset, rows: int, seed: int = 0) -> dict:
     sampled = consistency.sample_rows(dataset, rows, seed)
-    used, left_out = consistency.usable_rows(dataset, sampled)
-    out = {"rows_used": int(len(used)), "left_out": left_out, "models": {}}
+    on_bound = consistency.clip_bound_rows(dataset, sampled)
+    used = sampled[~on_bound]
+    out = {"rows_used": int(len(used)), "left_out": {"qvel_on_clip_bound": int(on_bound.sum())},
+           "models": {}}
     for model in task_spec(dataset.name).models:
-        errors = consistency.replay_errors(dataset, used, model)
+        errors, _mismatched = consistency.row_errors(dataset, used, model)
         out["models"][model] = [float(np.quantile(errors, q)) for q in QUANTILES]
     return out
 

@@ -27,3 +27,10 @@ def tiny_dag(tmp_path_factory):
     from dag_helpers import run_tiny_dag
     results = tmp_path_factory.mktemp("tiny_results")
     return results, run_tiny_dag(results)
+
+
+@pytest.fixture(scope="session")
+def bad_data(tmp_path_factory):
+    """{case: path} of the look-right-but-are-not D4RL files (tests/bad_data.py), made once."""
+    from bad_data import write_cases
+    return write_cases(tmp_path_factory.mktemp("bad_data"))

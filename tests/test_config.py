@@ -53,7 +53,7 @@ def test_smoke_and_paper_configs_are_valid():
      "{'penalty_coef': 0.0}"),
     ({"policy": {"methods": {"td3bc": {"rollout": {"a": 1}}}}},
      "policy.methods.td3bc.rollout: td3bc is model-free and takes no rollout settings"),
-    ({"data": {"source": "s3"}}, "data.source: 's3' is not one of ['local', 'd4rl', 'minari']"),
+    ({"data": {"source": "s3"}}, "data.source: 's3' is not one of ['local', 'd4rl', 'minari', 'files']"),
     ({"methods": ["td3bc"], "policy": {"methods": {"mopo": {"offline": {"total_steps": 5}}}}},
      "policy.methods: settings for method(s) ['mopo'], which the grid does not run "
      "(methods: ['td3bc'])"),

@@ -20,7 +20,7 @@ import torch
 from datagen.generate import collect
 from harness import plan
 from harness.config import ConfigError, from_dict
-from harness.data import consistency
+from harness.data import consistency, record
 from harness.data.consistency import ConsistencyConfig, ConsistencyError, check
 from harness.data.d4rl import read_hdf5, stored_sim_model, write_hdf5
 from harness.data.dataset import Dataset
@@ -66,7 +66,10 @@ def test_import_chooses_the_recording_model_and_stores_it(recorded, model, tmp_p
     assert result["consistency_residual"] < 1e-5
     assert result[f"consistency_residual/{other}"] > ConsistencyConfig.tolerance
     assert result["tags"] == {"sim_model": model, "consistency_status": "matches",
-                              "recorded_mujoco": consistency.mujoco_version()}  # generated
+                              "recorded_mujoco": consistency.mujoco_version(),  # generated
+                              "data.origin": "file", "data.source": str(src),
+                              "data.verdict": "matches", "data.sim_model": model,
+                              "data.sha256": record.file_sha256(src)}
     with h5py.File(out, "r") as f:
         assert f.attrs["sim_model"] == model
         assert f.attrs["consistency_residual"] == result["consistency_residual"]
@@ -129,13 +132,22 @@ def test_states_rebuilt_from_clipped_observations_are_left_out(recorded):
     assert report["residuals"][V5]["residual"] > ConsistencyConfig.tolerance
 
 
-def test_states_that_do_not_match_the_observations_are_not_judged(recorded, caplog):
+def test_states_that_do_not_match_the_observations_count_against_every_model(recorded):
+    # States shifted by one row: none gives its row's observation. That is evidence against
+    # each candidate (the mismatch is the row's error), never a reason to skip the check.
     d = recorded[OLD]
     shifted = _with_states(d, np.roll(d.qpos, 1, axis=0), np.roll(d.qvel, 1, axis=0))
-    with caplog.at_level(logging.WARNING):
-        report = check(shifted)
-    assert report["status"] == "not checked (qpos/qvel do not reproduce observations)"
-    assert report["sim_model"] == V5 and "dynamics-consistency check not run" in caplog.text
+    with pytest.raises(ConsistencyError) as err:
+        check(shifted)
+    message = str(err.value)
+    assert "\n" not in message and "no candidate explains the data" in message
+    used = len(consistency.sample_rows(d, 2000, 0))
+    for model in (V5, OLD):  # each candidate's figures, with its observation mismatch count
+        assert re.search(rf"{re.escape(model)} [.e0-9]+ \(median [.e0-9]+; its stored states "
+                         rf"give another observation in \d+ of {used} rows\)", message)
+    report = check(shifted, from_dict(ConsistencyConfig, {"accept_mismatch": True}))
+    assert report["status"] == consistency.ACCEPTED
+    assert report["residuals"][OLD]["state_mismatch"] > used // 2
 
 
 def test_config_key_is_validated_and_reaches_the_import_job(tmp_path):

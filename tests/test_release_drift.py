@@ -43,8 +43,10 @@ def _import(name: str, task: str, tmp_path, **consistency_cfg) -> tuple[dict, di
 def test_older_release_files_get_their_verdict(name, task, model, status, tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         result, attrs = _import(name, task, tmp_path, rows=600)
-    assert result["tags"] == {"sim_model": model, "consistency_status": status,
-                              "recorded_mujoco": "2.3.7"}
+    assert {k: result["tags"][k] for k in ("sim_model", "consistency_status",
+                                           "recorded_mujoco", "data.verdict")} == \
+        {"sim_model": model, "consistency_status": status, "recorded_mujoco": "2.3.7",
+         "data.verdict": status}
     assert attrs["sim_model"] == model and attrs["consistency_status"] == status
     assert attrs["recorded_mujoco"] == "2.3.7"  # from the recorder's mujoco_version attr
     assert stored_recording_release(tmp_path / f"{task}.hdf5") == "2.3.7"

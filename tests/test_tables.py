@@ -201,10 +201,20 @@ def test_score_rule_picks_the_number_and_each_column_states_its_rule(tmp_path):
     assert rules["TD3+BC (OfflineRL-Kit)"] == "mean of last 10 evals"
     assert "| *score rule* | *mean of last 10 evals* |" in tab["td3bc"]["markdown"]
     assert "models trained per seed" not in tab["td3bc"]["markdown"]  # not said when unknown
+    # A model-free grid's captions say nothing of model-based runs (it has none) ...
+    shared = tables.run_tables([tmp_path / "runs"], tmp_path / "tab2", models_shared=True)
+    assert "model-based" not in shared["overall"]["markdown"]
+    # ... a grid with a model-based method says how its models were trained.
+    m = tmp_path / "runs" / "mopo" / "hopper-medium" / "seed0"
+    m.mkdir(parents=True)
+    (m / "eval.json").write_text(json.dumps({"method": "mopo", "task": "hopper-medium",
+                                             "seed": 0, "normalized_score": 50.0}))
     shared = tables.run_tables([tmp_path / "runs"], tmp_path / "tab2", models_shared=True)
     assert "one model per task shared by every seed" in shared["overall"]["markdown"]
     per_seed = tables.run_tables([tmp_path / "runs"], tmp_path / "tab3", models_shared=False)
-    assert "models trained per seed" in per_seed["td3bc"]["latex"]
+    assert "models trained per seed" in per_seed["overall"]["latex"]
+    assert "model-based" not in per_seed["td3bc"]["latex"]
+    m.joinpath("eval.json").unlink()
     (d / "eval.json").write_text(json.dumps({"method": "td3bc", "task": "hopper-medium",
                                              "seed": 0, "normalized_score": 60.0}))
     with pytest.raises(ScoreError, match=r"lacks key\(s\) \['normalized_score_last10'\] "

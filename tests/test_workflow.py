@@ -113,6 +113,25 @@ def test_tiny_dag_runs_end_to_end(tiny_run):
     assert set(cfg["methods"]) <= set(aggregates["method"])
     rerr = __import__("pandas").read_csv(plan.path(cfg, "rollout_error_csv", task=cfg["tasks"][0]))
     assert {"diffusion", "ensemble"} <= set(rerr["model"])
+    # Each dataset's verdict and origin: its record next to it, the summary's Data table (and
+    # its HTML twin, which the report shows), every table's caption.
+    summary = (analysis / "summary.md").read_text()
+    html = (analysis / "summary.html").read_text()
+    assert "## Data" in summary and "<td>matches (" in html
+    for task in cfg["tasks"]:
+        rec = json.loads(plan.path(cfg, "dataset", task=task).with_suffix(".data.json")
+                         .read_text())
+        assert rec["origin"] == "generated" and rec["verdict"] == "matches"
+        row = next(line for line in summary.splitlines() if line.startswith(f"| {task} |"))
+        assert "| generated here" in row and f"| matches ({rec['sim_model']}" in row
+    behaviour = json.loads(plan.path(cfg, "dataset", task=cfg["tasks"][0])
+                           .with_suffix(".data.json").read_text())["behaviour"]
+    assert ("vs target 5: " + ("reached" if behaviour["target_reached"] else "missed")) in summary
+    assert ("**Warning: behaviour policy below its target.**" in summary) \
+        == (not behaviour["target_reached"])
+    assert "Warning: unchecked data" not in summary and "accepted despite" not in summary
+    assert "This run's data is not that data for hopper-medium-replay (generated here" in summary
+    assert "Data: hopper-medium-replay: generated here" in (analysis / "tables/tables.md").read_text()
     # A finished DAG has nothing left to do.
     res = snakemake("-n", "--cores", "1", "--configfile", str(TINY),
                     "--config", f"results_dir={results}")
@@ -140,6 +159,8 @@ def test_tiny_run_is_in_mlflow_with_params_metrics_tags(tiny_run):
         assert GIT_SHA.fullmatch(run.data.tags["git_sha"])
         assert CONFIG_HASH.fullmatch(run.data.tags["config_hash"])
         assert run.data.params["policy.offline.total_steps"] == "300"
+        assert {k: run.data.tags[k] for k in ("data.origin", "data.verdict")} == \
+            {"data.origin": "generated", "data.verdict": "matches"}
         curve = client.get_metric_history(run.info.run_id, "normalized_score")
         assert [m.step for m in curve] == [150, 300]
         assert "metrics.parquet" in {a.path for a in client.list_artifacts(run.info.run_id)}

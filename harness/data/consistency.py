@@ -34,11 +34,15 @@ today's release) is below hopper's release drift, so hopper data from an older r
 accepted whether or not its torso mass is right; MuJoCo 2.0 (D4RL's -v2 files, via mujoco-py)
 cannot be installed here and its drift is not measured.
 
-Rows whose stored state cannot stand for the transition are left out: the restored observation
-must reproduce the stored one (D4RL's own test, scripts/check_mujoco_datasets.py
-check_qpos_qvel: squared error < 1e-8), and no velocity may sit exactly on the observation's
-clip bound (D4RL's scripts/generation/mujoco/fix_qpos_qvel.py rebuilt the -v2 files' qvel
-from the clipped observation, which loses every velocity beyond the bound).
+Every sampled row counts, in each candidate model: where the stored state (qpos, qvel) gives
+the stored observation there (D4RL's own test, scripts/check_mujoco_datasets.py
+check_qpos_qvel: squared error < 1e-8) its error is the replayed next observation's; where it
+does not, its error is that observation mismatch itself, evidence against the model (another
+robot with the same widths, states from another step), never a reason to skip the check.
+Only rows whose velocity sits exactly on the observation's clip bound are left out (D4RL's
+scripts/generation/mujoco/fix_qpos_qvel.py rebuilt the -v2 files' qvel from the clipped
+observation, which loses every velocity beyond the bound). A file without qpos/qvel cannot be
+replayed: "not checked (no qpos/qvel)", a warning, recorded with the data.
 """
 from __future__ import annotations
 
@@ -57,9 +61,6 @@ log = logging.getLogger(__name__)
 CONFIG_KEY = "data.consistency"
 # D4RL's check_qpos_qvel bound on sum((obs - obs(qpos, qvel))**2) (check_mujoco_datasets.py).
 STATE_OBS_SQ_ERROR = 1e-8
-# If more sampled rows than this fraction have a state that does not give their observation,
-# the file's states are not the ones its transitions were recorded from: no model is judged.
-MAX_MISMATCHED_STATES = 0.5
 
 
 class ConsistencyError(DatasetError):
@@ -136,25 +137,40 @@ def sample_rows(dataset: Dataset, n: int, seed: int) -> np.ndarray:
     return candidates
 
 
-def usable_rows(dataset: Dataset, rows: np.ndarray) -> tuple[np.ndarray, dict[str, int]]:
-    """The rows whose stored state reproduces the stored observation and has no velocity on
-    the observation's clip bound; plus how many were left out for each reason."""
-    spec = task_spec(dataset.name)
-    env = make_env(dataset.name)  # observations do not depend on the model's friction
-    ok_obs = np.empty(len(rows), dtype=bool)
+def clip_bound_rows(dataset: Dataset, rows: np.ndarray) -> np.ndarray:
+    """Boolean per row: some stored velocity sits exactly on the observation's clip bound
+    (D4RL's fix_qpos_qvel.py rebuilt such qvel from the clipped observation: the state no
+    longer stands for the transition, whatever the model)."""
+    clip = task_spec(dataset.name).qvel_clip
+    if clip is None:
+        return np.zeros(len(rows), dtype=bool)
+    return (np.abs(dataset.qvel[rows]) == clip).any(-1)
+
+
+def state_errors(dataset: Dataset, rows: np.ndarray, model: str) -> tuple[np.ndarray, np.ndarray]:
+    """Per row, in `model`: the max-abs difference between the observation the stored state
+    (qpos, qvel) gives and the stored observation, and whether it passes D4RL's own test
+    (check_qpos_qvel: squared error < 1e-8)."""
+    env = make_env(dataset.name, model=model)
+    errors, passes = np.empty(len(rows)), np.empty(len(rows), dtype=bool)
     try:
         for n, i in enumerate(rows):
-            obs = restore_state(env, dataset.qpos[i], dataset.qvel[i])
-            diff = obs - dataset.observations[i].astype(np.float64)
-            ok_obs[n] = float(np.sum(diff ** 2)) < STATE_OBS_SQ_ERROR
+            diff = restore_state(env, dataset.qpos[i], dataset.qvel[i]) \
+                - dataset.observations[i].astype(np.float64)
+            errors[n], passes[n] = np.abs(diff).max(), float(np.sum(diff ** 2)) < STATE_OBS_SQ_ERROR
     finally:
         env.close()
-    on_bound = np.zeros(len(rows), dtype=bool)
-    if spec.qvel_clip is not None:
-        on_bound = (np.abs(dataset.qvel[rows]) == spec.qvel_clip).any(-1)
-    keep = ok_obs & ~on_bound
-    return rows[keep], {"state_does_not_reproduce_obs": int((~ok_obs).sum()),
-                        "qvel_on_clip_bound": int((ok_obs & on_bound).sum())}
+    return errors, passes
+
+
+def row_errors(dataset: Dataset, rows: np.ndarray, model: str) -> tuple[np.ndarray, int]:
+    """Each row's error in `model` and how many rows' stored state does not give their
+    stored observation there. A row whose state gives its observation is replayed (the error
+    of the simulated next observation); one whose state does not is evidence against the model
+    in itself: its error is that observation mismatch (its replay would start elsewhere)."""
+    errors, passes = state_errors(dataset, rows, model)
+    errors[passes] = replay_errors(dataset, rows[passes], model)
+    return errors, int((~passes).sum())
 
 
 def replay_errors(dataset: Dataset, rows: np.ndarray, model: str) -> np.ndarray:
@@ -220,18 +236,26 @@ def verdict(residuals: dict[str, dict], family: str, cfg: ConsistencyConfig,
 
 
 def _listing(residuals: dict) -> str:
-    return ", ".join(f"{m} {r['residual']:.3g} (median {r['median']:.2g})"
-                     for m, r in residuals.items())
+    return ", ".join(
+        f"{m} {r['residual']:.3g} (median {r['median']:.2g}"
+        + (f"; its stored states give another observation in {r['state_mismatch']} of "
+           f"{r['rows']} rows" if r.get("state_mismatch") else "") + ")"
+        for m, r in residuals.items())
+
+
+NO_STATES = "not checked (no qpos/qvel)"
 
 
 def check(dataset: Dataset, cfg: ConsistencyConfig | None = None,
           models: tuple[str, ...] | None = None) -> dict:
     """Replay a sample of `dataset` in each candidate model (default: the task's models) and
     return the report: status (the verdict), sim_model (the chosen one), per-model
-    residual/median/max, the recording's MuJoCo release if known, the settings. Raises
-    ConsistencyError on a wrong model unless cfg.accept_mismatch; warns on release drift.
-    Datasets without usable qpos/qvel are reported "not checked" with the task's default
-    model (a warning, not an error)."""
+    residual/median/max and how many rows' stored state does not give the stored observation
+    there (`state_mismatch`, counted into the row errors: `row_errors`), the recording's MuJoCo
+    release if known, the settings. Raises ConsistencyError on a wrong model unless
+    cfg.accept_mismatch; warns on release drift. A dataset without qpos/qvel is reported "not
+    checked" with the task's default model (a warning, not an error): nothing can be
+    replayed."""
     cfg = cfg or ConsistencyConfig()
     spec = task_spec(dataset.name)
     models = tuple(models or spec.models)
@@ -242,17 +266,27 @@ def check(dataset: Dataset, cfg: ConsistencyConfig | None = None,
     if not dataset.has_states:
         log.warning("%s: dynamics-consistency check not run: the dataset has no qpos/qvel; "
                     "evaluating in %s", where, models[0])
-        return {**report, "status": "not checked (no qpos/qvel)"}
+        return {**report, "status": NO_STATES}
     sampled = sample_rows(dataset, cfg.rows, cfg.seed)
-    rows, left_out = usable_rows(dataset, sampled)
-    report.update(rows_sampled=len(sampled), rows_used=len(rows), left_out=left_out)
-    if len(rows) == 0 or left_out["state_does_not_reproduce_obs"] > MAX_MISMATCHED_STATES \
-            * len(sampled):
-        log.warning("%s: dynamics-consistency check not run: %d of %d sampled rows are usable "
-                    "(left out: %s); evaluating in %s", where, len(rows), len(sampled),
-                    left_out, models[0])
-        return {**report, "status": "not checked (qpos/qvel do not reproduce observations)"}
-    residuals = {m: _stats(replay_errors(dataset, rows, m), cfg.quantile) for m in models}
+    on_bound = clip_bound_rows(dataset, sampled)
+    rows = sampled[~on_bound]
+    report.update(rows_sampled=len(sampled), rows_used=len(rows),
+                  left_out={"qvel_on_clip_bound": int(on_bound.sum())})
+    if len(rows) == 0:  # every velocity rebuilt from a clipped observation: nothing stands
+        message = (f"{where}: key 'infos/qvel': each of the {len(sampled)} sampled rows has a "
+                   f"velocity on the observation's clip bound ({spec.qvel_clip:g}), so no "
+                   f"stored state stands for its transition and no model can be checked; set "
+                   f"{CONFIG_KEY}.accept_mismatch: true to import it unchecked (evaluated in "
+                   f"{models[0]})")
+        if not cfg.accept_mismatch:
+            raise ConsistencyError(message)
+        log.warning("%s (accepted)", message)
+        return {**report, "status": ACCEPTED}
+    residuals = {}
+    for m in models:
+        errors, mismatched = row_errors(dataset, rows, m)
+        residuals[m] = {**_stats(errors, cfg.quantile), "rows": len(rows),
+                        "state_mismatch": mismatched}
     outcome, best, reason = verdict(residuals, spec.family, cfg,
                                     same_release=recorded == mujoco_version())
     report.update(sim_model=best, residuals=residuals, residual=residuals[best]["residual"])
@@ -266,9 +300,11 @@ def check(dataset: Dataset, cfg: ConsistencyConfig | None = None,
                     residuals[best]["residual"], residuals[best]["median"], CONFIG_KEY,
                     cfg.tolerance, DRIFT)
         return {**report, "status": DRIFT}
-    message = (f"{where}: wrong simulator model: no candidate replays the data ({reason}; "
-               f"residual = {cfg.quantile:g} quantile of per-row max-abs next-observation error "
-               f"over {len(rows)} rows, {release}, replayed in MuJoCo {mujoco_version()}: "
+    message = (f"{where}: wrong simulator model: no candidate explains the data ({reason}; "
+               f"residual = {cfg.quantile:g} quantile of per-row max-abs error over "
+               f"{len(rows)} rows, the next observation replayed where the stored state gives "
+               f"the stored observation and that observation's own mismatch where it does "
+               f"not, {release}, replayed in MuJoCo {mujoco_version()}: "
                f"{_listing(residuals)}); set {CONFIG_KEY}.accept_mismatch: true to import it "
                f"anyway (evaluated in {best})")
     if not cfg.accept_mismatch:

@@ -5,11 +5,14 @@ next_observations (float32 / bool), optionally infos/qpos and infos/qvel; metada
 (`sim_model`: the simulator model the data replays in, see harness/data/consistency.py;
 `recorded_mujoco`, or a recorder's `mujoco_version`: the MuJoCo release it was recorded in).
 D4RL's maze2d files have no next_observations: they are derived as d4rl.qlearning_dataset
-does (`derive_next_observations`).
+does (`derive_next_observations`). D4RL's -v0 files have no `timeouts` (nor next_observations):
+episode ends are derived as d4rl.qlearning_dataset derives them (`v0_timeouts`), recorded in
+the dataset's `extra["timeouts"]`.
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -19,6 +22,8 @@ import numpy as np
 from harness.data.dataset import REQUIRED_KEYS, Dataset, DatasetError, validate_arrays
 from harness.checkpoint import atomic_path
 from harness.provenance import environment
+
+log = logging.getLogger(__name__)
 
 
 def d4rl_dataset_dir() -> Path:
@@ -49,20 +54,63 @@ def read_hdf5(path: str | os.PathLike, name: str | None = None) -> Dataset:
             recorded = _recording_release(f.attrs)
     except OSError as err:
         raise DatasetError(f"{path} is not a readable hdf5 file: {err}") from None
+    name = name or _text(stored_name) or path.stem
+    extra = {}
+    if arrays["timeouts"] is None and not any(arrays[k] is None
+                                              for k in ("observations", "terminals")):
+        arrays["timeouts"] = v0_timeouts(arrays["terminals"], _max_episode_steps(path, name))
+        extra["timeouts"] = V0_TIMEOUTS
+        log.info("%s: no 'timeouts' key (D4RL's -v0 layout): %s", path, V0_TIMEOUTS)
     derived = arrays["next_observations"] is None and not any(
         arrays[k] is None for k in ("observations", "timeouts"))
     if derived:
         arrays = derive_next_observations(arrays)
     problems = validate_arrays(arrays)
     if problems:
-        raise DatasetError(f"{path} is not a valid D4RL dataset:\n  - " + "\n  - ".join(problems))
-    name = name or _text(stored_name) or path.stem
-    extra = {"sim_model": sim_model} if sim_model else {}
+        raise DatasetError(f"{path} is not a valid D4RL dataset: " + "; ".join(problems))
+    if sim_model:
+        extra["sim_model"] = sim_model
     if recorded:
         extra["recorded_mujoco"] = recorded
     if derived:
         extra["next_observations"] = "derived: observations[t + 1], timeout rows dropped"
     return Dataset(name=str(name), source=str(path), extra=extra, **arrays)
+
+
+V0_TIMEOUTS = ("derived as d4rl.qlearning_dataset does for a file without them (-v0): a "
+               "step counter, reset after a terminal and at the task's max_episode_steps - 1, "
+               "flags a time-limit end")
+
+
+def _max_episode_steps(path: Path, name: str) -> int:
+    from harness.envs import task_spec
+    try:
+        return task_spec(name).max_episode_steps
+    except KeyError as err:
+        raise DatasetError(f"{path}: no 'timeouts' key (D4RL's -v0 layout) and its task is "
+                           f"unknown, so its episode ends cannot be derived: {err.args[0]}; "
+                           f"name the file after its task (e.g. hopper-medium-v0.hdf5)") from None
+
+
+def v0_timeouts(terminals: np.ndarray, max_episode_steps: int) -> np.ndarray:
+    """Time-limit ends of a file without a `timeouts` key (D4RL's -v0 files), found exactly as
+    d4rl.qlearning_dataset finds them (d4rl/__init__.py, `use_timeouts = False`): a step
+    counter runs over rows 0 .. N-2; the row at which it reads max_episode_steps - 1 is a
+    time-limit end (its successor row is the next episode's first) and the counter restarts
+    at 0 there; a terminal restarts it too, but D4RL increments it on that same row, so the
+    episode after a terminal starts at 1 (that quirk kept, as the published -v0 numbers were
+    read with it). The last row has no successor and is dropped by derive_next_observations."""
+    terminals = np.asarray(terminals).astype(bool).reshape(-1)
+    out = np.zeros(len(terminals), dtype=bool)
+    step = 0
+    for i in range(len(terminals) - 1):
+        if step == max_episode_steps - 1:
+            out[i], step = True, 0
+            continue
+        if terminals[i]:
+            step = 0
+        step += 1
+    return out
 
 
 def derive_next_observations(arrays: dict) -> dict:

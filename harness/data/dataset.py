@@ -38,8 +38,8 @@ class Dataset:
         problems = validate_arrays({k.name: getattr(self, k.name) for k in fields(self)
                                     if k.name in REQUIRED_KEYS + OPTIONAL_KEYS})
         if problems:
-            raise DatasetError(f"dataset {self.source or self.name} is malformed:\n  - "
-                               + "\n  - ".join(problems))
+            raise DatasetError(f"dataset {self.source or self.name} is malformed: "
+                               + "; ".join(problems))
         self.observations = self.observations.astype(np.float32, copy=False)
         self.actions = self.actions.astype(np.float32, copy=False)
         self.rewards = self.rewards.astype(np.float32, copy=False).reshape(-1)
@@ -129,6 +129,11 @@ def holdout_split(perm, holdout_ratio: float, max_holdout: int):
     return perm[n_hold:], perm[:n_hold]
 
 
+def _key(name: str) -> str:
+    """The hdf5 key of a Dataset field (D4RL stores the states under infos/)."""
+    return f"infos/{name}" if name in OPTIONAL_KEYS else name
+
+
 def validate_arrays(arrays: dict[str, np.ndarray | None]) -> list[str]:
     """Every problem with a dict of D4RL arrays (missing key, shapes, lengths, dtype, NaN/inf)."""
     problems = []
@@ -140,25 +145,25 @@ def validate_arrays(arrays: dict[str, np.ndarray | None]) -> list[str]:
     n = lengths.get("observations")
     for key, length in lengths.items():
         if n is not None and length != n:
-            problems.append(f"'{key}' has {length} rows but 'observations' has {n}")
+            problems.append(f"'{_key(key)}' has {length} rows but 'observations' has {n}")
     if n == 0:
         problems.append("dataset is empty (0 transitions)")
     for key, arr in present.items():
         if key in ("terminals", "timeouts"):
             if arr.dtype != bool and not (np.issubdtype(arr.dtype, np.number)
                                           and np.isin(arr, (0, 1)).all()):
-                problems.append(f"'{key}' must be boolean (0/1), got dtype {arr.dtype}")
+                problems.append(f"'{_key(key)}' must be boolean (0/1), got dtype {arr.dtype}")
             continue
         if not np.issubdtype(arr.dtype, np.floating) and not np.issubdtype(arr.dtype, np.integer):
-            problems.append(f"'{key}' must be numeric, got dtype {arr.dtype}")
+            problems.append(f"'{_key(key)}' must be numeric, got dtype {arr.dtype}")
             continue
         want_ndim = 1 if key == "rewards" else 2
         if arr.ndim != want_ndim and not (key == "rewards" and arr.ndim == 2 and arr.shape[1] == 1):
-            problems.append(f"'{key}' must be {want_ndim}-D, got shape {arr.shape}")
+            problems.append(f"'{_key(key)}' must be {want_ndim}-D, got shape {arr.shape}")
         bad = ~np.isfinite(arr)
         if bad.any():
-            problems.append(f"'{key}' has {int(bad.sum())} NaN/inf value(s), first at row "
-                            f"{int(np.argwhere(bad)[0][0])}")
+            problems.append(f"key '{_key(key)}' has {int(bad.sum())} NaN/inf value(s), first at "
+                            f"row {int(np.argwhere(bad)[0][0])}")
     obs, nxt = present.get("observations"), present.get("next_observations")
     if obs is not None and nxt is not None and obs.ndim == 2 and nxt.ndim == 2 \
             and obs.shape[1] != nxt.shape[1]:

@@ -14,6 +14,7 @@ import numpy as np
 
 from harness.data.d4rl import d4rl_dataset_dir, d4rl_path, read_hdf5
 from harness.data.dataset import Dataset, DatasetError
+from harness.data.inputs import check_against_task
 from harness.envs import family_of, task_spec
 
 _VERSION = re.compile(r"-v\d+$")
@@ -57,13 +58,17 @@ def is_minari_id(spec: str) -> bool:
             and _VERSION.search(spec) is not None and not Path(spec).exists())
 
 
-def load_dataset(spec: str, *, minari_root: str | os.PathLike | None = None) -> Dataset:
+def load_dataset(spec: str, *, minari_root: str | os.PathLike | None = None,
+                 task: str | None = None) -> Dataset:
     """Load `spec`: a D4RL-layout .hdf5 path, a D4RL name ('hopper-medium-v2') looked up in
     the D4RL dataset dir, or a Minari id ('mujoco/hopper/medium-v0') read from the local Minari
-    root (`minari_root`, else $MINARI_DATASETS_PATH, else ~/.minari/datasets)."""
+    root (`minari_root`, else $MINARI_DATASETS_PATH, else ~/.minari/datasets). `task`: the
+    task a file path is for, whatever its name (a user's file, `data.files`)."""
     spec = str(spec)
     if is_minari_id(spec):
         dataset = _load_minari(spec, minari_root)
+    elif is_path(spec) and task:
+        dataset = read_hdf5(locate_dataset(spec), name=task)
     elif is_path(spec):
         dataset = read_hdf5(locate_dataset(spec))
         # The name stored in the file's attrs wins; else the file name ('hopper-medium-v2.hdf5').
@@ -73,7 +78,7 @@ def load_dataset(spec: str, *, minari_root: str | os.PathLike | None = None) -> 
         dataset.name = _VERSION.sub("", dataset.name)
     else:
         dataset = _load_d4rl_name(spec)
-    _check_dims(dataset, spec)
+    check_against_task(dataset, spec)
     return dataset
 
 
@@ -217,29 +222,28 @@ def minari_to_dataset(minari_ds, name: str, source: str = "") -> Dataset:
     return Dataset(name=name, source=source, **arrays)
 
 
-def _check_dims(dataset: Dataset, spec: str) -> None:
-    want = task_spec(dataset.name)
-    if (dataset.obs_dim, dataset.act_dim) != (want.obs_dim, want.act_dim):
-        raise DatasetError(
-            f"dataset {spec!r} ({dataset.source}) has observation/action widths "
-            f"({dataset.obs_dim}, {dataset.act_dim}) but {want.gym_id} has "
-            f"({want.obs_dim}, {want.act_dim})")
-
-
 def import_step(spec: dict, log_fn=None) -> dict:
-    """Job step: read a task's dataset (D4RL hdf5 / Minari) into the results folder, after
-    the dynamics-consistency check has chosen the simulator model it replays in (recorded as
-    the file's `sim_model` attr, which evaluation and the rollout-error study use)."""
+    """Job step: read a task's dataset (D4RL hdf5 / Minari / a user's file, `data.files`) into
+    the results folder, after the input checks and the dynamics-consistency check has chosen
+    the simulator model it replays in (recorded as the file's `sim_model` attr, which
+    evaluation and the rollout-error study use); its verdict and provenance go next to it
+    (harness.data.record: `<task>.data.json`) and into the run's MLflow tags."""
     from harness.config import from_dict
-    from harness.data import consistency
+    from harness.data import consistency, record
     from harness.data.d4rl import write_hdf5
     cfg = from_dict(consistency.ConsistencyConfig, spec["config"].get("consistency"),
                     where=consistency.CONFIG_KEY)
-    dataset = load_dataset(spec["config"]["name"])
+    name = spec["config"]["name"]
+    origin = "minari" if is_minari_id(name) else "file" if is_path(name) else "d4rl"
+    dataset = load_dataset(name, task=spec["task"] if origin == "file" else None)
     dataset.name = spec["task"]
     report = consistency.check(dataset, cfg)
+    rec = record.imported(spec["task"], origin, name if origin == "minari" else
+                          str(dataset.source), report, dataset)
     write_hdf5(dataset, spec["out"], source=str(dataset.source), **consistency.attrs(report))
+    record.write_record(spec["out"], rec)
     return {**dataset.summary(), **consistency.metrics(report),
             "tags": {"sim_model": report["sim_model"],
                      "consistency_status": report["status"],
-                     "recorded_mujoco": report.get("recorded_mujoco", "unknown")}}
+                     "recorded_mujoco": report.get("recorded_mujoco", "unknown"),
+                     **record.mlflow_tags(rec)}}

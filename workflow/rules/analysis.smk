@@ -6,6 +6,9 @@ rule analyze:
     input:
         scores=plan.eval_paths(config),
         rollout_error=plan.analysis_job(config)["rollout_error"],
+        # each task's dataset: its record (<task>.data.json, written with it) gives the
+        # summary and the captions the data's origin and verdict
+        datasets=list(plan.analysis_job(config)["datasets"].values()),
     output:
         aggregate=out("aggregates"),
         intervals=report(out("aggregate_intervals"), category="Aggregate scores",

@@ -165,11 +165,12 @@ def train_step(denoiser: EDMDenoiser, ema: EDMDenoiser, opt: torch.optim.Optimiz
     x0, mask = segments.batch(index)
     for group in opt.param_groups:
         group["lr"] = lr_at(step, cfg)
-    chosen = levers()  # the job's precision (TF32 switches for forward and backward; bf16
-    precision = chosen.diffusion_train  # autocast for the forward alone) and compile lever
+    # The job's levers (harness/levers.py): the TF32 switches over forward and backward, bf16
+    # autocast over the forward alone, the compiled U-Net if asked.
+    chosen = levers()
     net = compiled(denoiser) if chosen.compile_train else denoiser
-    with tf32_flags(precision):
-        with autocast(precision, x0.device):
+    with tf32_flags(chosen.diffusion_train):
+        with autocast(chosen.diffusion_train, x0.device):
             loss = edm_loss(net, x0, mask, segments.obs_dim, cfg.P_mean, cfg.P_std,
                             cfg.action_cond_prob, cfg.loss_form)
         opt.zero_grad(set_to_none=True)

@@ -256,7 +256,7 @@ def rollout_error_rows(device, size, dataset, workdir: Path) -> list[dict]:
         rows.append({"variant": name, "err_mean": own, "err_ratio_vs_fp32": own / ref,
                      "paired_err_mean": d["err_mean"][0], "paired_err_mean_lo": d["err_mean"][1],
                      "paired_err_mean_hi": d["err_mean"][2], "gap_mean": d["own_gap_mean"][0],
-                     "drift_vs_fp32": drift, "worse_than_fp32": sorted(worse),
+                     "drift_vs_fp32": drift, "worse_than_fp32": ",".join(sorted(worse)),
                      "finite": bool(np.isfinite(states).all()), "seconds": seconds[name],
                      "n_starts": args.n_starts, "error_horizon": args.error_horizon,
                      "rel_err": float("nan")})
@@ -285,14 +285,16 @@ def environment(device: torch.device) -> dict:
             "compile_backend": L.COMPILE_BACKEND}
 
 
-def run(device: str, quick: bool, append_row: Callable[[dict], None], workdir: Path) -> bool:
+def run(device: str, quick: bool, append_row: Callable[[dict], None], workdir: Path, *,
+        parts: list[str] | None = None, sizes: dict | None = None) -> bool:
     """Every part's variants on `device` (quick: reduced sizes), one row each through
     `append_row` as soon as it is measured; False if any row fails its check or a part
-    raised (its traceback's last line in an "error" row)."""
+    raised (its traceback's last line in an "error" row). `parts`: a subset of VARIANTS'
+    (default all); `sizes`: overrides of SIZES' entries."""
     from datagen.generate import random_dataset
     from dydiff.segments import make_segments
     dev = torch.device(device)
-    size = SIZES["quick" if quick else "full"]
+    size = {**SIZES["quick" if quick else "full"], **(sizes or {})}
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     backend = L.COMPILE_BACKEND
@@ -305,11 +307,12 @@ def run(device: str, quick: bool, append_row: Callable[[dict], None], workdir: P
 
         def segments_of(horizon: int):
             return make_segments(dataset, horizon, padding="constant").to(dev)
-        parts = {"train-step": lambda: train_step_rows(dev, size, segments_of),
+        measures = {"train-step": lambda: train_step_rows(dev, size, segments_of),
                  "sampler-call": lambda: sampler_call_rows(dev, size),
                  "agent-update": lambda: agent_update_rows(dev, size),
                  "rollout-error": lambda: rollout_error_rows(dev, size, dataset, workdir)}
-        for part, measure in parts.items():
+        chosen = {p: m for p, m in measures.items() if parts is None or p in parts}
+        for part, measure in chosen.items():
             try:
                 rows = measure()
             except Exception as err:  # noqa: BLE001 - reported as a failed row, run goes on
@@ -337,7 +340,15 @@ def main() -> int:
     p.add_argument("--quick", action="store_true", help="reduced sizes (a dry run)")
     p.add_argument("--out", type=Path, default=None, help="append the rows here (JSON lines)")
     p.add_argument("--workdir", type=Path, default=Path("results/measurements/levers"))
+    p.add_argument("--parts", default=",".join(VARIANTS), help="a subset of " + ",".join(VARIANTS))
+    p.add_argument("--n-starts", type=int, help="rollout-error starts (size's default)")
+    p.add_argument("--error-horizon", type=int, help="rollout-error horizon (size's default)")
     args = p.parse_args()
+    parts = args.parts.split(",")
+    if set(parts) - set(VARIANTS):
+        p.error(f"--parts: unknown {sorted(set(parts) - set(VARIANTS))}; known {list(VARIANTS)}")
+    sizes = {k: v for k, v in (("n_starts", args.n_starts),
+                               ("error_horizon", args.error_horizon)) if v is not None}
 
     def append(row: dict) -> None:
         line = json.dumps(row, sort_keys=True, default=str)
@@ -345,7 +356,7 @@ def main() -> int:
         if args.out is not None:
             with open(args.out, "a") as f:
                 f.write(line + "\n")
-    ok = run(args.device, args.quick, append, args.workdir)
+    ok = run(args.device, args.quick, append, args.workdir, parts=parts, sizes=sizes)
     print("levers:", "all checks passed" if ok else "a check FAILED", flush=True)
     return 0 if ok else 1
 

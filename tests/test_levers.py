@@ -197,3 +197,29 @@ def test_gpu_levers_dry_run_on_cpu_as_the_gpu_check_calls_it(tmp_path):
     assert errors["tf32"]["drift_vs_fp32"] == 0.0  # TF32 is no arithmetic on a CPU
     assert 0 < errors["bf16"]["drift_vs_fp32"] < errors["fp32-reseed"]["drift_vs_fp32"]
     assert L.COMPILE_BACKEND == "inductor"  # the dry run's eager backend does not leak
+
+
+def test_a_diffusion_job_runs_with_its_specs_levers_and_records_them(hopper_random, tmp_path,
+                                                                    monkeypatch):
+    """harness.runner.run_job on a real train-model job (tiny.yaml's diffusion model, 4 steps):
+    the spec's levers are the job's while it trains, recorded in its model, and the CPU
+    numbers of a TF32 lever are the default's (TF32 is GPU arithmetic)."""
+    from harness import runner
+    from harness.checkpoint import load_checkpoint
+    from harness.data.d4rl import write_hdf5
+    monkeypatch.setenv("DYDIFF_MLFLOW", "0")
+    data = write_hdf5(hopper_random, tmp_path / "hopper-random.hdf5")
+    weights = {}
+    monkeypatch.setattr(L, "_job", L.DEFAULT)  # run_job sets the process's levers: undone after
+    for name, chosen in (("default", {}), ("tf32", {"diffusion_train": "tf32"})):
+        cfg = plan.load_config(ROOT / "tests" / "configs" / "tiny.yaml", {
+            "results_dir": str(tmp_path / name), "levers": chosen,
+            "models": {"diffusion": {"train_steps": 4, "checkpoint_every": 4}}})
+        spec = plan.with_context(cfg, plan.model_job(cfg, "diffusion", "hopper-medium-replay", 0))
+        assert spec.get("levers", {}) == chosen
+        runner.run_job({**spec, "dataset": str(data)})
+        model = load_checkpoint(Path(spec["out"]) / "model.pt")
+        assert model["summary"]["levers"] == {"diffusion_train": chosen.get(
+            "diffusion_train", "fp32"), "compile_train": False}
+        weights[name] = model["ema"]
+    assert all(torch.equal(weights["default"][k], weights["tf32"][k]) for k in weights["default"])

@@ -303,14 +303,19 @@ def run(device: str, quick: bool, append_row: Callable[[dict], None], workdir: P
     ok = True
     try:
         env = {"item": "lever", **environment(dev), "size": "quick" if quick else "paper"}
-        dataset = random_dataset("hopper", size["transitions"], seed=0)
+        made = {}
+
+        def dataset():  # made by the first part that needs it, inside its try (needs MuJoCo)
+            if "hopper" not in made:
+                made["hopper"] = random_dataset("hopper", size["transitions"], seed=0)
+            return made["hopper"]
 
         def segments_of(horizon: int):
-            return make_segments(dataset, horizon, padding="constant").to(dev)
+            return make_segments(dataset(), horizon, padding="constant").to(dev)
         measures = {"train-step": lambda: train_step_rows(dev, size, segments_of),
-                 "sampler-call": lambda: sampler_call_rows(dev, size),
-                 "agent-update": lambda: agent_update_rows(dev, size),
-                 "rollout-error": lambda: rollout_error_rows(dev, size, dataset, workdir)}
+                    "sampler-call": lambda: sampler_call_rows(dev, size),
+                    "agent-update": lambda: agent_update_rows(dev, size),
+                    "rollout-error": lambda: rollout_error_rows(dev, size, dataset(), workdir)}
         chosen = {p: m for p, m in measures.items() if parts is None or p in parts}
         for part, measure in chosen.items():
             try:

@@ -27,6 +27,7 @@ from dydiff.edm import EDMDenoiser, edm_loss
 from dydiff.sampler import (SAMPLER_PRESETS, DiffusionDynamics, SamplerConfig,
                             sampler_config)
 from dydiff.unet import TemporalUnet
+from harness.levers import USED_BY, autocast, compiled, levers, tf32_flags
 from harness.checkpoint import CHECKPOINT, Checkpointer, load_checkpoint, save_checkpoint
 from harness.runtime import start_training
 
@@ -164,10 +165,16 @@ def train_step(denoiser: EDMDenoiser, ema: EDMDenoiser, opt: torch.optim.Optimiz
     x0, mask = segments.batch(index)
     for group in opt.param_groups:
         group["lr"] = lr_at(step, cfg)
-    loss = edm_loss(denoiser, x0, mask, segments.obs_dim, cfg.P_mean, cfg.P_std,
-                    cfg.action_cond_prob, cfg.loss_form)
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
+    # The job's levers (harness/levers.py): the TF32 switches over forward and backward, bf16
+    # autocast over the forward alone, the compiled U-Net if asked.
+    chosen = levers()
+    net = compiled(denoiser) if chosen.compile_train else denoiser
+    with tf32_flags(chosen.diffusion_train):
+        with autocast(chosen.diffusion_train, x0.device):
+            loss = edm_loss(net, x0, mask, segments.obs_dim, cfg.P_mean, cfg.P_std,
+                            cfg.action_cond_prob, cfg.loss_form)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
     repair_nonfinite_grads(denoiser.parameters())  # EDM zeroes non-finite gradients
     if cfg.grad_clip is not None:
         torch.nn.utils.clip_grad_norm_(denoiser.parameters(), cfg.grad_clip)
@@ -244,7 +251,8 @@ def train_diffusion(dataset: Dataset, cfg: DiffusionConfig | dict, out_dir: str 
     rows = ckpt.rows
     summary = {"steps": step, "final_loss": rows[-1]["loss"] if rows else float("nan"),
                "segments": n, "parameters": sum(p.numel() for p in denoiser.parameters()),
-               "wall_time_s": rows[-1]["wall_time_s"] if rows else 0.0}
+               "wall_time_s": rows[-1]["wall_time_s"] if rows else 0.0,
+               "levers": {k: getattr(levers(), k) for k in USED_BY["diffusion"]}}
     save_checkpoint(out_dir / MODEL, {
         "ema": ema.state_dict(), "config": dataclasses.asdict(cfg),
         "normalizer": segments.normalizer.state_dict(), "obs_dim": o, "act_dim": a,

@@ -55,6 +55,7 @@ from typing import Literal
 import torch
 
 from harness.config import ConfigError, from_dict, require
+from harness.levers import autocast, compiled, levers, tf32_flags
 from dydiff.segments import Normalizer
 from dydiff.edm import EDMDenoiser, apply_conditioning
 
@@ -194,7 +195,8 @@ def edm_sample(denoiser: EDMDenoiser, shape: tuple[int, int, int], obs_dim: int,
     optionally normalised actions (B, L, a) for the first L rows. warm: a normalised
     trajectory (B, H, D) to start from, noised to cfg.warm_sigma (SDEdit); None: pure noise.
     Everything is created on start_state's device; the loop makes no host sync. The updates
-    run in cfg.dtype, the network in float32; the result is float32."""
+    run in cfg.dtype, the network in float32 (`network_call`: the job's sampling levers);
+    the result is float32."""
     cfg = cfg or SamplerConfig()
     device, dtype = start_state.device, _dtype(cfg)
     sched = _schedule(cfg, warm is not None, device)
@@ -204,12 +206,26 @@ def edm_sample(denoiser: EDMDenoiser, shape: tuple[int, int, int], obs_dim: int,
                                 dtype=dtype)
     latents = torch.randn(shape, device=device, generator=generator).to(dtype)
     cond = lambda x: apply_conditioning(x, obs_dim, start_state, actions)  # noqa: E731
-    net = (denoiser if dtype == torch.float32 else  # noqa: E731
-           lambda x, sigma: denoiser(x.float(), sigma.float()).to(dtype))
+    net = network_call(denoiser, dtype, device)
     t0 = sched.levels[0]
     x = latents * t0 if warm is None else warm.to(dtype) + latents * t0
     solve = _heun if cfg.solver == "heun" else _dpmpp2m
     return solve(net, cond(x), sched, cond, cfg, randn).float()
+
+
+def network_call(denoiser: EDMDenoiser, dtype: torch.dtype, device):
+    """The sampler's network call: the denoiser on float32 inputs, under the job's
+    `levers().diffusion_sample` precision (TF32 switches; bf16 autocast around this call
+    alone) and, with `compile_sample`, compiled; its output cast to the updates' `dtype`."""
+    chosen = levers()
+    precision = chosen.diffusion_sample
+    fn = compiled(denoiser) if chosen.compile_sample else denoiser
+
+    def call(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        with tf32_flags(precision), autocast(precision, device):
+            out = fn(x.float(), sigma.float())
+        return out.to(dtype)
+    return call
 
 
 def _heun(denoiser, x_next, sched: _Schedule, cond, cfg: SamplerConfig, randn) -> torch.Tensor:

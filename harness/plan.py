@@ -16,6 +16,7 @@ from harness import registry
 from harness.config import ConfigError, check_schema, deep_merge, from_dict, read_yaml
 from harness.data.dataset import DatasetError
 from harness.envs import dataset_kinds, family_of
+from harness.levers import USED_BY, job_levers
 
 SCHEMA = Path(__file__).resolve().parent.parent / "workflow" / "schemas" / "config.schema.yaml"
 
@@ -597,10 +598,26 @@ def gpus(cfg: dict, kind: str, method: str | None = None) -> int:
 
 
 def runtime(cfg: dict, kind: str, method: str | None = None) -> dict:
-    """What a job spec carries besides its config: its device and the determinism switch
-    (`deterministic`, default on)."""
-    return {"device": job_device(cfg, kind, method),
-            "deterministic": bool(cfg.get("deterministic", True))}
+    """What a job spec carries besides its config: its device, the determinism switch
+    (`deterministic`, default on) and, when set away from their defaults, the speed levers its
+    work uses (`levers`, harness/levers.py: a model job of the diffusion model its training's,
+    a job that samples the diffusion model its sampler's, a policy job its agents')."""
+    out = {"device": job_device(cfg, kind, method),
+           "deterministic": bool(cfg.get("deterministic", True))}
+    chosen = job_levers(cfg.get("levers"), levers_used(kind, method))
+    return {**out, "levers": chosen} if chosen else out
+
+
+def levers_used(kind: str, method: str | None = None) -> tuple[str, ...]:
+    """The levers (harness.levers.Levers fields) a rule kind's job uses."""
+    if kind == "diffusion":
+        return USED_BY["diffusion"]
+    if kind == "rollout_error":
+        return USED_BY["sample"]
+    if kind == "policy":
+        samples = "diffusion" in registry.method(method).models
+        return USED_BY["agents"] + (USED_BY["sample"] if samples else ())
+    return ()
 
 
 def _check_devices(cfg: dict) -> None:

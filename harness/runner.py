@@ -16,7 +16,7 @@ from pathlib import Path
 
 import h5py
 
-from harness import provenance, registry, runtime, tracking
+from harness import levers, provenance, registry, runtime, tracking
 from harness.data import record
 from harness.config import config_hash
 from harness.runtime import git_sha
@@ -49,6 +49,7 @@ def tags(spec: dict) -> dict[str, str]:
     return {"step": spec["step"], "task": spec.get("task", ""),
             "device": str(runtime.device()), "device.name": dev["name"],
             "device.deterministic": str(dev["deterministic"]), **provenance.mlflow_tags(),
+            **{f"levers.{k}": str(v) for k, v in levers.record().items()},
             "method": spec.get("method") or spec.get("model") or spec["step"],
             "seed": str(spec.get("seed", spec.get("config", {}).get("seed", ""))),
             "git_sha": git_sha(), "config_hash": config_hash(spec.get("config", {})),
@@ -87,6 +88,7 @@ def run_job(spec: dict) -> dict:
     # The job's device (harness.plan.job_device), or it stops here with one line.
     runtime.use_device(spec.get("device", "cpu"), spec.get("deterministic", True),
                        where=f"{spec['step']} device")
+    levers.use_levers(spec.get("levers"), where=f"{spec['step']} levers")  # the defaults if none
     out = Path(spec["out"])
     # A step writing one file (import-dataset -> <task>.hdf5) shares its folder with other
     # jobs' runs: its own run id sits next to its file.

@@ -32,7 +32,7 @@ def test_smoke_and_paper_configs_are_valid():
     ({"seeds": [0, 0]}, "seeds: [0, 0] has non-unique elements"),
     ({"learning_rate": 3},
      "learning_rate: unknown key; known: ['ablations', 'analysis', 'data', 'deterministic', "
-     "'devices', 'evaluation', 'extends', 'methods', 'mlflow', "
+     "'devices', 'evaluation', 'extends', 'levers', 'methods', 'mlflow', "
      "'models', 'name', 'per_task', 'policy', 'resources', 'results_dir', 'rollout_error', "
      "'seeds', 'tasks']"),
     ({"policy": {"offline": {"real_ratio": 1.5}}},
@@ -54,6 +54,12 @@ def test_smoke_and_paper_configs_are_valid():
     ({"policy": {"methods": {"td3bc": {"rollout": {"a": 1}}}}},
      "policy.methods.td3bc.rollout: td3bc is model-free and takes no rollout settings"),
     ({"data": {"source": "s3"}}, "data.source: 's3' is not one of ['local', 'd4rl', 'minari', 'files']"),
+    ({"levers": {"diffusion_sample": "fp16"}},
+     "levers.diffusion_sample: 'fp16' is not one of ['fp32', 'tf32_conv', 'tf32', 'bf16']"),
+    ({"levers": {"agents": "bf16"}}, "levers.agents: 'bf16' is not one of ['fp32', 'tf32']"),
+    ({"levers": {"compile": True}},
+     "levers.compile: unknown key; known: ['agents', 'compile_sample', 'compile_train', "
+     "'diffusion_sample', 'diffusion_train']"),
     ({"methods": ["td3bc"], "policy": {"methods": {"mopo": {"offline": {"total_steps": 5}}}}},
      "policy.methods: settings for method(s) ['mopo'], which the grid does not run "
      "(methods: ['td3bc'])"),

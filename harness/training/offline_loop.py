@@ -26,6 +26,7 @@ from harness.data.dataset import Dataset
 from harness.training.buffers import KEYS, RealBuffer, RingBuffer
 from harness.training.evaluation import evaluate
 from harness.checkpoint import CHECKPOINT, Checkpointer
+from harness.levers import levers, tf32_flags
 from harness.runtime import device_of, seed_everything
 
 log = logging.getLogger(__name__)
@@ -143,6 +144,7 @@ def offline_loop(agent, dataset: Dataset, cfg: OfflineConfig, out_dir, seed: int
                               if hasattr(generator, "state_dict") else None),
                 "sums": dict(sums), "counts": dict(counts)}
 
+    agent_precision = levers().agents
     bar = tqdm(total=cfg.total_steps, initial=start, disable=not progress,
                desc=f"train {dataset.name}", dynamic_ncols=True)
     for step in range(start + 1, cfg.total_steps + 1):
@@ -158,7 +160,9 @@ def offline_loop(agent, dataset: Dataset, cfg: OfflineConfig, out_dir, seed: int
             batch = {k: torch.cat([r[k], m[k]]) for k in KEYS}
         else:  # model-free, or the generator has returned nothing yet
             batch = real.sample(cfg.batch_size)
-        for k, v in agent.update(batch).items():
+        with tf32_flags(agent_precision):  # the job's `levers.agents`
+            losses = agent.update(batch)
+        for k, v in losses.items():
             sums[k] += v
             counts[k] += 1
 

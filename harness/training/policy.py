@@ -20,6 +20,7 @@ from harness import registry
 from harness.checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
 from harness.config import config_hash, from_dict
 from harness.data.dataset import Dataset
+from harness.levers import record as levers_record
 from harness.provenance import environment
 from harness.runtime import device as default_device, device_record, git_sha, seed_everything
 from harness.training.offline_loop import OfflineConfig, offline_loop
@@ -99,7 +100,8 @@ def train_policy(method: str, dataset: Dataset, cfg: PolicyConfig, out_dir, seed
              else time.perf_counter() - t0,
              "git_sha": git_sha(),
              "config_hash": config_hash({"method": method, **dataclasses.asdict(cfg)}),
-             "device": device_record(dev), "environment": environment()}
+             "device": device_record(dev), "levers": levers_record(),
+             "environment": environment()}
     final = {k: (None if isinstance(v, float) and np.isnan(v) else v) for k, v in final.items()}
     atomic_write_text(out_dir / "final.json", json.dumps(final, indent=2) + "\n")
     return final

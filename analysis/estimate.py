@@ -122,7 +122,46 @@ def report(cfg: dict, costs: list[JobCost], slots: int, by_threads: bool, rows: 
                  "length; model rollouts that never terminate; models that train until early "
                  "stopping at "
                  + ", ".join(f"{k} {v} epochs" for k, v in ASSUMED_EPOCHS.items()) + ".")
+    if total["gpu_jobs"]:
+        lines += ["", *arithmetic_table(cfg, costs)]
     return "\n".join(lines)
+
+
+def arithmetic_table(cfg: dict, costs: list[JobCost], gpu: str = "H100") -> list[str]:
+    """The GPU jobs' GPU work priced by arithmetic (analysis/arithmetic.py), per precision
+    lever: a table of its own, never summed with the measured one."""
+    from analysis import arithmetic as A
+    rules: dict[str, dict] = {}
+    for c in costs:
+        if not c.gpu:
+            continue
+        r = rules.setdefault(RULE_OF_STEP[c.spec["step"]],
+                             {"jobs": 0, "uncounted": 0, **{p: 0.0 for p in A.PRECISIONS}})
+        r["jobs"] += 1
+        seconds = A.gpu_seconds([it for it in job_items(cfg, c.spec)
+                                 if item_device(it, "cuda") != "cpu"], gpu)
+        if seconds is None:
+            r["uncounted"] += 1
+            continue
+        for p in A.PRECISIONS:
+            r[p] += seconds[p]
+    total = {k: sum(r[k] for r in rules.values()) for k in next(iter(rules.values()))}
+
+    def cells(r) -> str:
+        if r["uncounted"]:
+            return " | ".join(["no FLOP count"] * len(A.PRECISIONS))
+        return " | ".join(fmt_hours(r[p]) for p in A.PRECISIONS)
+    head = " | ".join(f"{gpu}-hours {p}" + (" (as coded)" if p == "tf32" else "")
+                      for p in A.PRECISIONS)
+    lines = [f"GPU-hours by {A.LABEL}: FLOPs x {gpu} peak x an assumed efficiency "
+             f"({A.efficiency_note(gpu)}; analysis/arithmetic.py). The GPU jobs' network work "
+             "only (MuJoCo, start-up and MLflow are in the measured table), never added to it.",
+             "",
+             f"| rule | GPU jobs | {head} |", "|---|---|" + "---|" * len(A.PRECISIONS)]
+    for name, r in rules.items():
+        lines.append(f"| {name} | {r['jobs']} | {cells(r)} |")
+    lines.append(f"| **total** | {total['jobs']} | {cells(total)} |")
+    return lines
 
 
 def _cuda_available() -> bool:

@@ -295,7 +295,9 @@ def estimate(config: Path, new_rows: list[dict], dry_run: bool, out: Path, resul
             else str(config))
     text = E.report(cfg, E.plan_costs(cfg, rows), 100, False, rows, name)
     (out / "estimate.md").write_text(text + "\n")
-    arithmetic = [line for line in text.splitlines() if "arithmetic, not measured" in line]
+    lines = text.splitlines()
+    at = next((i for i, line in enumerate(lines) if "arithmetic, not measured" in line), None)
+    arithmetic = [] if at is None else lines[at:]
     results.append({"item": "estimate", "config": name, "file": "estimate.md",
                     "arithmetic_lines": arithmetic})
     print(text)

@@ -10,34 +10,35 @@ it finishes (flushed and fsynced), so a timeout or a late crash still returns wh
 
 1. environment: torch, its CUDA, the GPU's name and driver, the deterministic flags.
 2. main throughput: the GPU rows that decide the paper grid's cost, every rule on the GPU
-   (analysis/measuring.py): DyDiff rollouts of config/paper.yaml at the job's
-   rollout_batch_size (2048 start states) and diffusion training steps (fused Adam and EMA as
-   dydiff.diffusion trains), heaviest first (by the CPU table's seconds x count).
+   (analysis/measuring.py): a DyDiff rollout of config/paper.yaml per task dimensions at the
+   job's rollout_batch_size (2048 start states) and the diffusion training steps (fused Adam
+   and EMA as dydiff.diffusion trains), heaviest first (by the CPU table's seconds x count).
 3. determinism and resume, tiny grid: the models DyDiff-TD3BC starts from (its registry entry's
    `models`) trained twice with `deterministic: true`: identical weights? The policy job twice,
    and once cut at half way and resumed: identical to the uninterrupted run? The diffusion model
    alone twice with `deterministic: false` (recorded, not a pass/fail: cuDNN may differ).
 4. levers: scripts/gpu_levers.py's checks when that module is in the tree (precision,
    torch.compile, CUDA graphs), else one line saying it is not.
-5. other throughput: the remaining GPU rows (agent updates, ensemble and reward training,
-   the ensemble rollouts, the other DyDiff agents' rollouts), while the budget lasts.
+5. other throughput: the remaining GPU rows (the other DyDiff agents' rollouts first, then
+   agent updates, ensemble and reward training, ensemble rollouts), while the budget lasts.
 6. estimate: config/paper.yaml priced with the new rows (OUT/estimate.md), with the arithmetic
    GPU-hours beside.
 
-Time budget on one H100 (machine start excluded; gpu_check.sh's `timeout` enforces 420 s):
-  install from wheels 15 s + nvidia-smi 1 s + pytest tests/test_devices.py 30 s          =  46 s
-  1. environment (CUDA start)                                                               5 s
+Time budget on one H100 (machine start excluded), by arithmetic:
+  gpu_check.sh: install from wheels 15 s + nvidia-smi 1 s + pytest tests/test_devices.py 30 s  46 s
+  1. environment (CUDA start)                                                            5 s
   2. 3 DyDiff rollout rows: one call of 2048 starts = 2048 x 2 injections x 67 network
-     passes x 3.21 GFLOP = 8.8e14 FLOP, at 40-160 TFLOP/s (fp32 .. tf32 convolutions)
-     5.5-22 s + a warm-up, x 3 tasks' dims                                              <= 75 s
-     3 diffusion-train rows: 6 steps of ~50 ms + building                                 10 s
-  3. tiny grid: 3 models x 2, policy job x 3 (300 updates, 2 evaluations), diffusion x 2   60 s
-  4. levers: their module's own budget                                                  <=120 s
-  5. other rows: about 40 items of about 1-2 s, cut at --budget-s                         60 s
-  6. estimate of the paper grid (plan and report, twice)                                  15 s
-  total                                                                                 ~390 s < 7 min
-Items 2, 5 stop starting new measurements once --budget-s (default 330 s of this script) has
-passed; what was left is listed in results.jsonl, never silently dropped.
+     passes x 3.21 GFLOP = 8.8e14 FLOP, at 40-160 TFLOP/s (fp32 .. tf32 convolutions):
+     5.5-22 s + a warm-up, x 3 tasks' dims                                           <= 75 s
+     3 diffusion-train rows: 6 steps of ~50 ms + building                              10 s
+  3. tiny grid: 3 models x 2, policy job x 3 (300 updates, 2 evaluations), diffusion x 2 60 s
+  4. levers: their module's own budget                                               <=120 s
+  5. other rows: 6 DyDiff rollouts of ~7-25 s, ~35 items of ~1-2 s, none started
+     after --budget-s (300 s)                                                        <= 30 s
+  6. estimate of the paper grid (plan, report, arithmetic)                              15 s
+  gpu_check.py: ~315 s, cut by gpu_check.sh's `timeout 360`; with the 46 s: <= 406 s < 7 min.
+Items 2 and 5 start no measurement once --budget-s has passed since this script started; the
+items left are listed in results.jsonl, never silently dropped.
 
 Files under OUT (gpu_check.sh adds nvidia-smi.txt, pytest.txt and gpu_check.log): results.jsonl
 and estimate.md. Work files (checkpoints, trained tiny models) go to --work, a temporary folder
@@ -125,7 +126,8 @@ def is_main(key: tuple[str, str], it) -> bool:
 def throughput_plan(config: Path, quick: bool) -> tuple[list, list]:
     """(main, other) [(key, item)] of `config`'s work with every rule on the GPU, each list
     heaviest first (CPU table seconds x count over the grid: the rows the estimate leans on).
-    quick: the heaviest item of each kind only, rollouts at QUICK_STARTS start states."""
+    quick: the heaviest item of each kind only, rollouts at QUICK_STARTS start states and
+    QUICK_SAMPLER_STEPS sampler steps, diffusion steps on QUICK_STARTS segments."""
     from analysis import estimate as E
     from analysis.work_items import _settings, item
     everything = plan.load_config(config, ALL_ON_GPU)
@@ -153,8 +155,21 @@ def throughput_plan(config: Path, quick: bool) -> tuple[list, list]:
                     s["models"] = {**s["models"], "diffusion": {**diffusion, "sampler": {
                         **diffusion.get("sampler", {}), "num_steps": QUICK_SAMPLER_STEPS}}}
                 items[k] = item(k[0], s, items[k].count)
-    main = [(k, items[k]) for k in ordered if is_main(k, items[k])]
-    other = [(k, items[k]) for k in ordered if not is_main(k, items[k])]
+            if k[0] == "diffusion-train":  # the paper U-Net on one segment a step
+                s["config"] = {**s["config"], "batch_size": QUICK_STARTS}
+                items[k] = item(k[0], s, items[k].count)
+    # Main: the diffusion steps and one DyDiff rollout per task's dimensions (the U-Net's cost;
+    # the agent injecting actions adds <0.1 %); the other agents' rollouts lead the rest.
+    main, other, dims = [], [], set()
+    for k in ordered:
+        s = _settings(items[k])
+        first = (s["obs_dim"], s["act_dim"]) not in dims
+        if is_main(k, items[k]) and (k[0] == "diffusion-train" or first):
+            dims |= {(s["obs_dim"], s["act_dim"])} if k[0] == "rollout" else set()
+            main.append((k, items[k]))
+        else:
+            other.append((k, items[k]))
+    other.sort(key=lambda ki: not is_main(*ki))  # stable: heaviest first within each group
     return main, other
 
 
@@ -348,7 +363,7 @@ def main(argv=None) -> int:
                    help="one throughput item per kind; rollouts at one start state, 2 sampler steps")
     p.add_argument("--config", type=Path, default=PAPER, help="grid to price (paper.yaml)")
     p.add_argument("--work", type=Path, help="work folder (default: a temporary one)")
-    p.add_argument("--budget-s", type=float, default=330.0,
+    p.add_argument("--budget-s", type=float, default=300.0,
                    help="no new throughput measurement starts after this many seconds")
     p.add_argument("--to-table", type=Path, metavar="RESULTS_JSONL",
                    help="add a check's GPU rows to analysis/throughput.csv, and nothing else")

@@ -232,7 +232,7 @@ def encode(rows: dict[str, torch.Tensor]) -> dict:
     """Rows in fewer bytes, exactly: next_obs only where it is not the next row's obs,
     terminals as bools when all are 0/1."""
     obs, nxt, term = rows["obs"], rows["next_obs"], rows["terminals"]
-    chained = torch.zeros(len(obs), dtype=torch.bool)
+    chained = torch.zeros(len(obs), dtype=torch.bool, device=obs.device)
     if len(obs) > 1:  # bitwise equal (the same floats), not close
         chained[:-1] = (nxt[:-1].view(torch.int32) == obs[1:].view(torch.int32)).all(1)
     binary = bool(((term == 0) | (term == 1)).all())

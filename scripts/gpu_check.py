@@ -110,7 +110,8 @@ def environment_row(device: str) -> dict:
     from harness.provenance import environment
     return {"item": "environment", "device": runtime.device_record(), "torch": torch.__version__,
             "cuda": torch.version.cuda, "driver": runtime.driver_version(),
-            "gpu": torch.cuda.get_device_name() if device.startswith("cuda") else None,
+            "gpu": (torch.cuda.get_device_name() if device.startswith("cuda")
+                    and torch.cuda.is_available() else None),
             "software": environment(), "command": " ".join(sys.argv)}
 
 
@@ -380,8 +381,11 @@ def main(argv=None) -> int:
     deadline = time.perf_counter() + args.budget_s
     device = "cuda" if args.device.startswith("cuda") else "cpu"
     dry_run = device == "cpu" or args.quick
-    runtime.use_device(args.device, True)
+    run_item(results, "device", runtime.use_device, args.device, True)
     run_item(results, "environment", lambda: results.append(environment_row(args.device)))
+    if failures(results.rows()):  # no usable device: what was found is the result
+        results.append({"item": "summary", "ok": False, "failed": failures(results.rows())})
+        return 1
     new: list[dict] = []
     todo: dict[str, list] = {}
 

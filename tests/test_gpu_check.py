@@ -259,3 +259,16 @@ def test_the_device_check_catches_a_network_left_on_the_cpu(meta_measuring, monk
     fn, _ = measuring.MEASURES[it.name]
     fn(E._settings(it))
     assert any(m.elsewhere for m in meta_measuring)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_no_usable_gpu_is_the_result_not_a_traceback(tmp_path):
+    """A GPU machine whose torch cannot use its GPU (an old driver, say) still returns what it
+    found: the device's one line, the environment, and exit code 1."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import gpu_check
+    assert gpu_check.main(["--out", str(tmp_path), "--device", "cuda"]) == 1
+    rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert [r["item"] for r in rows] == ["device", "environment", "summary"]
+    assert "this job was given 'cuda'" in rows[0]["error"] and rows[1]["torch"] == torch.__version__
+    assert rows[2]["failed"] == ["device"]

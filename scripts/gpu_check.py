@@ -50,6 +50,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import math
 import os
 import shutil
 import sys
@@ -364,8 +365,9 @@ def main(argv=None) -> int:
                    help="one throughput item per kind; rollouts at one start state, 2 sampler steps")
     p.add_argument("--config", type=Path, default=PAPER, help="grid to price (paper.yaml)")
     p.add_argument("--work", type=Path, help="work folder (default: a temporary one)")
-    p.add_argument("--budget-s", type=float, default=300.0,
-                   help="no new throughput measurement starts after this many seconds")
+    p.add_argument("--budget-s", type=float,
+                   help="no new throughput measurement starts after this many seconds "
+                        "(default 300; none with --quick: a dry run measures each path)")
     p.add_argument("--to-table", type=Path, metavar="RESULTS_JSONL",
                    help="add a check's GPU rows to analysis/throughput.csv, and nothing else")
     args = p.parse_args(argv)
@@ -378,7 +380,8 @@ def main(argv=None) -> int:
     if work.is_relative_to(out):
         p.error(f"--work {work} is inside --out: work files would count against its files")
     results = Results(out / RESULTS)
-    deadline = time.perf_counter() + args.budget_s
+    budget = args.budget_s if args.budget_s is not None else (math.inf if args.quick else 300.0)
+    deadline = time.perf_counter() + budget
     device = "cuda" if args.device.startswith("cuda") else "cpu"
     dry_run = device == "cpu" or args.quick
     run_item(results, "device", runtime.use_device, args.device, True)

@@ -137,6 +137,10 @@ def test_dry_run_times_the_paper_dydiff_rollout_path(dry_run):
     assert rollout["rollout"]["rollout_batch_size"] == 1  # --quick: reduced size
     assert rollout["models"]["diffusion"]["sampler"]["num_steps"] == 2
     assert all(r["dry_run"] for r in rows if r["item"] == "throughput")
+    measured = {r["row"]["item"] for r in rows if r["item"] == "throughput"}
+    assert measured == {"rollout", "diffusion-train", "agent-update", "ensemble-train",
+                        "reward-train"}  # --quick: every kind's path, no budget cut
+    assert not [r for r in rows if r["item"].endswith("-not-measured")]
 
 
 def test_dry_run_files_fit_what_the_gpu_machine_returns(dry_run):

@@ -221,6 +221,7 @@ def _measure_rollout(s: dict) -> float:
                         where="policy.rollout")
         limits = Limits(*(_on(x) for x in (-torch.ones(o) * 5, torch.ones(o) * 5,
                                            -torch.ones(a), torch.ones(a))))
+        _rollout_sampler(models["diffusion"], cfg)
         gen = DyDiffGenerator(models["diffusion"], _reward_fn(models["reward"]), done_fn, cfg,
                               ensemble=models.get(ENSEMBLE), limits=limits)
     else:
@@ -232,6 +233,18 @@ def _measure_rollout(s: dict) -> float:
     if _measure_device.startswith("cuda"):  # first use of each kernel (cuDNN, cuBLAS) untimed
         gen.generate(agent, start[:8])
     return _timed(lambda: gen.generate(agent, start), repeats=3) / n
+
+
+def _rollout_sampler(dyn, cfg) -> None:
+    """The sampler a job's generator runs (dydiff.rollout.make_generator: a preset named in
+    policy.rollout.sampler, keeping the model's batch size, then sampler_steps)."""
+    import dataclasses
+    from dydiff.sampler import sampler_config
+    if cfg.sampler is not None:
+        dyn.sampler = dataclasses.replace(sampler_config(cfg.sampler),
+                                          batch_size=dyn.sampler.batch_size)
+    if cfg.sampler_steps is not None:
+        dyn.sampler = dataclasses.replace(dyn.sampler, num_steps=cfg.sampler_steps)
 
 
 def rollout_starts(rollout: dict, large: bool, ensemble: bool = False) -> int:

@@ -83,9 +83,13 @@ def denoiser_passes(rollout: dict, diffusion: dict) -> int:
     return windows * per_window
 
 
-def _agent_update_flops(s: dict) -> float:
+@functools.lru_cache(maxsize=256)
+def _agent_update_flops(settings_json: str) -> float:
+    import json
+
     from agents.flops import update_flops
     from analysis.measuring import _agent
+    s = json.loads(settings_json)
     return update_flops(_agent(s["agent"], s["config"], s["obs_dim"], s["act_dim"]), s["batch"])
 
 
@@ -102,7 +106,7 @@ def unit_flops(it: Item) -> float | None:
         return denoiser_passes(s["rollout"], diffusion) * unet_forward_flops(
             json.dumps(diffusion, sort_keys=True), s["obs_dim"], s["act_dim"])
     if it.name == "agent-update":
-        return _agent_update_flops(s)
+        return _agent_update_flops(json.dumps(s, sort_keys=True))
     return None
 
 

@@ -49,33 +49,140 @@ def check_device_name(name: str, where: str = "device") -> str:
 
 def set_deterministic(on: bool) -> None:
     """Deterministic kernels (or torch's defaults): `torch.use_deterministic_algorithms`, cuDNN's
-    deterministic algorithms without autotuning, and cuBLAS's fixed workspace. CPU kernels are
-    deterministic either way; on a GPU `on` costs speed (docs/performance.md)."""
+    deterministic algorithms, and cuBLAS's fixed workspace. CPU kernels are deterministic
+    either way; on a GPU `on` costs speed (docs/performance.md).
+
+    Two choices, with their reasons:
+    - torch's NaN fill of every new uninitialised tensor under deterministic algorithms
+      (`torch.utils.deterministic.fill_uninitialized_memory`) is off: it costs a memory pass
+      per `empty` and only changes numbers for code that reads memory before writing it, which
+      the harness never does (the GPU check's same-seed runs would show it).
+    - cuDNN autotuning (`cudnn.benchmark`) is on exactly when deterministic kernels are off.
+      It times the candidate algorithms at each new shape and keeps the fastest; which one wins
+      can differ between runs, and each rounds differently, so with it the numbers would not
+      repeat (PyTorch's reproducibility notes). Without determinism it pays: a job's shapes are
+      fixed (the training batch, the sampler's batch), one tuning per shape over 1e5-1e6 calls.
+    """
     if on:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)
     torch.use_deterministic_algorithms(on)
+    torch.utils.deterministic.fill_uninitialized_memory = False
     torch.backends.cudnn.deterministic = on
     torch.backends.cudnn.benchmark = not on
 
 
-def _claim_gpu() -> str:
-    """`cuda:<i>` of a GPU no other job of this user holds (an advisory lock file per GPU), for
-    several GPU jobs on one workstation (`--resources gpu=N`). Under a scheduler that sets
-    CUDA_VISIBLE_DEVICES (SLURM), or with one GPU, that is simply cuda:0."""
-    global _gpu_lock
-    count = torch.cuda.device_count()
-    if count <= 1 or os.environ.get("SLURM_JOB_ID"):
-        return "cuda:0"
-    for i in range(count):
-        lock = open(Path(tempfile.gettempdir()) / f"dydiff-bench-{os.getuid()}-gpu{i}.lock", "w")
+# The oldest NVIDIA driver (Linux) each CUDA major version runs on, minor version compatibility
+# included (NVIDIA, CUDA Toolkit release notes, "Minimum Required Driver Version").
+MIN_DRIVER = {13: (580, 0, 0), 12: (525, 60, 13), 11: (450, 80, 2)}
+
+
+def driver_version() -> str | None:
+    """The NVIDIA driver's version ('580.159.04'), or None on a machine without one."""
+    try:
+        text = Path("/proc/driver/nvidia/version").read_text()
+        found = re.search(r"Kernel Module\s+(?:for \S+\s+)?(\d+\.\d+(?:\.\d+)?)", text)
+        if found:
+            return found.group(1)
+    except OSError:
+        pass
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version",
+                              "--format=csv,noheader"], capture_output=True, text=True,
+                             timeout=20)
+        lines = out.stdout.strip().splitlines()
+        return lines[0].strip() if out.returncode == 0 and lines else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _version(text: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in re.findall(r"\d+", text)[:3])
+
+
+def driver_too_old(cuda: str | None, driver: str | None,
+                   torch_version: str = torch.__version__) -> str | None:
+    """Why `driver` cannot run a torch built for CUDA `cuda`, and what to install instead (one
+    line), or None: no CUDA build, no driver, or a driver new enough."""
+    if not cuda or not driver:
+        return None
+    need = MIN_DRIVER.get(int(cuda.split(".")[0]))
+    have = _version(driver)
+    if need is None or have >= need:
+        return None
+    runs = max((m for m, v in MIN_DRIVER.items() if have >= v), default=None)
+    base = torch_version.split("+")[0]
+    instead = (f"install torch {base} built for CUDA {runs}.x (`pip install torch=={base} "
+               f"--index-url https://download.pytorch.org/whl/cu{runs}6`, README: Install) or "
+               if runs is not None else "")
+    return (f"torch {torch_version} is built for CUDA {cuda}, which needs NVIDIA driver >= "
+            f"{'.'.join(map(str, need))}, and this machine's driver is {driver}: {instead}"
+            f"update the driver")
+
+
+def _ids(text: str) -> list[int]:
+    """'0,2-3' -> [0, 2, 3] (SLURM's GPU lists)."""
+    out: list[int] = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        lo, _, hi = part.partition("-")
+        if lo.isdigit() and (not hi or hi.isdigit()):
+            out += list(range(int(lo), int(hi or lo) + 1))
+    return out
+
+
+def allowed_gpus(count: int, env=None) -> list[int]:
+    """The GPU indices (torch's numbering) this job may use. CUDA_VISIBLE_DEVICES already
+    limits what torch sees (SLURM sets it to the GPUs it gave the job): all `count` of them.
+    Without it, SLURM_STEP_GPUS / SLURM_JOB_GPUS name the GPUs the allocation was given (set
+    also where cgroups do not hide the others): only those."""
+    env = os.environ if env is None else env
+    if env.get("CUDA_VISIBLE_DEVICES") is not None:
+        return list(range(count))
+    given = env.get("SLURM_STEP_GPUS") or env.get("SLURM_JOB_GPUS")
+    if given:
+        return [i for i in _ids(given) if i < count]
+    return list(range(count))
+
+
+def _gpu_lock_name(index: int) -> str:
+    """A GPU's lock file: named by its UUID, the same physical GPU under any numbering, so jobs
+    of two allocations that share a node (and /tmp) lock different files for different GPUs."""
+    try:
+        uuid = str(torch.cuda.get_device_properties(index).uuid)
+    except (AttributeError, RuntimeError, AssertionError):
+        uuid = f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'all')}-{index}".replace(",", "_")
+    return f"dydiff-bench-{os.getuid()}-gpu-{uuid}.lock"
+
+
+def claim_gpu(candidates: list[int], lock_dir: Path | None = None):
+    """(index, open lock file) of the first of `candidates` no other job of this user holds
+    (an advisory lock per GPU, held until the file is closed or the process exits), or
+    (candidates[0], None) when every one is held."""
+    lock_dir = Path(lock_dir or tempfile.gettempdir())
+    for i in candidates:
+        lock = open(lock_dir / _gpu_lock_name(i), "w")
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             lock.close()
             continue
-        _gpu_lock = lock
-        return f"cuda:{i}"
-    return "cuda:0"  # more GPU jobs than GPUs: the scheduler's gpu resource should prevent it
+        return i, lock
+    return candidates[0], None  # more GPU jobs than GPUs: the gpu resource should prevent it
+
+
+def _claim_gpu() -> str:
+    """`cuda:<i>` of a GPU this job may use that no other job of this user holds: GPU jobs on
+    a workstation, or the local profile inside a multi-GPU SLURM allocation (`--resources
+    gpu=N`), each get their own. One allowed GPU (each slurm-profile job gets one): that one."""
+    global _gpu_lock
+    candidates = allowed_gpus(torch.cuda.device_count())
+    if not candidates:
+        given = os.environ.get("SLURM_STEP_GPUS") or os.environ.get("SLURM_JOB_GPUS")
+        raise DeviceError(f"device: SLURM gave this job GPU(s) {given}, none of them among the "
+                          f"{torch.cuda.device_count()} torch sees")
+    if len(candidates) == 1:
+        return f"cuda:{candidates[0]}"
+    index, _gpu_lock = claim_gpu(candidates)
+    return f"cuda:{index}"
 
 
 def use_device(name: str, deterministic: bool = True, where: str = "device") -> torch.device:
@@ -85,6 +192,9 @@ def use_device(name: str, deterministic: bool = True, where: str = "device") -> 
     global _job_device
     if name.startswith("cuda"):
         if not torch.cuda.is_available():
+            old = driver_too_old(torch.version.cuda, driver_version())
+            if old is not None:
+                raise DeviceError(f"{where}: this job was given {name!r} but {old}")
             build = (f"a CPU build of torch {torch.__version__}" if torch.version.cuda is None
                      else f"torch {torch.__version__} (CUDA {torch.version.cuda}) finds no usable "
                           f"GPU (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r})")

@@ -163,3 +163,66 @@ def test_same_seed_same_numbers_on_one_gpu_with_deterministic_kernels():
                  "terminals": torch.zeros(256, device="cuda")}
         return [agent.update(batch) for _ in range(20)]
     assert losses() == losses()
+
+
+# ---- clusters: the driver, the GPUs a job was given, deterministic settings ------------------
+
+@pytest.mark.parametrize("cuda, driver, ok", [("13.0", "580.159.04", True),
+                                              ("13.0", "575.57.08", False),
+                                              ("12.8", "525.60.13", True),
+                                              ("12.8", "470.256.02", False),
+                                              (None, "470.256.02", True), ("13.0", None, True)])
+def test_driver_too_old_for_the_torch_build(cuda, driver, ok):
+    line = runtime.driver_too_old(cuda, driver, "2.13.0+cu130")
+    assert (line is None) == ok
+    if not ok:
+        assert "\n" not in line and driver in line and f"CUDA {cuda}" in line
+
+
+def test_gpu_job_on_a_too_old_driver_stops_with_one_line_saying_what_to_install(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    monkeypatch.setattr(runtime, "driver_version", lambda: "535.104.05")
+    with pytest.raises(runtime.DeviceError) as err:
+        runtime.use_device("cuda", where="train-policy device")
+    msg = str(err.value)
+    assert "\n" not in msg and msg.startswith("train-policy device: this job was given 'cuda'")
+    assert "driver >= 580" in msg and "535.104.05" in msg
+    assert "built for CUDA 12.x" in msg and "download.pytorch.org/whl/cu126" in msg
+
+
+@pytest.mark.parametrize("env, allowed", [
+    ({}, [0, 1, 2, 3]),
+    ({"SLURM_JOB_ID": "7", "CUDA_VISIBLE_DEVICES": "2,3"}, [0, 1, 2, 3]),  # torch sees 4
+    ({"SLURM_JOB_ID": "7", "SLURM_JOB_GPUS": "1,3"}, [1, 3]),
+    ({"SLURM_JOB_ID": "7", "SLURM_JOB_GPUS": "0-3", "SLURM_STEP_GPUS": "2"}, [2]),
+    ({"SLURM_JOB_ID": "7", "SLURM_JOB_GPUS": "2-3,9"}, [2, 3]),
+])
+def test_allowed_gpus_honour_what_slurm_gave(env, allowed):
+    assert runtime.allowed_gpus(4, env) == allowed
+
+
+def test_local_profile_inside_an_allocation_spreads_gpu_jobs(monkeypatch, tmp_path):
+    """Inside `salloc --gpus 4`, the local profile's GPU jobs each take a GPU of their own
+    (the former rule gave every job cuda:0 whenever SLURM_JOB_ID was set)."""
+    monkeypatch.setenv("SLURM_JOB_ID", "7")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6,7")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setattr(runtime.tempfile, "gettempdir", lambda: str(tmp_path))
+    monkeypatch.setattr(runtime, "_gpu_lock", None)
+    held = [runtime.claim_gpu([0, 1, 2, 3])[1] for _ in range(2)]  # two jobs hold GPUs 0, 1
+    assert runtime._claim_gpu() == "cuda:2"
+    for lock in held:
+        lock.close()
+    assert runtime._claim_gpu() == "cuda:0"
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # the slurm profile's jobs
+    assert runtime._claim_gpu() == "cuda:0"
+
+
+def test_deterministic_mode_without_the_nan_fill():
+    runtime.use_device("cpu", deterministic=True)
+    assert torch.are_deterministic_algorithms_enabled()
+    assert torch.utils.deterministic.fill_uninitialized_memory is False
+    assert not torch.backends.cudnn.benchmark  # autotuning would change the algorithm per run
+    runtime.use_device("cpu", deterministic=False)
+    assert torch.backends.cudnn.benchmark

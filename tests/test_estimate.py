@@ -125,4 +125,41 @@ def test_gpu_jobs_are_priced_from_gpu_rows_only():
             assert after.cpu_seconds == pytest.approx(before.cpu_seconds)
         else:
             assert after.seconds == pytest.approx(before.seconds)
-    assert "not measured" not in E.report(cfg, priced, 2, True, rows + fake, "smoke")
+    measured = E.report(cfg, priced, 2, True, rows + fake, "smoke").partition(
+        "GPU-hours by arithmetic")[0]  # the arithmetic table below is labelled "not measured"
+    assert "not measured" not in measured
+
+
+def test_arithmetic_gpu_hours_of_a_paper_dydiff_job_per_precision():
+    """Issue 32's arithmetic, from torch's FLOP counter on the paper U-Net: 3.21 GFLOP a
+    forward at horizon 100; one DyDiff-TD3BC job ~11.5 H100-hours fp32, ~3 tf32, ~1.8 bf16."""
+    import json
+
+    from analysis import arithmetic as A
+    cfg = plan.load_config(ROOT / "config/paper.yaml")
+    model = plan.model_job(cfg, "diffusion", "walker2d-medium", 0)["config"]["model"]
+    assert A.unet_forward_flops(json.dumps(model, sort_keys=True), 17, 6) == \
+        pytest.approx(3.21e9, rel=0.01)
+    spec = plan.policy_job(cfg, "dydiff-td3bc", "walker2d-medium", 0)
+    rollout = next(it for it in E.job_items(cfg, spec) if it.name == "rollout")
+    assert A.denoiser_passes(E._settings(rollout)["rollout"], model) == 2 * 67
+    gpu = [it for it in E.job_items(cfg, spec) if E.item_device(it, "cuda") != "cpu"]
+    hours = {p: s / 3600 for p, s in A.gpu_seconds(gpu, "H100").items()}
+    assert hours["fp32"] == pytest.approx(11.5, rel=0.05)
+    assert hours["tf32"] == pytest.approx(3.0, rel=0.05)
+    assert hours["bf16"] == pytest.approx(1.8, rel=0.05)
+    # An item without a FLOP count leaves the job's arithmetic empty, not under-counted.
+    ensemble = next(it for it in E.job_items(cfg, plan.model_job(cfg, "ensemble", "walker2d-medium",
+                                                                 0)) if it.name == "ensemble-train")
+    assert A.gpu_seconds(gpu + [ensemble]) is None
+
+
+def test_arithmetic_gpu_hours_are_a_table_of_their_own():
+    cfg = plan.load_config(ROOT / "config/smoke.yaml", {"devices": {"policy": "cuda"}})
+    rows = E.read_table()
+    text = E.report(cfg, E.plan_costs(cfg, rows), 2, True, rows, "smoke")
+    measured, _, arithmetic = text.partition("GPU-hours by arithmetic, not measured")
+    assert arithmetic and "H100-hours fp32" not in measured
+    policy = next(line for line in measured.splitlines() if line.startswith("| train_policy |"))
+    assert "not measured" in policy  # the measured table still has no GPU rows
+    assert "| train_policy |" in arithmetic and "never added to it" in arithmetic

@@ -29,6 +29,10 @@ from harness.checkpoint import CHECKPOINT, Checkpointer
 from harness.levers import levers, tf32_flags
 from harness.runtime import device_of, seed_everything
 
+# The model buffer's rows, written once each (harness.training.buffers.RowStore), beside the
+# checkpoint that holds the rest of the loop's state.
+MODEL_BUFFER = "model_buffer"
+
 log = logging.getLogger(__name__)
 
 
@@ -113,7 +117,8 @@ def offline_loop(agent, dataset: Dataset, cfg: OfflineConfig, out_dir, seed: int
                                  f"`max_transitions_per_call` (sizes the model buffer)")
         capacity = (cfg.model_buffer_size if cfg.model_buffer_size is not None
                     else cfg.model_retain_epochs * int(per_call))
-        model = RingBuffer(capacity, dataset.obs_dim, dataset.act_dim, seed=seed + 1, device=dev)
+        model = RingBuffer(capacity, dataset.obs_dim, dataset.act_dim, seed=seed + 1, device=dev,
+                           store=out_dir / MODEL_BUFFER)
     elif generator is not None:
         log.warning("offline.real_ratio is 1.0: the rollout generator is never used")
     n_real = cfg.n_real if model is not None else cfg.batch_size
@@ -133,6 +138,8 @@ def offline_loop(agent, dataset: Dataset, cfg: OfflineConfig, out_dir, seed: int
         counts.update(ckpt.state["counts"])
     else:
         seed_everything(seed)
+        if model is not None:
+            model.store.clear()
     start = ckpt.start
     if start >= cfg.total_steps:
         return ckpt.table()

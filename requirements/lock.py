@@ -67,20 +67,26 @@ def target_problem(build: str, py=None, plat=None) -> str | None:
             f"or \"make install LOCKED=0\" (unlocked)")
 
 
+def build_for_driver(driver: str) -> str:
+    """The CUDA build an NVIDIA driver version ("580.65.06") runs, or SystemExit with one line."""
+    major = int(driver.split(".")[0])
+    for build, least in DRIVER_MIN:
+        if major >= least:
+            return build
+    raise SystemExit(f"make install-gpu: NVIDIA driver {driver} is older than {DRIVER_MIN[-1][1]}, the oldest "
+                     "a CUDA build of the lock runs on (README: Locked environment); update the driver "
+                     "or use the CPU build (make install)")
+
+
 def gpu_build() -> str:
     """The CUDA build for this machine's NVIDIA driver (nvidia-smi), or exit with one line."""
     try:
         out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
                              capture_output=True, text=True, check=True).stdout.split()
     except (OSError, subprocess.CalledProcessError) as err:
-        sys.exit(f"make install-gpu: no NVIDIA driver found (nvidia-smi: {err}); "
-                 "name the build instead: make install-gpu CUDA=cu13 (driver >= 580) or CUDA=cu12 (>= 525)")
-    major = int(out[0].split(".")[0])
-    for build, least in DRIVER_MIN:
-        if major >= least:
-            return build
-    sys.exit(f"make install-gpu: NVIDIA driver {out[0]} is older than 525, the oldest a CUDA build "
-             "of the lock runs on (README: Locked environment); update the driver or use the CPU build")
+        sys.exit(f"make install-gpu: no NVIDIA driver found (nvidia-smi: {err}); name the build "
+                 f"instead: make install-gpu CUDA=cu13 (driver >= 580) or CUDA=cu12 (driver >= 525)")
+    return build_for_driver(out[0])
 
 
 def cpu_wheel_requirements(find_links: list[str]) -> list[str]:

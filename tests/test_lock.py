@@ -156,3 +156,21 @@ def test_venv_matches_its_lock():
 def default_env() -> dict[str, str]:
     from packaging.markers import default_environment
     return {**default_environment(), "extra": ""}
+
+
+def test_install_gpu_picks_the_build_its_driver_runs():
+    assert lock.build_for_driver("580.65.06") == "cu13"
+    assert lock.build_for_driver("575.51.03") == "cu12"
+    assert lock.build_for_driver("525.60.13") == "cu12"
+    with pytest.raises(SystemExit, match="driver 470.256.02 is older than 525"):
+        lock.build_for_driver("470.256.02")
+
+
+def test_an_uncovered_target_is_refused_in_one_line():
+    for problem in (lock.target_problem("cpu", (3, 10), ("linux", "x86_64")),
+                    lock.target_problem("cu13", (3, 12), ("darwin", "arm64")),
+                    lock.target_problem("cpu", (3, 12), ("win32", "AMD64"))):
+        assert problem and "\n" not in problem and "LOCKED=0" in problem
+    assert "3.10" in lock.target_problem("cpu", (3, 10), ("linux", "x86_64"))
+    assert "not a torch build" in lock.target_problem("cu11", (3, 12), ("linux", "x86_64"))
+    assert lock.target_problem("cuda", (3, 11), ("linux", "aarch64")) is None  # an older venv's name

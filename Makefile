@@ -14,7 +14,8 @@ TORCH_CPU_LINKS ?= $(shell $(PYTHON) -m pip config get global.find-links 2>/dev/
 # LOCKED=0: resolve pyproject.toml's ranges instead of the lock (other platforms; not
 # reproducible, and every result records what was installed).
 LOCKED ?= 1
-# uv installs the lock; it lives in its own venv inside $(VENV), outside the locked packages.
+# uv installs the lock (pylock files: a uv preview feature); pip puts it in a folder of its own
+# inside $(VENV), outside the venv's packages, so that syncing the lock leaves it alone.
 UV_VERSION = 0.13.9
 UV       = $(VENV)/uv-$(UV_VERSION)/bin/uv
 UV_PIP   = $(UV) pip --preview-features pylock
@@ -24,8 +25,8 @@ CUDA    ?= auto
 .PHONY: install install-gpu lock demo test bench report clean-results
 
 $(UV):
-	$(PYTHON) -m venv $(VENV)/uv-$(UV_VERSION)
-	$(VENV)/uv-$(UV_VERSION)/bin/python -m pip install --quiet uv==$(UV_VERSION)
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --target $(VENV)/uv-$(UV_VERSION) uv==$(UV_VERSION)
 
 $(BIN)/dydiff-bench: pyproject.toml $(LOCKS) requirements/lock.py
 ifeq ($(LOCKED),1)
@@ -33,16 +34,18 @@ ifeq ($(LOCKED),1)
 endif
 	@$(MAKE) --no-print-directory $(UV)
 ifeq ($(LOCKED),1)
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@# exactly the lock for this Python and platform (hashes checked), then torch where it is
-	@# the one package outside the lock (Linux, cpu and cu12 builds), then this project
-	$(UV_PIP) sync --python $(BIN)/python requirements/$$($(PYTHON) requirements/lock.py lock-file $(TORCH_BUILD))
+	@# the one package outside the lock (Linux, cpu and cu12 builds), then this project. From
+	@# uv's cache alone first (--offline: seconds, the same hashes checked), as uv would
+	@# otherwise fetch every locked wheel again (an index's changed headers on revalidation).
+	lock=requirements/$$($(PYTHON) requirements/lock.py lock-file $(TORCH_BUILD)); \
+	  $(UV_PIP) sync --python $(BIN)/python --offline --quiet $$lock 2>/dev/null || \
+	  $(UV_PIP) sync --python $(BIN)/python $$lock
 	torch="$$($(PYTHON) requirements/lock.py torch $(TORCH_BUILD) $(TORCH_CPU_LINKS))"; \
 	  test -z "$$torch" || $(UV_PIP) install --python $(BIN)/python $$torch
 	$(UV_PIP) install --python $(BIN)/python --no-deps --no-build-isolation -e .
 	$(UV_PIP) check --python $(BIN)/python
 else
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(UV_PIP) install --python $(BIN)/python \
 	  $$($(PYTHON) requirements/lock.py torch-unlocked $(TORCH_BUILD) $(TORCH_CPU_LINKS))
 	$(UV_PIP) install --python $(BIN)/python -e ".[test,slurm]"

@@ -14,8 +14,8 @@ TORCH_CPU_LINKS ?= $(shell $(PYTHON) -m pip config get global.find-links 2>/dev/
 # LOCKED=0: resolve pyproject.toml's ranges instead of the lock (other platforms; not
 # reproducible, and every result records what was installed).
 LOCKED ?= 1
-# uv installs the lock (pylock files: a uv preview feature); pip puts it in a folder of its own
-# inside $(VENV), outside the venv's packages, so that syncing the lock leaves it alone.
+# uv makes the venv and installs the lock (pylock files: a uv preview feature); pip puts uv in a
+# folder of its own inside $(VENV), outside the venv's packages, so syncing the lock leaves it be.
 UV_VERSION = 0.13.9
 UV       = $(VENV)/uv-$(UV_VERSION)/bin/uv
 UV_PIP   = $(UV) pip --preview-features pylock
@@ -24,15 +24,17 @@ CUDA    ?= auto
 
 .PHONY: install install-gpu lock demo test bench report clean-results
 
-$(UV):
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --target $(VENV)/uv-$(UV_VERSION) uv==$(UV_VERSION)
+$(UV):  # with $(PYTHON)'s pip, else (none, or an externally managed one) a bootstrap venv's
+	$(PYTHON) -m pip install --quiet --target $(VENV)/uv-$(UV_VERSION) uv==$(UV_VERSION) 2>/dev/null || \
+	  { $(PYTHON) -m venv $(VENV)/uv-boot && \
+	    $(VENV)/uv-boot/bin/python -m pip install --quiet --target $(VENV)/uv-$(UV_VERSION) uv==$(UV_VERSION); }
 
 $(BIN)/dydiff-bench: pyproject.toml $(LOCKS) requirements/lock.py
 ifeq ($(LOCKED),1)
 	@$(PYTHON) requirements/lock.py check $(TORCH_BUILD)
 endif
 	@$(MAKE) --no-print-directory $(UV)
+	test -x $(BIN)/python || $(UV) venv --quiet --allow-existing --seed --python $(PYTHON) $(VENV)
 ifeq ($(LOCKED),1)
 	@# exactly the lock for this Python and platform (hashes checked), then torch where it is
 	@# the one package outside the lock (Linux, cpu and cu12 builds), then this project. From

@@ -22,9 +22,9 @@ _spec = importlib.util.spec_from_file_location("lock", ROOT / "requirements" / "
 lock = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(lock)
 
-# Installed by the Makefile around the lock, not part of it (pip: the venv's own; setuptools
-# too where the venv seeds it and the lock does not select it).
-OUTSIDE_LOCK = {"pip", "dydiff-bench"}
+# Installed around the lock, not part of it: the project itself, and the venv's seed packages
+# (`uv venv --seed`: pip; wheel on CPython < 3.12; setuptools where the lock does not select it).
+OUTSIDE_LOCK = {"pip", "wheel", "dydiff-bench"}
 # The oldest platform each target's wheels must run on: glibc 2.28 (torch's own floor: RHEL 8,
 # Ubuntu 20.04 and newer) and macOS 14 (torch's arm64 wheels).
 GLIBC_MINOR, MACOS_MAJOR = 28, 14

@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import email.parser
 import platform
-import re
 import subprocess
 import sys
 import tempfile
+import tomllib
 import zipfile
 from pathlib import Path
 
@@ -128,10 +128,11 @@ def lock(uv: str, find_links: list[str]) -> None:
         subprocess.run(common + ["--override", str(override), "-o", "requirements/pylock.cu13.toml"],
                        cwd=root, check=True)
         # the same versions in both files: every pin of the cu13 lock constrains the cpu one
-        pins = re.findall(r'^name = "(.+)"\nversion = "(.+)"\nmarker = "(.+)"', 
-                          (HERE / "pylock.cu13.toml").read_text(), re.MULTILINE)
+        pins = tomllib.loads((HERE / "pylock.cu13.toml").read_text())["packages"]
         constraints = Path(tmp) / "pins.txt"
-        constraints.write_text("".join(f"{n}=={v} ; {m}\n" for n, v, m in pins if n != "torch"))
+        lines = [f"{p['name']}=={p['version']}" + (f" ; {p['marker']}" if "marker" in p else "")
+                 for p in pins if p["name"] != "torch"]
+        constraints.write_text("\n".join(lines) + "\n")
         override.write_text(f"torch=={TORCH_VERSION} ; sys_platform == 'darwin'\n")
         write_cpu_requirements(find_links)
         subprocess.run(common + ["requirements/torch-cpu.in", "--override", str(override),

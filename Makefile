@@ -66,9 +66,13 @@ install-gpu:
 
 # Re-resolve the lock (requirements/pylock.*.toml) from pyproject.toml for every target of
 # requirements/lock.py (needs PyPI, and TORCH_CPU_LINKS a folder with torch's +cpu wheel for
-# its requirements). Commit what it writes.
-lock: | $(UV)
-	$(PYTHON) requirements/lock.py lock $(UV) $(TORCH_CPU_LINKS)
+# its requirements). Every version the lock holds stays unless pyproject.toml excludes it or
+# UPGRADE names its package (UPGRADE=all: every package). Commit what it writes.
+UPGRADE ?=
+lock:
+	@$(MAKE) --no-print-directory $(UV)
+	$(PYTHON) requirements/lock.py lock $(UV) $(TORCH_CPU_LINKS) \
+	  $(if $(filter all,$(UPGRADE)),--upgrade,$(addprefix --upgrade-package=,$(UPGRADE)))
 
 demo: install
 	$(BIN)/snakemake --cores $(CORES) --configfile $(CONFIG)

@@ -8,7 +8,7 @@ The lock is two PEP 751 files resolved by `uv pip compile --universal` for every
   pylock.cu13.toml  every package with PyPI's torch, the CUDA 13 build on Linux, and its CUDA
                     libraries, all hashed
 Usage: python requirements/lock.py check BUILD | gpu-build | lock-file BUILD | torch[-unlocked] BUILD
-       [FIND_LINKS...] | lock UV [FIND_LINKS...]
+       [FIND_LINKS...] | lock UV [--upgrade | --upgrade-package=NAME] [FIND_LINKS...]
 """
 from __future__ import annotations
 
@@ -116,11 +116,12 @@ def write_cpu_requirements(find_links: list[str]) -> None:
                     + "\n".join(lines) + "\n")
 
 
-def lock(uv: str, find_links: list[str]) -> None:
-    """Re-resolve both pylock files (PyPI only: the +cpu torch is replaced by its requirements)."""
+def lock(uv: str, find_links: list[str], extra: tuple[str, ...] = ()) -> None:
+    """Re-resolve both pylock files (PyPI only: the +cpu torch is replaced by its requirements).
+    uv keeps each version the files already pin unless `extra` says --upgrade(-package=NAME)."""
     common = [uv, "pip", "compile", "pyproject.toml", "--universal", "--python-version", "3.11",
               "--extra", "test", "--extra", "slurm", "--fork-strategy", "fewest",
-              "--custom-compile-command", "make lock", "--quiet"]
+              "--custom-compile-command", "make lock", "--quiet", *extra]
     root = HERE.parent
     with tempfile.TemporaryDirectory() as tmp:
         override = Path(tmp) / "torch.txt"
@@ -169,8 +170,9 @@ def main(argv: list[str]) -> None:
         print(TORCH_BUILDS[build_name(args[0])]["lock"])
     elif cmd in ("torch", "torch-unlocked"):
         print(" ".join(torch_args(args[0], args[1:], locked=cmd == "torch")))
-    elif cmd == "lock":
-        lock(args[0], args[1:])
+    elif cmd == "lock":  # uv's --upgrade / --upgrade-package=NAME pass through
+        options = tuple(a for a in args[1:] if a.startswith("--"))
+        lock(args[0], [a for a in args[1:] if a not in options], options)
     else:
         sys.exit(__doc__.splitlines()[-1])
 

@@ -7,7 +7,8 @@ The lock is two PEP 751 files resolved by `uv pip compile --universal` for every
                     wheels live only on download.pytorch.org, which uv must read to lock them)
   pylock.cu13.toml  every package with PyPI's torch, the CUDA 13 build on Linux, and its CUDA
                     libraries, all hashed
-Usage: python requirements/lock.py check BUILD | gpu-build | lock-file BUILD | torch[-unlocked] BUILD
+Usage: python requirements/lock.py check BUILD | gpu-build | lock-file BUILD | pins BUILD NAME... |
+       torch[-unlocked] BUILD
        [FIND_LINKS...] | lock UV [--upgrade | --upgrade-package=NAME] [FIND_LINKS...]
 """
 from __future__ import annotations
@@ -158,6 +159,17 @@ def torch_args(build: str, find_links: list[str], locked: bool = True) -> list[s
     return [requirement, *source] + ([] if deps or not locked else ["--no-deps"])
 
 
+def pins(build: str, names: list[str]) -> list[str]:
+    """name==version of each named package in BUILD's lock (one version on every target: the
+    lock is resolved with --fork-strategy fewest, and tests/test_lock.py checks it)."""
+    locked = {p["name"]: p["version"] for p in
+              tomllib.loads((HERE / TORCH_BUILDS[build_name(build)]["lock"]).read_text())["packages"]}
+    missing = [n for n in names if n not in locked]
+    if missing:
+        sys.exit(f"requirements/lock.py pins: not in the {build} lock: {' '.join(missing)}")
+    return [f"{n}=={locked[n]}" for n in names]
+
+
 def main(argv: list[str]) -> None:
     cmd, args = (argv[0], argv[1:]) if argv else ("", [])
     if cmd == "check":
@@ -170,11 +182,13 @@ def main(argv: list[str]) -> None:
         print(TORCH_BUILDS[build_name(args[0])]["lock"])
     elif cmd in ("torch", "torch-unlocked"):
         print(" ".join(torch_args(args[0], args[1:], locked=cmd == "torch")))
+    elif cmd == "pins":  # name==version of the named packages, as BUILD's lock pins them
+        print("\n".join(pins(args[0], args[1:])))
     elif cmd == "lock":  # uv's --upgrade / --upgrade-package=NAME pass through
         options = tuple(a for a in args[1:] if a.startswith("--"))
         lock(args[0], [a for a in args[1:] if a not in options], options)
     else:
-        sys.exit(__doc__.splitlines()[-1])
+        sys.exit(__doc__[__doc__.index("Usage:"):].rstrip())
 
 
 if __name__ == "__main__":

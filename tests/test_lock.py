@@ -121,6 +121,11 @@ def test_one_version_of_each_package_in_every_build():
     """The builds differ in torch and its CUDA libraries only; torch is one version everywhere."""
     def versions(lock_file):
         return {(canonicalize_name(p["name"]), p.get("marker")): p["version"] for p in packages(lock_file)}
+    for lock_file in ("pylock.cpu.toml", "pylock.cu13.toml"):  # one version on every target
+        names_ = [canonicalize_name(p["name"]) for p in packages(lock_file)]
+        assert len(names_) == len(set(names_)), lock_file
+    locked = {name: version for (name, _), version in versions("pylock.cpu.toml").items()}
+    assert lock.pins("cpu", ["mujoco", "numpy"]) == [f"mujoco=={locked['mujoco']}", f"numpy=={locked['numpy']}"]
     cpu, cu13 = versions("pylock.cpu.toml"), versions("pylock.cu13.toml")
     names = lambda pins: {name for name, _ in pins}  # noqa: E731
     assert {v for (n, _), v in cu13.items() if n == "torch"} == {lock.TORCH_VERSION}

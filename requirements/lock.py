@@ -7,9 +7,8 @@ The lock is two PEP 751 files resolved by `uv pip compile --universal` for every
                     wheels live only on download.pytorch.org, which uv must read to lock them)
   pylock.cu13.toml  every package with PyPI's torch, the CUDA 13 build on Linux, and its CUDA
                     libraries, all hashed
-Usage: python requirements/lock.py check BUILD | gpu-build | lock-file BUILD | pins BUILD NAME... |
-       torch[-unlocked] BUILD
-       [FIND_LINKS...] | lock UV [--upgrade | --upgrade-package=NAME] [FIND_LINKS...]
+Usage: python requirements/lock.py check BUILD | gpu-build | lock-file BUILD | pins BUILD NAME...
+       | torch[-unlocked] BUILD [FIND_LINKS...] | lock UV [--upgrade | --upgrade-package=NAME] [FIND_LINKS...]
 """
 from __future__ import annotations
 

@@ -4,56 +4,75 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 CONFIG ?= config/smoke.yaml
 CORES  ?= all
-# Which torch build the venv holds: cpu (default) or cuda (`make install-gpu`). The venv
+# Which torch build the venv holds: cpu (default), cu12 or cu13 (`make install-gpu`). The venv
 # remembers it, so a later `make install` (after a lock change) keeps the build it has.
 TORCH_BUILD ?= $(shell cat $(VENV)/.torch-build 2>/dev/null || echo cpu)
-LOCK     = requirements/$(TORCH_BUILD).txt
-# Where pip finds the +cpu torch wheel of requirements/cpu.txt (PyPI has only the CUDA build).
-TORCH_CPU_LINKS ?= https://download.pytorch.org/whl/cpu/torch/
+LOCKS    = requirements/pylock.cpu.toml requirements/pylock.cu13.toml
+# Folders that may hold torch's +cpu wheel (PyPI has only CUDA builds for Linux): pip's own
+# find-links when it has one; else PyTorch's CPU index (requirements/lock.py: TORCH_BUILDS).
+TORCH_CPU_LINKS ?= $(shell $(PYTHON) -m pip config get global.find-links 2>/dev/null)
 # LOCKED=0: resolve pyproject.toml's ranges instead of the lock (other platforms; not
 # reproducible, and every result records what was installed).
 LOCKED ?= 1
+# uv makes the venv and installs the lock (pylock files: a uv preview feature); pip puts uv in a
+# folder of its own inside $(VENV), outside the venv's packages, so syncing the lock leaves it be.
 UV_VERSION = 0.13.9
+UV       = $(VENV)/uv-$(UV_VERSION)/bin/uv
+UV_PIP   = $(UV) pip --preview-features pylock
+# install-gpu's build: auto (from the NVIDIA driver: README, Locked environment), cu12 or cu13.
+CUDA    ?= auto
 
 .PHONY: install install-gpu lock demo test bench report clean-results
 
-$(BIN)/dydiff-bench: pyproject.toml $(LOCK)
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --upgrade --quiet pip
+$(UV):  # with $(PYTHON)'s pip, else (none, or an externally managed one) a bootstrap venv's
+	$(PYTHON) -m pip install --quiet --target $(VENV)/uv-$(UV_VERSION) uv==$(UV_VERSION) 2>/dev/null || \
+	  { $(PYTHON) -m venv $(VENV)/uv-boot && \
+	    $(VENV)/uv-boot/bin/python -m pip install --quiet --target $(VENV)/uv-$(UV_VERSION) uv==$(UV_VERSION); }
+
+$(BIN)/dydiff-bench: pyproject.toml $(LOCKS) requirements/lock.py
 ifeq ($(LOCKED),1)
-	@# The locks are resolved for CPython 3.11 on Linux x86_64 (README: Locked environment).
-	@$(BIN)/python -c "import platform, sys; ok = sys.platform == 'linux' and platform.machine() == 'x86_64' and sys.version_info[:2] == (3, 11); sys.exit(0 if ok else 'the locks in requirements/ are for CPython 3.11 on Linux x86_64, this is Python ' + platform.python_version() + ' on ' + sys.platform + ' ' + platform.machine() + ': run \"make lock\" here, or \"make install LOCKED=0\" (unlocked)')"
-	@# torch first, alone: only its lookup needs TORCH_CPU_LINKS (the lock's torch entry, hashes included)
-	sed -n '/^torch==/,/^    # via/p' $(LOCK) > $(VENV)/torch-lock.txt
-	$(BIN)/python -m pip install --quiet --retries 1 --no-deps --require-hashes --find-links $(TORCH_CPU_LINKS) -r $(VENV)/torch-lock.txt
-	$(BIN)/python -m pip install --quiet --require-hashes -r $(LOCK)
-	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
+	@$(PYTHON) requirements/lock.py check $(TORCH_BUILD)
+endif
+	@$(MAKE) --no-print-directory $(UV)
+	test -x $(BIN)/python || $(UV) venv --quiet --allow-existing --seed --python $(PYTHON) $(VENV)
+ifeq ($(LOCKED),1)
+	@# exactly the lock for this Python and platform (hashes checked), then torch where it is
+	@# the one package outside the lock (Linux, cpu and cu12 builds), then this project. From
+	@# uv's cache alone first (--offline: seconds, the same hashes checked), as uv would
+	@# otherwise fetch every locked wheel again (an index's changed headers on revalidation).
+	lock=requirements/$$($(PYTHON) requirements/lock.py lock-file $(TORCH_BUILD)); \
+	  $(UV_PIP) sync --python $(BIN)/python --offline --quiet $$lock 2>/dev/null || \
+	  $(UV_PIP) sync --python $(BIN)/python $$lock
+	torch="$$($(PYTHON) requirements/lock.py torch $(TORCH_BUILD) $(TORCH_CPU_LINKS))"; \
+	  test -z "$$torch" || $(UV_PIP) install --python $(BIN)/python $$torch
+	$(UV_PIP) install --python $(BIN)/python --no-deps --no-build-isolation -e .
+	$(UV_PIP) check --python $(BIN)/python
 else
-	$(BIN)/python -m pip install --quiet --retries 1 --find-links $(TORCH_CPU_LINKS) -r requirements/torch-$(TORCH_BUILD).in
-	$(BIN)/python -m pip install --quiet -e ".[test,slurm]"
+	$(UV_PIP) install --python $(BIN)/python \
+	  $$($(PYTHON) requirements/lock.py torch-unlocked $(TORCH_BUILD) $(TORCH_CPU_LINKS))
+	$(UV_PIP) install --python $(BIN)/python -e ".[test,slurm]"
 endif
 	echo $(TORCH_BUILD) > $(VENV)/.torch-build
 	touch $@
 
 install: $(BIN)/dydiff-bench
 
-# The same torch version as a CUDA build (requirements/cuda.txt), into a new or existing venv.
+# The same torch version as a CUDA build, into a new or existing venv: CUDA=auto picks it from the
+# NVIDIA driver (nvidia-smi), CUDA=cu12 / cu13 names it.
 install-gpu:
-	test ! -x $(BIN)/python || $(BIN)/python -m pip uninstall --quiet --yes torch
-	rm -f $(BIN)/dydiff-bench
-	$(MAKE) install TORCH_BUILD=cuda
+	build=$(CUDA); test "$$build" != auto || build=$$($(PYTHON) requirements/lock.py gpu-build) || exit 1; \
+	  rm -f $(BIN)/dydiff-bench && $(MAKE) install TORCH_BUILD=$$build
 	$(BIN)/python -c "import torch; print('torch', torch.__version__, '| CUDA build', torch.version.cuda, '| GPU visible:', torch.cuda.is_available())"
 
-# Re-resolve both locks from pyproject.toml and requirements/torch-*.in (needs the package
-# index; TORCH_CPU_LINKS must reach the +cpu wheel). Commit the two files it writes.
-lock: install
-	$(BIN)/python -m pip install --quiet uv==$(UV_VERSION)
-	$(BIN)/uv pip compile pyproject.toml --extra test --extra slurm --generate-hashes \
-	  --python-version 3.11 --python-platform x86_64-manylinux_2_28 --custom-compile-command "make lock" \
-	  --override requirements/torch-cpu.in --find-links $(TORCH_CPU_LINKS) --quiet -o requirements/cpu.txt
-	$(BIN)/uv pip compile pyproject.toml --extra test --extra slurm --generate-hashes \
-	  --python-version 3.11 --python-platform x86_64-manylinux_2_28 --custom-compile-command "make lock" \
-	  --override requirements/torch-cuda.in --quiet -o requirements/cuda.txt
+# Re-resolve the lock (requirements/pylock.*.toml) from pyproject.toml for every target of
+# requirements/lock.py (needs PyPI, and TORCH_CPU_LINKS a folder with torch's +cpu wheel for
+# its requirements). Every version the lock holds stays unless pyproject.toml excludes it or
+# UPGRADE names its package (UPGRADE=all: every package). Commit what it writes.
+UPGRADE ?=
+lock:
+	@$(MAKE) --no-print-directory $(UV)
+	$(PYTHON) requirements/lock.py lock $(UV) $(TORCH_CPU_LINKS) \
+	  $(if $(filter all,$(UPGRADE)),--upgrade,$(addprefix --upgrade-package=,$(UPGRADE)))
 
 demo: install
 	$(BIN)/snakemake --cores $(CORES) --configfile $(CONFIG)

@@ -7,7 +7,7 @@
 #   bash scripts/gpu_check.sh run --device cpu --quick   # the dry run (tests/test_gpu_check.py)
 #
 # Carry `.gpu-wheels` to the GPU machine (it is git-ignored, so it travels only when carried):
-# PACKAGES below, ~10 MB at requirements/cpu.txt's versions: MuJoCo (and its glfw, pyopengl,
+# PACKAGES below, ~10 MB at the lock's versions (requirements/lock.py pins): MuJoCo (and its glfw, pyopengl,
 # mujoco-core, mujoco-studio), gymnasium (farama-notifications) and jsonschema (its
 # specifications, referencing, rpds-py). Everything else the check imports is in the image
 # (scripts/gpu_image_packages.txt; the CI test blocks all other imports). No maze2d simulator:
@@ -28,8 +28,9 @@ PACKAGES="mujoco mujoco-core mujoco-studio glfw pyopengl gymnasium farama-notifi
 jsonschema jsonschema-specifications referencing rpds-py"
 PYTHON=${PYTHON:-python3}
 
-pinned() {  # name==version of each package, as requirements/cpu.txt locks it
-    for p in $PACKAGES; do grep -oE "^$p==[^ ]+" requirements/cpu.txt; done
+pinned() {  # name==version of each package, as the lock pins it (stdlib only: runs anywhere)
+    # shellcheck disable=SC2086
+    "$PYTHON" requirements/lock.py pins cpu $PACKAGES
 }
 
 case "${1:-}" in

@@ -278,10 +278,7 @@ def check(dataset: Dataset, cfg: ConsistencyConfig | None = None,
                    f"stored state stands for its transition and no model can be checked; set "
                    f"{CONFIG_KEY}.accept_mismatch: true to import it unchecked (evaluated in "
                    f"{models[0]})")
-        if not cfg.accept_mismatch:
-            raise ConsistencyError(message)
-        log.warning("%s (accepted)", message)
-        return {**report, "status": ACCEPTED}
+        return _refuse_unless_accepted(message, cfg, report)
     residuals = {}
     for m in models:
         errors, mismatched = row_errors(dataset, rows, m)
@@ -307,6 +304,12 @@ def check(dataset: Dataset, cfg: ConsistencyConfig | None = None,
                f"not, {release}, replayed in MuJoCo {mujoco_version()}: "
                f"{_listing(residuals)}); set {CONFIG_KEY}.accept_mismatch: true to import it "
                f"anyway (evaluated in {best})")
+    return _refuse_unless_accepted(message, cfg, report)
+
+
+def _refuse_unless_accepted(message: str, cfg, report: dict) -> dict:
+    """A file no candidate explains: refused in one line, unless data.consistency.
+    accept_mismatch lets it through (recorded as accepted, with the same line as a warning)."""
     if not cfg.accept_mismatch:
         raise ConsistencyError(message)
     log.warning("%s (accepted)", message)

@@ -494,6 +494,8 @@ def rollout_error_step(spec: dict, log_fn=None) -> dict:
            for _, r in last.iterrows()}
     gaps = df[df["mode"] == "policy"].groupby("model", sort=False).action_gap.mean()
     out.update({f"policy/{m}/action_gap_mean": float(v) for m, v in gaps.items()})
+    # MLflow metric names take no "=" ("diffusion K=2" -> "diffusion K2").
+    out = {k.replace("=", ""): v for k, v in out.items()}
     dist = [r["policy_data_action_distance"] for r in result["runs"]
             if r["policy_data_action_distance"] is not None]
     if dist:

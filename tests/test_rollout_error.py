@@ -306,8 +306,9 @@ def test_rollout_error_step_adds_dydiff_from_the_steps_models(monkeypatch, tmp_p
     def fake(dataset, runs, out_dir, **kw):
         seen.update(runs=runs, **kw)
         return {"rollout_error": pd.DataFrame(
-            [{"mode": "policy", "model": "dydiff", "horizon": 1, "state_mse": 1.0,
-              "action_gap": 0.5}]), "runs": [{"seed": 0, "policy_data_action_distance": 0.25}]}
+            [{"mode": "policy", "model": m, "horizon": 1, "state_mse": 1.0, "action_gap": 0.5}
+             for m in ("dydiff", "diffusion K=2")]),
+            "runs": [{"seed": 0, "policy_data_action_distance": 0.25}]}
     monkeypatch.setattr(re, "run_rollout_errors", fake)
     spec = {"dataset": "d.hdf5", "out": str(tmp_path),
             "runs": [{"seed": 0, "policy_dir": str(tmp_path),
@@ -321,8 +322,14 @@ def test_rollout_error_step_adds_dydiff_from_the_steps_models(monkeypatch, tmp_p
     assert set(run["model_dirs"]) == {"ensemble", "diffusion"}
     assert run["dydiff_ensemble_dir"] == tmp_path / "ensemble-dydiff"
     assert seen["injections"] == () and seen["fast_sampler"] is False and seen["reseed"]
+    # Metric names MLflow accepts (no "="): a K row's K is kept without it.
     assert got == {"policy/dydiff/state_mse_at_H": 1.0, "policy/dydiff/action_gap_mean": 0.5,
+                   "policy/diffusion K2/state_mse_at_H": 1.0,
+                   "policy/diffusion K2/action_gap_mean": 0.5,
                    "policy/data_action_distance": 0.25}
+    from mlflow.utils.validation import _validate_metric_name
+    for key in got:
+        _validate_metric_name(key)
 
 
 def test_plan_runs_one_study_per_model_seed():

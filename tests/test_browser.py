@@ -173,7 +173,8 @@ def test_report_every_figure_loads_and_every_table_renders(page, report, tiny_da
     categories = page.evaluate("categories")
     figures = {str(plan.path(cfg, k)) for k in ("aggregate_intervals", "performance_profiles",
                                                  "improvement")}
-    figures |= {str(plan.path(cfg, "rollout_error_png", task=t)) for t in cfg["tasks"]}
+    figures |= {str(plan.path(cfg, k, task=t)) for t in cfg["tasks"]
+                for k in ("rollout_error_png", "rollout_error_at_h_png")}
     assert {p for p, (mime, _) in entries.items() if mime.startswith("image/")} == figures
     tables_dir = plan.path(cfg, "tables").parent
     n_tables = len(list(tables_dir.glob("table_*.md")))

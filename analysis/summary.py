@@ -120,7 +120,7 @@ def _tables_section(tables: dict, datasets: dict | None = None) -> list[str]:
             other = not_published(datasets, tasks)
             lines.append(f"  - Our {method} is on average {abs(diff):.1f} points "
                          f"{'above' if diff >= 0 else 'below'} {c} on {len(pairs)} task(s)"
-                         + (f", on data that is not the published data ("
+                         + (", on data that is not the published data ("
                             + "; ".join(f"{t}: {o}" for t, o in other.items())
                             + "): not a like-for-like comparison" if other else "") + ".")
     lines += ["", _published_note(datasets), ""]

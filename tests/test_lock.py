@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import re
 import sys
+import sysconfig
 import tomllib
 from functools import cache
 from pathlib import Path
@@ -156,6 +157,21 @@ def test_venv_matches_its_lock():
     lock_file = lock.TORCH_BUILDS[build]["lock"]
     assert not wrong, f"installed versions differ from requirements/{lock_file}: {wrong}"
     assert not extra, f"installed but not in requirements/{lock_file}: {sorted(extra)}"
+
+
+@pytest.mark.skipif(sys.prefix == sys.base_prefix, reason="not running in a venv")
+def test_venv_is_compiled_to_bytecode():
+    """`make install` compiles every installed module (Makefile: UV_COMPILE_BYTECODE). Without it,
+    where PYTHONDONTWRITEBYTECODE is set (CI) each job's process compiles torch, mlflow, ... from
+    source: about 9 s a process. A test run writes .pyc only for what it imports, far fewer."""
+    if not (Path(sys.prefix) / ".torch-build").exists():
+        pytest.skip("venv not made by `make install` (no .torch-build)")
+    site = Path(sysconfig.get_paths()["purelib"])
+    sources = list(site.rglob("*.py"))
+    compiled = sum(Path(importlib.util.cache_from_source(str(f))).exists() for f in sources)
+    assert compiled >= 0.95 * len(sources), (
+        f"{site}: {compiled} of {len(sources)} modules have bytecode; `make install` compiles "
+        f"them all (UV_COMPILE_BYTECODE=1 in the Makefile)")
 
 
 def default_env() -> dict[str, str]:

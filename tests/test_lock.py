@@ -138,13 +138,20 @@ def test_one_version_of_each_package_in_every_build():
         {n: v for n, v in cpu_versions.items() if n != "torch"}
 
 
-@pytest.mark.skipif(sys.prefix == sys.base_prefix, reason="not running in a venv")
-def test_venv_matches_its_lock():
-    """What `make install` promises: exactly the lock of the venv's torch build."""
+@pytest.fixture
+def torch_build_marker() -> Path:
+    """The .torch-build file of the venv `make install` made (which this test runs in); else skip."""
+    if sys.prefix == sys.base_prefix:
+        pytest.skip("not running in a venv")
     marker = Path(sys.prefix) / ".torch-build"
     if not marker.exists():
         pytest.skip("venv not made by `make install` (no .torch-build)")
-    build = lock.build_name(marker.read_text().strip())
+    return marker
+
+
+def test_venv_matches_its_lock(torch_build_marker):
+    """What `make install` promises: exactly the lock of the venv's torch build."""
+    build = lock.build_name(torch_build_marker.read_text().strip())
     want = {name: p["version"] for name, p in selected(build, default_env()).items()}
     outside = lock.TORCH_BUILDS[build].get(sys.platform)
     if outside:
@@ -159,13 +166,10 @@ def test_venv_matches_its_lock():
     assert not extra, f"installed but not in requirements/{lock_file}: {sorted(extra)}"
 
 
-@pytest.mark.skipif(sys.prefix == sys.base_prefix, reason="not running in a venv")
-def test_venv_is_compiled_to_bytecode():
+def test_venv_is_compiled_to_bytecode(torch_build_marker):
     """`make install` compiles every installed module (Makefile: UV_COMPILE_BYTECODE). Without it,
     where PYTHONDONTWRITEBYTECODE is set (CI) each job's process compiles torch, mlflow, ... from
     source: about 9 s a process. A test run writes .pyc only for what it imports, far fewer."""
-    if not (Path(sys.prefix) / ".torch-build").exists():
-        pytest.skip("venv not made by `make install` (no .torch-build)")
     site = Path(sysconfig.get_paths()["purelib"])
     sources = list(site.rglob("*.py"))
     compiled = sum(Path(importlib.util.cache_from_source(str(f))).exists() for f in sources)
